@@ -1,0 +1,1 @@
+"""dlorch.core: what every role shares (specs, storage, image IO, the engine)."""

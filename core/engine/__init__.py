@@ -1,0 +1,1 @@
+"""dlorch.core.engine: self-configuring deep-learning engine (segmentation, denoising)."""
