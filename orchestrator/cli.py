@@ -1,4 +1,353 @@
+"""The ``dlorch`` command line: a thin layer of typer commands over the client, service and agent."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
 import typer
-app = typer.Typer()
-def main():
-    app()
+
+from dlorch.core.errors import BadInput, DlorchError
+from dlorch.core.settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Self-configuring deep-learning segmentation on a queue of idle GPUs.")
+train_app = typer.Typer(no_args_is_help=True, help="Train a model without predicting.")
+nodes_app = typer.Typer(help="List node agents, or drain one.")
+app.add_typer(train_app, name="train")
+app.add_typer(nodes_app, name="nodes")
+
+_settings: dict[str, Any] = {}
+
+
+def settings() -> Settings:
+    """Settings from options, then ``DLORCH_*`` variables."""
+    try:
+        return Settings(**{k: v for k, v in _settings.items() if v})
+    except Exception as e:
+        raise BadInput(f"bad setting: {e}".splitlines()[0]) from None
+
+
+def client():
+    from dlorch.orchestrator.client import Client
+
+    c = Client(settings())
+    c.check_queue()
+    return c
+
+
+@app.callback()
+def _global(
+    store: Optional[str] = typer.Option(None, "--store", help="state/data store: directory or s3:// URL [DLORCH_STORE]"),
+    queue: Optional[str] = typer.Option(None, "--queue", help="queue: sqlite:///file.db or redis://host:port/db [DLORCH_QUEUE]"),
+) -> None:
+    _settings.update(store=store, queue=queue)
+
+
+# -- services ---------------------------------------------------------------------------------------
+@app.command()
+def up(agents: int = typer.Option(0, "--agents", min=0, help="also start N local node agents")) -> None:
+    """Run the orchestrator service (and optionally local agents) until interrupted."""
+    from dlorch.orchestrator.client import LocalService
+
+    _log_to_stderr()
+    c = client()
+    svc = LocalService(c, agents=agents)
+    stop = threading.Event()
+    for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), lambda *_: stop.set())
+    typer.echo(f"orchestrator up: store {c.settings.resolved_store()} queue {c.queue.url} agents {agents}", err=True)
+    try:
+        while not stop.wait(0.5):
+            if svc.error is not None:
+                raise svc.error
+    finally:
+        typer.echo("stopping: draining local agents", err=True)
+        svc.close()
+
+
+@app.command()
+def agent(
+    node_id: Optional[str] = typer.Option(None, "--node-id", help="a stable name for this node"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all)"),
+) -> None:
+    """Run a node agent: take jobs from the queue one at a time until drained or signalled."""
+    from dlorch.nodeagent.agent import Agent
+    from dlorch.nodeagent.interrupts import install_signal_handlers
+
+    _log_to_stderr()
+    if threads:
+        os.environ["DLORCH_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+    a = Agent(settings(), node_id=node_id)
+    install_signal_handlers(a.stop)
+    a.run()
+
+
+# -- jobs ---------------------------------------------------------------------------------------------
+@app.command()
+def segment(
+    image: Path = typer.Argument(..., help="image: TIFF, zarr, .npy or .npz (file.npz:NAME picks an array)"),
+    labels: str = typer.Option(..., "--labels", help="sparse labels on the same grid: 0 = unlabelled, 1..K"),
+    out: Path = typer.Option(..., "-o", "--out", help="label map to write: .tif, .zarr or .npy"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="override the automatic epoch count"),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", min=1, help="cap training seconds"),
+    priority: int = typer.Option(0, "--priority", help="higher runs first"),
+    detach: bool = typer.Option(False, "--detach", help="print only the job id and return"),
+) -> None:
+    """Train on sparse labels and segment the image (one job)."""
+    from dlorch.core.imageio import output_format
+
+    fmt = output_format(out)
+    spec = _training_spec("segment", str(image), labels, epochs, time_budget, priority) | {"output_format": fmt}
+    _run_job(spec, detach, out=out)
+
+
+@train_app.command("segment")
+def train_segment(
+    image: Path = typer.Argument(..., help="image: TIFF, zarr, .npy or .npz"),
+    labels: str = typer.Option(..., "--labels", help="sparse labels: 0 = unlabelled, 1..K"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="also copy the model checkpoint here"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", min=1),
+    priority: int = typer.Option(0, "--priority"),
+    detach: bool = typer.Option(False, "--detach", help="print only the job id and return"),
+) -> None:
+    """Train a segmentation model; `dlorch predict JOB IMAGE` applies it."""
+    _run_job(_training_spec("train", str(image), labels, epochs, time_budget, priority), detach, out=out)
+
+
+@app.command()
+def predict(
+    model: str = typer.Argument(..., help="id of a succeeded training job, or a model .ckpt path/URI"),
+    image: Path = typer.Argument(..., help="image to segment"),
+    out: Path = typer.Option(..., "-o", "--out", help="label map to write: .tif, .zarr or .npy"),
+    priority: int = typer.Option(0, "--priority"),
+    detach: bool = typer.Option(False, "--detach", help="print only the job id and return"),
+) -> None:
+    """Segment an image with a trained model."""
+    from dlorch.core.imageio import output_format
+
+    fmt = output_format(out)
+    c = client()
+    spec = {"kind": "predict", "image": _upload(c, str(image), "image"), "model": _model_uri(c, model),
+            "priority": priority, "output_format": fmt}
+    _run_job(spec, detach, out=out, c=c)
+
+
+@app.command()
+def jobs(as_json: bool = typer.Option(False, "--json", help="one JSON document")) -> None:
+    """List jobs, oldest first, with their node and epochs."""
+    from dlorch.orchestrator import views
+
+    all_jobs = client().ledger.jobs()
+    if as_json:
+        typer.echo(json.dumps([j.public() for j in all_jobs], indent=1))
+    else:
+        views.jobs_table(all_jobs)
+
+
+@app.command()
+def status(job: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+    """One job in detail: status, attempts, progress, timings, plan."""
+    from dlorch.orchestrator import views
+
+    j = client().ledger.get(job)
+    if as_json:
+        typer.echo(json.dumps(j.public(), indent=1))
+    else:
+        views.job_detail(j)
+
+
+@app.command()
+def logs(job: str = typer.Argument(...)) -> None:
+    """The job's history and each attempt's log."""
+    c = client()
+    for line in c.logs(c.ledger.get(job)):
+        typer.echo(line)
+
+
+@app.command()
+def cancel(job: str = typer.Argument(...)) -> None:
+    """Cancel a queued or running job (its node stops at the next heartbeat)."""
+    reply = client().call({"type": "cancel", "job": job})
+    typer.echo(f"cancelled {reply['job']}")
+
+
+@nodes_app.callback(invoke_without_command=True)
+def nodes(ctx: typer.Context, as_json: bool = typer.Option(False, "--json"),
+          all_nodes: bool = typer.Option(False, "--all", help="include nodes that left")) -> None:
+    """List node agents with their hardware, job and last heartbeat."""
+    if ctx.invoked_subcommand:
+        return
+    from dlorch.orchestrator import views
+
+    c = client()
+    now = time.time()
+    found = [n for n in c.ledger.nodes() if all_nodes or n.alive(now, c.settings.lease_s)]
+    if as_json:
+        typer.echo(json.dumps([n.public(now, c.settings.lease_s) for n in found], indent=1))
+    else:
+        views.nodes_table(found, now, c.settings.lease_s)
+
+
+@nodes_app.command("drain")
+def drain(node: str = typer.Argument(..., help="node id (or a unique prefix)")) -> None:
+    """Ask a node to finish or checkpoint its job, hand it back, and exit."""
+    reply = client().call({"type": "drain", "node": node})
+    typer.echo(f"draining {reply['node']}")
+
+
+@app.command()
+def evaluate(
+    prediction: Path = typer.Argument(..., help="predicted label map"),
+    truth: str = typer.Argument(..., help="dense labels (file.npz:NAME picks an array)"),
+    slices: Optional[str] = typer.Option(None, "--slices", help="first axis range to score, e.g. 5:30"),
+) -> None:
+    """Score a label map against dense labels: IoU per class, mean IoU, pixel error."""
+    from dlorch.core.imageio import read_image, split_key
+    from dlorch.core.metrics import segmentation_scores
+
+    pred = read_image(prediction, role="labels")
+    path, key = split_key(truth)
+    true = read_image(path, key, role="labels")
+    if pred.shape != true.shape:
+        raise BadInput(f"prediction shape {pred.shape} differs from truth shape {true.shape}")
+    if slices:
+        a, _, b = slices.partition(":")
+        sl = slice(int(a) if a else None, int(b) if b else None)
+        pred, true = pred[sl], true[sl]
+    scores = segmentation_scores(pred, true)
+    for k, v in scores.items():
+        typer.echo(f"{k:>16}: {v:.4f}")
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def _training_spec(kind: str, image: str, labels: str, epochs, time_budget, priority) -> dict[str, Any]:
+    from dlorch.core.imageio import read_image, split_key
+
+    c = client()
+    ipath, ikey = split_key(image)
+    lpath, lkey = split_key(labels)
+    img = read_image(ipath, ikey, role="image")
+    lab = read_image(lpath, lkey, role="labels")
+    if img.shape != lab.shape:
+        raise BadInput(f"labels shape {lab.shape} differs from image shape {img.shape}; "
+                       "paint labels on the same grid as the image")
+    return {"kind": kind, "image": _upload(c, image, "image", img), "labels": _upload(c, labels, "labels", lab),
+            "epochs": epochs, "time_budget": time_budget, "priority": priority}
+
+
+def _upload(c, spec: str, role: str, array=None) -> str:
+    """Put a local input in the store, content-addressed; a container (.npz) goes in as the chosen array."""
+    import tempfile
+
+    from dlorch.core.imageio import read_image, split_key, write_image
+    from dlorch.core.store import image_suffix
+
+    path, key = split_key(spec)
+    if not path.exists():
+        raise BadInput(f"{role} file not found: {path}")
+    if image_suffix(path) != ".npz":
+        if array is None:
+            read_image(path, key, role=role)  # fail here, with a clear line, on an unreadable file
+        return c.store.put_blob(path)
+    arr = array if array is not None else read_image(path, key, role=role)
+    with tempfile.TemporaryDirectory() as tmp:
+        return c.store.put_blob(write_image(arr, Path(tmp) / f"{role}.npy", "npy"))
+
+
+def _model_uri(c, model: str) -> str:
+    if Path(model).exists():
+        return c.store.put_blob(Path(model))
+    if "://" in model:
+        return model
+    job = c.ledger.get(model)
+    if not job.model:
+        raise BadInput(f"job {job.id} has no model yet (it is {job.status.value}); wait for it to succeed")
+    return job.model
+
+
+def _run_job(spec: dict[str, Any], detach: bool, out: Path | None, c=None) -> None:
+    from dlorch.orchestrator import views
+    from dlorch.orchestrator.client import ensure_local_service
+
+    c = c or client()
+    if detach:
+        typer.echo(c.submit(spec))
+        return
+    service = ensure_local_service(c)
+    try:
+        job_id = c.submit(spec)
+        typer.echo(f"job {job_id}", err=True)
+        job = views.follow(c, job_id, service)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: the job stays in the queue; `dlorch up` continues it", err=True)
+        raise typer.Exit(130) from None
+    finally:
+        if service is not None:
+            service.close()
+    if job.status.value != "succeeded":
+        raise DlorchError(f"job {job.id} {job.status.value}: {job.error or 'see `dlorch logs ' + job.id + '`'}")
+    result = job.output if job.spec.kind != "train" else job.model
+    if out is not None and result:
+        c.fetch(result, out)
+        typer.echo(f"wrote {out}", err=True)
+    if job.model:
+        typer.echo(f"model {job.model}", err=True)
+    typer.echo(job.id)
+
+
+def _log_to_stderr() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("lightning", "pytorch_lightning", "lightning.pytorch", "huey"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _hoist_global_options(argv: list[str]) -> list[str]:
+    """Accept ``--store``/``--queue`` anywhere on the line, not only before the command."""
+    front, rest, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--store", "--queue") and i + 1 < len(argv):
+            front += [a, argv[i + 1]]
+            i += 2
+            continue
+        if a.startswith(("--store=", "--queue=")):
+            front.append(a)
+        else:
+            rest.append(a)
+        i += 1
+    return front + rest
+
+
+def main() -> None:
+    """Entry point: one line on stderr and a non-zero exit for every error a user can cause."""
+    argv = _hoist_global_options(sys.argv[1:])
+    try:
+        app(args=argv, prog_name="dlorch")
+    except DlorchError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # never a traceback for the user; DLORCH_DEBUG=1 shows it
+        if os.environ.get("DLORCH_DEBUG"):
+            raise
+        typer.echo(f"error: unexpected {type(e).__name__}: {e} (DLORCH_DEBUG=1 shows where)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

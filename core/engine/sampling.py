@@ -1,0 +1,145 @@
+"""Patch sampling: class-balanced training batches centred on painted pixels, fixed validation tiles.
+
+MONAI's RandCropByLabelClasses draws one sample at a time through the transform pipeline;
+here a whole batch is cut with NumPy slicing from a once-padded volume, which is what keeps
+a 2-core CPU busy with the network instead of with data handling. Every batch is drawn from
+a generator seeded by (seed, epoch, batch index), so a run resumed at epoch k sees exactly
+the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+# Above this many painted pixels per class, a seeded subsample of centres is kept: as good
+# for sampling and it bounds memory on densely labelled volumes.
+_MAX_CENTRES_PER_CLASS = 1_000_000
+# Cap on validation tiles so validation stays a small fraction of an epoch.
+_MAX_VAL_TILES = 256
+
+
+def _pad_widths(patch: tuple[int, int]) -> tuple[int, int]:
+    # Half a patch for the crop plus a quarter for the centre jitter.
+    return tuple(p // 2 + p // 4 + 1 for p in patch)
+
+
+def _pad(volume: np.ndarray, pads: tuple[int, int], mode: str) -> np.ndarray:
+    widths = ((0, 0), (pads[0], pads[0]), (pads[1], pads[1]))
+    if mode == "constant":
+        return np.pad(volume, widths, mode="constant")
+    return np.pad(volume, widths, mode="symmetric")
+
+
+class TrainPatches(Dataset):
+    """One item = one training batch of 2D patches, centred near painted pixels of a random class.
+
+    Classes are drawn in equal shares per batch, so a rare class is seen as often as a common one.
+    """
+
+    def __init__(
+        self,
+        image: np.ndarray,
+        labels: np.ndarray,
+        patch: tuple[int, int],
+        batch_size: int,
+        steps_per_epoch: int,
+        seed: int,
+    ) -> None:
+        """Build the sampler.
+
+        Args:
+            image: (Z, Y, X) normalised float32 image.
+            labels: (Z, Y, X) uint8 training labels, 0 = unlabelled.
+            patch: (py, px) patch size.
+            batch_size: patches per batch.
+            steps_per_epoch: batches per epoch (the dataset length).
+            seed: base seed.
+        """
+        self.patch = tuple(int(p) for p in patch)
+        self.pads = _pad_widths(self.patch)
+        self.image = _pad(image.astype(np.float32, copy=False), self.pads, "symmetric")
+        self.labels = _pad(labels.astype(np.uint8, copy=False), self.pads, "constant")
+        self.shape = labels.shape
+        self.batch_size = batch_size
+        self.steps_per_epoch = steps_per_epoch
+        self.seed = seed
+        self.epoch = 0
+        rng = np.random.default_rng([seed, 7919])
+        self.centres: list[np.ndarray] = []
+        for c in np.unique(labels):
+            if c == 0:
+                continue
+            idx = np.flatnonzero(labels == c)
+            if len(idx) > _MAX_CENTRES_PER_CLASS:
+                idx = rng.choice(idx, _MAX_CENTRES_PER_CLASS, replace=False)
+            self.centres.append(idx)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        k = len(self.centres)
+        classes = rng.permutation(np.resize(np.arange(k), self.batch_size))
+        py, px = self.patch
+        xs = np.empty((self.batch_size, 1, py, px), dtype=np.float32)
+        ys = np.empty((self.batch_size, 1, py, px), dtype=np.uint8)
+        for i, c in enumerate(classes):
+            flat = self.centres[c][rng.integers(len(self.centres[c]))]
+            z, y, x = np.unravel_index(flat, self.shape)
+            # Jitter keeps the painted pixel off the exact centre so the border context varies.
+            y0 = y + self.pads[0] - py // 2 + rng.integers(-(py // 4), py // 4 + 1)
+            x0 = x + self.pads[1] - px // 2 + rng.integers(-(px // 4), px // 4 + 1)
+            xs[i, 0] = self.image[z, y0 : y0 + py, x0 : x0 + px]
+            ys[i, 0] = self.labels[z, y0 : y0 + py, x0 : x0 + px]
+        return torch.from_numpy(xs), torch.from_numpy(ys)
+
+
+class ValTiles(Dataset):
+    """Fixed validation batches: tiles around the held-back strokes, each pixel scored once.
+
+    The slices are cut into cells of half a patch; every cell holding a validation pixel
+    becomes a patch-sized tile centred on it whose labels are kept only inside the cell, so each
+    scored pixel has at least a quarter patch of context and none is counted twice.
+    """
+
+    def __init__(self, image: np.ndarray, val_labels: np.ndarray, patch: tuple[int, int], batch_size: int, seed: int):
+        """Build the tiles.
+
+        Args:
+            image: (Z, Y, X) normalised float32 image.
+            val_labels: (Z, Y, X) uint8 held-back labels, 0 elsewhere.
+            patch: (py, px) tile size.
+            batch_size: tiles per batch.
+            seed: seed of the subsample taken when there are too many tiles.
+        """
+        py, px = (int(p) for p in patch)
+        cy, cx = max(1, py // 2), max(1, px // 2)
+        pads = _pad_widths((py, px))
+        image_p = _pad(image.astype(np.float32, copy=False), pads, "symmetric")
+        cells = []
+        for z in np.nonzero(val_labels.reshape(val_labels.shape[0], -1).any(1))[0]:
+            ys, xs = np.nonzero(val_labels[z])
+            for gy, gx in sorted(set(zip((ys // cy).tolist(), (xs // cx).tolist()))):
+                cells.append((int(z), gy, gx))
+        if len(cells) > _MAX_VAL_TILES:
+            keep = np.random.default_rng(seed).choice(len(cells), _MAX_VAL_TILES, replace=False)
+            cells = [cells[i] for i in sorted(keep)]
+        self.x = np.zeros((len(cells), 1, py, px), dtype=np.float32)
+        self.y = np.zeros((len(cells), 1, py, px), dtype=np.uint8)
+        oy, ox = (py - cy) // 2, (px - cx) // 2
+        for i, (z, gy, gx) in enumerate(cells):
+            y0, x0 = gy * cy - oy, gx * cx - ox
+            self.x[i, 0] = image_p[z, y0 + pads[0] : y0 + pads[0] + py, x0 + pads[1] : x0 + pads[1] + px]
+            cell = val_labels[z, gy * cy : (gy + 1) * cy, gx * cx : (gx + 1) * cx]
+            self.y[i, 0, oy : oy + cell.shape[0], ox : ox + cell.shape[1]] = cell
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return (len(self.x) + self.batch_size - 1) // self.batch_size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return torch.from_numpy(self.x[s]), torch.from_numpy(self.y[s])

@@ -1,0 +1,28 @@
+"""Scores of a label map against dense truth: IoU per class, mean IoU, pixel error."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def segmentation_scores(pred: np.ndarray, truth: np.ndarray, classes: list[int] | None = None) -> dict[str, float]:
+    """IoU of each class present in ``truth`` (label 0 ignored), their mean, and the pixel error.
+
+    Pixels whose truth is 0 (unlabelled) are left out of every score.
+    """
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from truth shape {truth.shape}")
+    valid = truth > 0
+    classes = classes or [int(c) for c in np.unique(truth[valid])]
+    out: dict[str, float] = {}
+    ious = []
+    for c in classes:
+        p, t = (pred == c) & valid, truth == c
+        union = np.count_nonzero(p | t)
+        iou = np.count_nonzero(p & t) / union if union else 1.0
+        out[f"iou_class_{c}"] = iou
+        ious.append(iou)
+    out["mean_iou"] = float(np.mean(ious)) if ious else 0.0
+    out["pixel_error"] = float(np.count_nonzero(pred[valid] != truth[valid]) / max(1, np.count_nonzero(valid)))
+    return out

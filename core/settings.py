@@ -1,0 +1,72 @@
+"""Settings shared by every role, from options, ``DLORCH_*`` environment variables or defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_home() -> Path:
+    """The embedded default's state directory: ``$DLORCH_HOME`` or ``~/.dlorch``."""
+    return Path(os.environ.get("DLORCH_HOME") or Path.home() / ".dlorch")
+
+
+class Settings(BaseSettings):
+    """Where state lives and how the pieces talk. Empty URLs mean the embedded default."""
+
+    model_config = SettingsConfigDict(env_prefix="DLORCH_", extra="ignore")
+
+    store: str = Field("", description="state/data store URL: a directory, file:// or s3://")
+    queue: str = Field("", description="queue URL: sqlite:///path.db or redis://host:port/db")
+    secret: str = Field("", description="shared HMAC secret for queue messages")
+    lease_s: float = Field(30.0, gt=0, description="a node holds a job this long without a heartbeat")
+    heartbeat_s: float = Field(3.0, gt=0, description="how often agents heartbeat")
+    max_attempts: int = Field(3, ge=1, description="attempts before a job that keeps failing is failed")
+
+    def resolved_store(self) -> str:
+        """The store URL, defaulting to the embedded state directory."""
+        if self.store:
+            return self.store
+        return str(default_home())
+
+    def resolved_queue(self) -> str:
+        """The queue URL, defaulting to a SQLite file in the local store."""
+        if self.queue:
+            return self.queue
+        from dlorch.core.store import local_path
+
+        root = local_path(self.resolved_store())
+        if root is None:
+            from dlorch.core.errors import BadInput
+
+            raise BadInput("a remote --store needs a shared --queue (e.g. redis://host:6379/0); set DLORCH_QUEUE")
+        return f"sqlite:///{root / 'queue.db'}"
+
+    def resolved_secret(self) -> bytes:
+        """The HMAC key: ``DLORCH_SECRET`` or a key file created once in the local store."""
+        if self.secret:
+            return self.secret.encode()
+        from dlorch.core.store import local_path
+
+        root = local_path(self.resolved_store())
+        if root is None:
+            from dlorch.core.errors import BadInput
+
+            raise BadInput("distributed mode needs a shared secret: set DLORCH_SECRET on every node")
+        key_file = root / "secret.key"
+        if not key_file.exists():
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = key_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(os.urandom(32).hex().encode())
+            try:
+                os.link(tmp, key_file)  # first writer wins; others read its key
+            except FileExistsError:
+                pass
+            except OSError:
+                if not key_file.exists():
+                    os.replace(tmp, key_file)
+            tmp.unlink(missing_ok=True)
+        return key_file.read_bytes().strip()

@@ -1,0 +1,201 @@
+"""The job model: what a user asks for (JobSpec), what the ledger records (Job, Attempt, Node).
+
+Job states and the legal moves between them (the orchestrator enforces them, compare-and-set)::
+
+    QUEUED ──claim──▶ RUNNING ──result──▶ SUCCEEDED
+      ▲                 │  │
+      └──hand back / ───┘  └──error, attempts left: QUEUED; none left──▶ FAILED
+         lease expired
+    QUEUED or RUNNING ──cancel──▶ CANCELLED
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dlorch.core.errors import BadInput
+
+
+class JobStatus(str, Enum):
+    """Where a job stands. Only the orchestrator moves a job between these."""
+
+    QUEUED = "queued"  # waiting in the queue for a node; holds the token of its next attempt
+    RUNNING = "running"  # a node holds it under a lease it renews by heartbeat
+    SUCCEEDED = "succeeded"  # result accepted from the lease holder; terminal
+    FAILED = "failed"  # gave up after max_attempts, or the input can never work; terminal
+    CANCELLED = "cancelled"  # stopped by the user; terminal
+
+    def is_terminal(self) -> bool:
+        """True when the job will never run again."""
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+TRANSITIONS: dict[JobStatus, set[JobStatus]] = {
+    JobStatus.QUEUED: {JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED},
+    JobStatus.RUNNING: {JobStatus.QUEUED, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED},
+    JobStatus.SUCCEEDED: set(),
+    JobStatus.FAILED: set(),
+    JobStatus.CANCELLED: set(),
+}
+
+
+class AttemptOutcome(str, Enum):
+    """How one attempt ended."""
+
+    RUNNING = "running"  # still under lease
+    SUCCEEDED = "succeeded"  # produced the job's result
+    HANDED_BACK = "handed_back"  # the node stopped (signal, drain, spot notice) and returned the rest
+    EXPIRED = "expired"  # the lease ran out: the node vanished or stalled
+    ERRORED = "errored"  # the job raised on the node
+    CANCELLED = "cancelled"  # the user cancelled while it ran
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobSpec(_Strict):
+    """What a user asks for. Unknown fields are an error, so a typo never silently does nothing."""
+
+    kind: Literal["segment", "train", "predict"] = Field(
+        description="segment = train then predict the same image; train = model only; predict = apply a model"
+    )
+    task: Literal["segmentation"] = "segmentation"
+    image: str = Field(description="store URI of the input image (TIFF, zarr, .npy/.npz)")
+    labels: str | None = Field(None, description="store URI of sparse labels (0 = unlabelled, 1..K)")
+    model: str | None = Field(None, description="store URI of a model checkpoint (predict)")
+    output_format: Literal["tif", "zarr", "npy"] = "tif"
+    epochs: int | None = Field(None, ge=1, le=100_000, description="override of the automatic epoch count")
+    time_budget: float | None = Field(None, gt=0, description="cap on training seconds")
+    options: dict[str, Any] = Field(default_factory=dict, description="engine options (e.g. network variant)")
+    priority: int = Field(0, ge=-100, le=100, description="higher runs first; FIFO within a priority")
+    max_attempts: int | None = Field(None, ge=1, le=100)
+    name: str | None = None
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    def check(self) -> "JobSpec":
+        """Cross-field rules: training needs labels, prediction needs a model."""
+        if self.kind in ("segment", "train") and not self.labels:
+            raise BadInput(f"invalid job spec: field 'labels': a {self.kind} job needs --labels LABELS")
+        if self.kind == "predict" and not self.model:
+            raise BadInput("invalid job spec: field 'model': a predict job needs MODEL (a job id or model URI)")
+        return self
+
+    @property
+    def trains(self) -> bool:
+        """True for jobs that train (and so have epochs and checkpoints)."""
+        return self.kind in ("segment", "train")
+
+
+def parse_spec(data: dict[str, Any] | str) -> JobSpec:
+    """Validate a spec from a dict or JSON text; errors become one line naming the field."""
+    try:
+        if isinstance(data, str):
+            spec = JobSpec.model_validate_json(data)
+        else:
+            spec = JobSpec.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(spec)"
+        raise BadInput(f"invalid job spec: field '{field}': {err['msg']}") from None
+    return spec.check()
+
+
+class Attempt(_Strict):
+    """One try at a job by one node. ``token`` is the fencing token: strictly increasing per job."""
+
+    token: int
+    node: str | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    lease_expires_at: float | None = None
+    outcome: AttemptOutcome = AttemptOutcome.RUNNING
+    epochs_start: int = 0
+    epochs_done: int = 0
+    resumed_from: str | None = None
+    error: str | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+class Job(_Strict):
+    """The ledger's record of a job: its spec, status, attempts and progress."""
+
+    id: str
+    spec: JobSpec
+    status: JobStatus = JobStatus.QUEUED
+    created_at: float
+    updated_at: float
+    next_token: int = 1  # token of the attempt the queued message carries
+    attempts: list[Attempt] = Field(default_factory=list)
+    epochs_done: int = 0
+    epochs_total: int | None = None
+    checkpoint: str | None = None  # last accepted checkpoint, from the lease holder only
+    model: str | None = None  # final model checkpoint (training jobs)
+    output: str | None = None  # result image (segment / predict)
+    plan: dict[str, Any] | None = None  # the engine's automatic configuration and its reasons
+    metrics: dict[str, float] = Field(default_factory=dict)
+    error: str | None = None
+    cancel_requested: bool = False
+    events: list[tuple[float, str]] = Field(default_factory=list)
+
+    @property
+    def current(self) -> Attempt | None:
+        """The attempt that holds (or last held) the job."""
+        return self.attempts[-1] if self.attempts else None
+
+    @property
+    def node(self) -> str | None:
+        """The node of the latest attempt."""
+        return self.current.node if self.current else None
+
+    def log(self, now: float, text: str) -> None:
+        """Append a line to the job's event history (kept in the ledger, shown by ``dlorch logs``)."""
+        self.events.append((now, text))
+
+    def public(self) -> dict[str, Any]:
+        """The JSON document of ``dlorch status --json`` / ``jobs --json`` (a stable contract)."""
+        d = self.model_dump(mode="json")
+        d["node"] = self.node
+        d["attempts"] = [a.model_dump(mode="json") for a in self.attempts]
+        return d
+
+
+def new_job_id(now: float | None = None) -> str:
+    """A sortable, unique job id: ``j-YYYYmmdd-HHMMSS-xxxxxx``."""
+    t = time.gmtime(now if now is not None else time.time())
+    return "j-" + time.strftime("%Y%m%d-%H%M%S", t) + "-" + uuid.uuid4().hex[:6]
+
+
+class NodeInfo(_Strict):
+    """A node agent as it registered, and its last heartbeat."""
+
+    id: str
+    hostname: str
+    pid: int
+    cpus: int
+    memory_bytes: int
+    gpus: list[dict[str, Any]] = Field(default_factory=list)
+    torch: str = ""
+    platform: str = ""
+    registered_at: float
+    heartbeat_at: float
+    job: str | None = None
+    attempt: int | None = None
+    drain: bool = False
+    state: Literal["idle", "busy", "draining", "gone"] = "idle"
+
+    def alive(self, now: float, lease_s: float) -> bool:
+        """A node is alive while its heartbeat is younger than one lease."""
+        return self.state != "gone" and now - self.heartbeat_at <= lease_s
+
+    def public(self, now: float, lease_s: float) -> dict[str, Any]:
+        """The JSON document of ``dlorch nodes --json``."""
+        d = self.model_dump(mode="json")
+        d["alive"] = self.alive(now, lease_s)
+        return d

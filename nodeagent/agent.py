@@ -1,0 +1,160 @@
+"""A node agent: register, heartbeat, take one job at a time from the queue, run it, report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from dlorch.core.errors import DlorchError, Unreachable
+from dlorch.core.settings import Settings
+from dlorch.core.spec import Job
+from dlorch.core.store import DataStore
+from dlorch.core.wire import Signer
+from dlorch.nodeagent import hardware
+from dlorch.nodeagent.attempt import Attempt
+from dlorch.nodeagent.interrupts import StopFlag
+from dlorch.orchestrator.queue import Queue
+
+log = logging.getLogger("dlorch.agent")
+
+
+class Agent:
+    """One node's loop. ``step()`` takes and runs at most one job; ``run()`` loops it until stopped."""
+
+    def __init__(self, settings: Settings, node_id: str | None = None, workdir: Path | None = None) -> None:
+        self.settings = settings
+        self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        signer = Signer(settings.resolved_secret())
+        self.store = DataStore(settings.resolved_store())
+        self.queue = Queue(settings.resolved_queue(), signer)
+        self._hb_queue = Queue(settings.resolved_queue(), signer)  # its own connection, for its thread
+        base = workdir or (self.store.local_root or Path.home() / ".dlorch") / "agents" / self.node_id
+        self.workdir, self.cache = base / "work", base.parent.parent / "cache"
+        self.stop = StopFlag()
+        self.lease_lost = StopFlag()
+        self.current: tuple[str, int] | None = None
+        self._hb_thread: threading.Thread | None = None
+        self._hb_done = threading.Event()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def register(self) -> None:
+        """Announce this node and its hardware to the orchestrator."""
+        reply = self.queue.request({"type": "register", "node_info": hardware.describe(self.node_id)}, timeout=60)
+        if not reply.get("ok"):
+            raise DlorchError(f"registration refused: {reply.get('reason')}")
+        log.info("node %s registered", self.node_id)
+
+    def run(self) -> None:
+        """Register, start heartbeating, loop ``step`` until a stop is asked for, then say goodbye."""
+        self.register()
+        self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        self._hb_thread.start()
+        try:
+            while self.step():
+                pass
+        finally:
+            self._hb_done.set()
+            try:
+                self.queue.request({"type": "bye", "node": self.node_id}, timeout=5)
+            except DlorchError:
+                pass
+            log.info("node %s stopped (%s)", self.node_id, self.stop.reason)
+
+    def step(self) -> bool:
+        """Take one job from the queue and run it to its end or hand-back. False when the agent should exit."""
+        if self.stop.is_set():
+            return False
+        try:
+            msg = self.queue.jobs.receive(timeout=1.0)
+        except Unreachable as e:
+            log.warning("%s", e)
+            self.stop.wait(2.0)
+            return not self.stop.is_set()
+        if msg is None:
+            return not self.stop.is_set()
+        if self.stop.is_set():  # stopping between dequeue and claim: put the message back
+            self.queue.jobs.send(msg, priority=int(msg.get("priority", 0)))
+            return False
+        job_id, token = msg["job"], int(msg["token"])
+        reply = self._request({"type": "claim", "job": job_id, "token": token, "node": self.node_id})
+        if not reply.get("ok"):
+            log.info("skipped %s attempt %s: %s", job_id, token, reply.get("reason"))  # a duplicate or stale
+            return True
+        job = Job.model_validate(reply["job"])
+        log.info("running %s attempt %d (%s)", job.id, token, job.spec.kind)
+        self.lease_lost = StopFlag()
+        self.current = (job.id, token)
+        log_file = self.workdir / f"{job.id}-{token}.log"
+        handler = _attach_log(log_file)
+        try:
+            attempt = Attempt(job, token, self.store, self._reporter(job.id, token), self.stop,
+                              self.lease_lost, self.workdir / f"{job.id}-{token}", self.cache)
+            body = attempt.run()
+        finally:
+            self.current = None
+            logging.getLogger("dlorch").removeHandler(handler)
+            handler.close()
+        try:  # the attempt's own log, beside its other attempt-scoped objects
+            self.store.put_file(log_file, f"jobs/{job.id}/attempts/{token}/log.txt")
+            log_file.unlink()
+        except (DlorchError, OSError) as e:
+            log.warning("could not upload the attempt log: %s", e)
+        if not self.lease_lost.is_set():
+            reply = self._request({"type": "finish", "job": job.id, "token": token, "node": self.node_id, **body},
+                                  timeout=120)
+            log.info("%s attempt %d %s (orchestrator: %s)", job.id, token, body["outcome"],
+                     reply.get("status") or reply.get("reason"))
+        return not self.stop.is_set()
+
+    # -- talking to the orchestrator ----------------------------------------------------------------
+    def _request(self, message: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        try:
+            return self.queue.request(message, timeout=timeout)
+        except Unreachable as e:
+            log.warning("%s", e)
+            return {"ok": False, "reason": str(e)}
+
+    def _reporter(self, job_id: str, token: int):
+        def report(body: dict[str, Any]) -> dict[str, Any]:
+            return self._request({**body, "job": job_id, "token": token, "node": self.node_id}, timeout=60)
+
+        return report
+
+    def _heartbeat_loop(self) -> None:
+        while not self._hb_done.wait(self.settings.heartbeat_s):
+            self.heartbeat_once()
+
+    def heartbeat_once(self) -> None:
+        """Renew this node's liveness and its lease; learn about drains, cancels and lost leases."""
+        current = self.current
+        msg: dict[str, Any] = {"type": "heartbeat", "node": self.node_id}
+        if current:
+            msg["job"], msg["token"] = current
+        try:
+            reply = self._hb_queue.request(msg, timeout=max(2.0, self.settings.heartbeat_s * 2))
+        except Unreachable as e:
+            log.warning("heartbeat: %s", e)
+            return
+        if reply.get("register"):
+            try:
+                self._hb_queue.request({"type": "register", "node_info": hardware.describe(self.node_id)})
+            except Unreachable:
+                pass
+        if reply.get("drain"):
+            self.stop.set("drain requested")
+        if current and reply.get("lease") is False and self.current == current:
+            self.lease_lost.set(f"lease on {current[0]} attempt {current[1]} lost")
+
+
+def _attach_log(path: Path) -> logging.Handler:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logging.getLogger("dlorch").addHandler(handler)
+    return handler

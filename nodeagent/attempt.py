@@ -1,0 +1,170 @@
+"""One attempt at one job on this node: fetch inputs, train or predict, checkpoint, report.
+
+Everything this attempt writes goes under ``jobs/<id>/attempts/<token>/`` in the store, and the
+orchestrator accepts it only while this attempt holds the lease (fencing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from dlorch.core.errors import BadInput
+from dlorch.core.imageio import read_image, write_image
+from dlorch.core.spec import Job
+from dlorch.core.store import DataStore
+from dlorch.nodeagent.interrupts import StopFlag
+
+log = logging.getLogger("dlorch.agent")
+
+Report = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class LeaseLost(Exception):
+    """The orchestrator no longer accepts this attempt's work: stop, write nothing more."""
+
+
+class Attempt:
+    """Runs one attempt and returns the ``finish`` report for the orchestrator."""
+
+    def __init__(self, job: Job, token: int, store: DataStore, report: Report, stop: StopFlag,
+                 lease_lost: StopFlag, workdir: Path, cache: Path) -> None:
+        self.job, self.token, self.store, self.report = job, token, store, report
+        self.stop, self.lease_lost = stop, lease_lost
+        self.workdir, self.cache = workdir, cache
+        self.prefix = f"jobs/{job.id}/attempts/{token}"
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def timed(self, name: str):
+        """Add the block's wall time to ``timings[name]`` (recorded with the attempt)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def run(self) -> dict[str, Any]:
+        """Run to the end, a hand-back or an error; returns the finish message body."""
+        t0 = time.perf_counter()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            body = self._predict_only() if self.job.spec.kind == "predict" else self._train()
+        except LeaseLost as e:
+            body = {"outcome": "cancelled", "error": f"lease lost: {e}"}
+        except BadInput as e:  # the input can never work: no point retrying elsewhere
+            body = {"outcome": "errored", "error": str(e), "permanent": True}
+        except Exception as e:  # a bad job never takes down the agent
+            log.exception("attempt %s of %s raised", self.token, self.job.id)
+            body = {"outcome": "errored", "error": f"{type(e).__name__}: {e}"}
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        self.timings["total_s"] = time.perf_counter() - t0
+        return {**body, "timings": self.timings}
+
+    # -- job kinds ----------------------------------------------------------------------------------
+    def _train(self) -> dict[str, Any]:
+        from dlorch.core.engine import segment as engine
+
+        spec = self.job.spec
+        with self.timed("fetch_inputs_s"):
+            image = self._read(spec.image, "image")
+            labels = self._read(spec.labels, "labels")
+        if labels.shape != image.shape:
+            raise BadInput(f"labels shape {labels.shape} differs from image shape {image.shape}; "
+                           "paint labels on the same grid as the image")
+        with self.timed("plan_s"):
+            if self.job.plan:
+                plan = engine.SegmentationPlan.model_validate(self.job.plan)
+            else:
+                plan = engine.plan_segmentation(image, labels, epochs=spec.epochs, time_budget=spec.time_budget)
+        resume = None
+        if self.job.checkpoint:
+            with self.timed("fetch_checkpoint_s"):
+                resume = self.store.get_file(self.job.checkpoint, self.workdir / "resume.ckpt")
+        hooks = _Hooks(self, plan.model_dump(mode="json"), plan.epochs)
+        with self.timed("train_s"):
+            result = engine.train_segmentation(image, labels, plan, workdir=self.workdir / "train",
+                                               resume_from=resume, hooks=hooks)
+        body: dict[str, Any] = {"epochs_done": result.epochs_done, "epochs_total": plan.epochs,
+                                "plan": plan.model_dump(mode="json"), "metrics": result.metrics,
+                                "checkpoint": hooks.last_uri}
+        if result.stopped_by == "stop_request" and result.epochs_done < plan.epochs:
+            return {**body, "outcome": "handed_back"}
+        if result.stopped_by == "time_budget":
+            body["epochs_total"] = result.epochs_done  # the budget capped the count
+        with self.timed("upload_model_s"):
+            body["model"] = self.store.put_file(result.checkpoint, f"{self.prefix}/model.ckpt")
+        if spec.kind == "segment":
+            body["output"] = self._predict_and_upload(result.checkpoint, image)
+        return {**body, "outcome": "succeeded"}
+
+    def _predict_only(self) -> dict[str, Any]:
+        spec = self.job.spec
+        with self.timed("fetch_inputs_s"):
+            image = self._read(spec.image, "image")
+        with self.timed("fetch_model_s"):
+            model = self._cached(spec.model, ".ckpt")
+        return {"outcome": "succeeded", "output": self._predict_and_upload(model, image)}
+
+    def _predict_and_upload(self, checkpoint: Path, image: np.ndarray) -> str:
+        from dlorch.core.engine import segment as engine
+
+        with self.timed("predict_s"):
+            labels = engine.predict_segmentation(checkpoint, image)
+        fmt = self.job.spec.output_format
+        with self.timed("upload_output_s"):
+            local = write_image(labels, self.workdir / f"output.{fmt}", fmt)
+            return self.store.put_file(local, f"{self.prefix}/output.{fmt}")
+
+    # -- data ---------------------------------------------------------------------------------------
+    def _cached(self, uri: str, suffix: str = "") -> Path:
+        """Fetch a store object once per node (blobs are content-addressed, so a cache hit is exact)."""
+        name = uri.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+        if "/blobs/" not in uri.replace("\\", "/"):
+            name = f"{hashlib.sha1(uri.encode()).hexdigest()[:12]}-{name}"
+        local = self.cache / name
+        if not local.exists():
+            if not self.store.exists(uri):
+                raise BadInput(f"not found in the store: {uri}")
+            self.store.get_file(uri, local)
+        return local
+
+    def _read(self, uri: str | None, role: str) -> np.ndarray:
+        if uri is None:
+            raise BadInput(f"the job has no {role}")
+        return read_image(self._cached(uri), role=role)
+
+
+class _Hooks:
+    """The engine's view of the attempt: when to stop, where checkpoints go."""
+
+    def __init__(self, attempt: Attempt, plan: dict[str, Any], epochs_total: int) -> None:
+        self.attempt, self.plan, self.epochs_total = attempt, plan, epochs_total
+        self.last_uri: str | None = attempt.job.checkpoint
+
+    def should_stop(self) -> bool:
+        return self.attempt.stop.is_set() or self.attempt.lease_lost.is_set()
+
+    def on_checkpoint(self, path: Path, progress: Any) -> None:
+        a = self.attempt
+        if a.lease_lost.is_set():
+            raise LeaseLost(a.lease_lost.reason or "lease lost")
+        with a.timed("upload_checkpoint_s"):
+            uri = a.store.put_file(Path(path), f"{a.prefix}/ckpt/epoch-{progress.epochs_done:05d}.ckpt")
+        reply = a.report({"type": "progress", "epochs_done": progress.epochs_done,
+                          "epochs_total": self.epochs_total, "checkpoint": uri, "plan": self.plan,
+                          "metrics": dict(progress.metrics)})
+        if not reply.get("ok"):
+            a.lease_lost.set(reply.get("reason", "progress rejected"))
+            raise LeaseLost(reply.get("reason", "progress rejected"))
+        self.last_uri = uri
+        log.info("epoch %d/%d checkpointed %s", progress.epochs_done, self.epochs_total,
+                 " ".join(f"{k}={v:.4g}" for k, v in progress.metrics.items()))

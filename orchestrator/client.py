@@ -1,0 +1,178 @@
+"""What the CLI does, as a library: submit, wait, cancel, read the ledger; start a local service if none runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from dlorch.core.errors import BadInput, DlorchError
+from dlorch.core.settings import Settings
+from dlorch.core.spec import Job, JobStatus
+from dlorch.core.store import DataStore
+from dlorch.core.wire import Signer
+from dlorch.orchestrator.ledger import Ledger
+from dlorch.orchestrator.queue import Queue
+from dlorch.orchestrator.service import Orchestrator
+from dlorch.orchestrator.statestore import open_state_store
+
+log = logging.getLogger("dlorch.client")
+
+
+class Client:
+    """A connection to one dlorch deployment (store + queue)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = DataStore(settings.resolved_store())
+        self.ledger = Ledger(open_state_store(settings.resolved_store()))
+        self.signer = Signer(settings.resolved_secret())
+        self.queue = Queue(settings.resolved_queue(), self.signer)
+
+    def check_queue(self) -> None:
+        """Fail with one line now, rather than later, if the queue cannot be reached."""
+        self.queue.jobs.size()
+
+    def orchestrator_alive(self) -> bool:
+        """Whether an orchestrator has renewed its leadership within one lease."""
+        got = self.ledger.leader()
+        return got is not None and time.time() - got[0].heartbeat_at <= self.settings.lease_s
+
+    def live_nodes(self) -> list[Any]:
+        """Nodes whose heartbeat is within one lease."""
+        now = time.time()
+        return [n for n in self.ledger.nodes() if n.alive(now, self.settings.lease_s) and not n.drain]
+
+    def call(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Ask the orchestrator; with none running, act as one for this single request."""
+        if self.orchestrator_alive():
+            reply = self.queue.request(message)
+        else:
+            orch = Orchestrator(self.settings, self.ledger, self.queue)
+            orch.lead()
+            try:
+                reply = orch.handle(message)
+            finally:
+                self.ledger.release_leadership(orch.me)
+        if not reply.get("ok"):
+            raise DlorchError(reply.get("reason", "request refused"))
+        return reply
+
+    def submit(self, spec: dict[str, Any]) -> str:
+        """Record a job (the orchestrator validates the spec) and return its id."""
+        return self.call({"type": "submit", "spec": spec, "job_id": None})["job"]
+
+    def wait(self, job_id: str, on_update: Callable[[Job], None] | None = None, poll_s: float = 0.5) -> Job:
+        """Poll the ledger until the job ends."""
+        while True:
+            job = self.ledger.get(job_id)
+            if on_update:
+                on_update(job)
+            if job.status.is_terminal():
+                return job
+            time.sleep(poll_s)
+
+    def fetch(self, uri: str, out: Path) -> Path:
+        """Copy a result from the store to a local path."""
+        return self.store.get_file(uri, out)
+
+    def logs(self, job: Job) -> list[str]:
+        """The job's ledger history, then each attempt's agent log."""
+        lines = [f"{time.strftime('%H:%M:%S', time.localtime(t))} {text}" for t, text in job.events]
+        for att in job.attempts:
+            key = f"jobs/{job.id}/attempts/{att.token}/log.txt"
+            if self.store.exists(key):
+                lines.append(f"--- attempt {att.token} on {att.node} ---")
+                lines.extend(self.store.read_bytes(self.store.uri(key)).decode(errors="replace").splitlines())
+        return lines
+
+
+class LocalService:
+    """An orchestrator thread and agent subprocesses on this machine, for as long as it is open."""
+
+    def __init__(self, client: Client, agents: int = 1, orchestrate: bool = True, agent_args: list[str] | None = None):
+        self.client = client
+        self.orch: Orchestrator | None = None
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.agents: list[tuple[str, subprocess.Popen]] = []
+        self.error: BaseException | None = None
+        if orchestrate:
+            self.orch = Orchestrator(client.settings, client.ledger, Queue(client.queue.url, client.signer))
+            self.orch.lead()
+            self.thread = threading.Thread(target=self._run, name="orchestrator", daemon=True)
+            self.thread.start()
+        for _ in range(agents):
+            self.add_agent(agent_args or [])
+
+    def _run(self) -> None:
+        try:
+            self.orch.run(self.stop)
+        except BaseException as e:  # surfaced by the CLI
+            self.error = e
+
+    def add_agent(self, extra: list[str]) -> str:
+        """Start an agent subprocess; returns its node id."""
+        node_id = f"local-{uuid.uuid4().hex[:6]}"
+        env = {**os.environ, "DLORCH_STORE": self.client.settings.resolved_store(),
+               "DLORCH_QUEUE": self.client.settings.resolved_queue(),
+               "DLORCH_SECRET": self.client.settings.resolved_secret().decode()}
+        cmd = [sys.executable, "-m", "dlorch.orchestrator.cli", "agent", "--node-id", node_id, *extra]
+        kwargs: dict[str, Any] = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+        self.agents.append((node_id, subprocess.Popen(cmd, env=env, **kwargs)))
+        return node_id
+
+    def close(self, timeout: float = 120.0) -> None:
+        """Drain the agents (they hand back what they hold), then stop the orchestrator."""
+        for node_id, proc in self.agents:
+            if proc.poll() is None:
+                try:
+                    if self.orch:
+                        self.orch.on_drain({"node": node_id})
+                    else:
+                        self.client.call({"type": "drain", "node": node_id})
+                except DlorchError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for _, proc in self.agents:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.stop.set()
+        if self.thread:
+            self.thread.join(timeout=10)
+        if self.orch:
+            self.client.ledger.release_leadership(self.orch.me)
+
+
+def ensure_local_service(client: Client) -> LocalService | None:
+    """With no orchestrator or no agent running, start what is missing for the duration of a command."""
+    orchestrate = not client.orchestrator_alive()
+    agents = 0 if client.live_nodes() else 1
+    if not orchestrate and not agents:
+        return None
+    return LocalService(client, agents=agents, orchestrate=orchestrate)
+
+
+def status_line(job: Job) -> str:
+    """One line about a job, for progress displays."""
+    epochs = f" epoch {job.epochs_done}/{job.epochs_total or '?'}" if job.spec.trains else ""
+    node = f" on {job.node}" if job.status is JobStatus.RUNNING and job.node else ""
+    return f"{job.status.value}{epochs}{node}"
+
+
+def require_file(path: Path, role: str) -> Path:
+    """A clear one-line error for a missing input."""
+    if not Path(path).exists():
+        raise BadInput(f"{role} file not found: {path}")
+    return Path(path)

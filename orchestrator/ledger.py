@@ -1,0 +1,155 @@
+"""The ledger: the durable truth about jobs, attempts, nodes and the orchestrator's leadership.
+
+Every status change is compare-and-set: read a record with its etag, check the status is one the
+caller expects, check the move is legal (``spec.TRANSITIONS``), write only if the etag still matches.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Iterable
+
+from pydantic import BaseModel
+
+from dlorch.core.errors import BadInput, StaleWrite
+from dlorch.core.spec import TRANSITIONS, Job, JobStatus, NodeInfo
+from dlorch.orchestrator.statestore import StateStore
+
+
+class Leader(BaseModel):
+    """Who runs the orchestrator loop now; renewed like a lease."""
+
+    id: str
+    hostname: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+
+
+class Ledger:
+    """Typed access to the state store."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+
+    # -- jobs ---------------------------------------------------------------------------------
+    def create(self, job: Job) -> None:
+        """Record a new job; fails if the id exists."""
+        self.store.put(f"jobs/{job.id}", _dump(job), if_none_match=True)
+
+    def read(self, job_id: str) -> tuple[Job, str]:
+        """A job and its etag."""
+        got = self.store.get(f"jobs/{job_id}")
+        if got is None:
+            raise BadInput(f"no job {job_id!r}; `dlorch jobs` lists them")
+        return Job.model_validate_json(got[0]), got[1]
+
+    def get(self, job_id: str) -> Job:
+        """A job by id, or by a unique suffix or prefix of its id."""
+        return self.read(self.resolve(job_id))[0]
+
+    def resolve(self, ref: str) -> str:
+        """The full id of a job given its id or a unique prefix/suffix."""
+        if self.store.get(f"jobs/{ref}") is not None:
+            return ref
+        ids = [k.split("/", 1)[1] for k in self.store.list("jobs")]
+        hits = [i for i in ids if i.endswith(ref) or i.startswith(ref)]
+        if len(hits) == 1:
+            return hits[0]
+        if not hits:
+            raise BadInput(f"no job {ref!r}; `dlorch jobs` lists them")
+        raise BadInput(f"job {ref!r} is ambiguous ({len(hits)} match); give more of the id")
+
+    def update(
+        self,
+        job_id: str,
+        change: Callable[[Job], None],
+        *,
+        expect: Iterable[JobStatus] | None = None,
+    ) -> Job:
+        """Apply ``change`` to a job, compare-and-set.
+
+        Raises:
+            StaleWrite: the job is not in an expected status, the change is not a legal transition,
+                or another writer changed the record meanwhile.
+        """
+        job, etag = self.read(job_id)
+        before = job.status
+        if expect is not None and before not in set(expect):
+            raise StaleWrite(f"job {job_id} is {before.value}, expected {', '.join(s.value for s in expect)}")
+        change(job)
+        if job.status != before and job.status not in TRANSITIONS[before]:
+            raise StaleWrite(f"job {job_id}: illegal transition {before.value} -> {job.status.value}")
+        self.store.put(f"jobs/{job_id}", _dump(job), if_match=etag)
+        return job
+
+    def jobs(self, statuses: Iterable[JobStatus] | None = None) -> list[Job]:
+        """All jobs (optionally of some statuses), oldest first."""
+        wanted = set(statuses) if statuses is not None else None
+        out = []
+        for key in self.store.list("jobs"):
+            got = self.store.get(key)
+            if got is None:
+                continue
+            job = Job.model_validate_json(got[0])
+            if wanted is None or job.status in wanted:
+                out.append(job)
+        return sorted(out, key=lambda j: (j.created_at, j.id))
+
+    # -- nodes --------------------------------------------------------------------------------
+    def put_node(self, node: NodeInfo) -> None:
+        """Record a node's registration or heartbeat (the orchestrator is its only writer)."""
+        self.store.put(f"nodes/{node.id}", _dump(node))
+
+    def node(self, node_id: str) -> NodeInfo | None:
+        """A node by id, or None."""
+        got = self.store.get(f"nodes/{node_id}")
+        return NodeInfo.model_validate_json(got[0]) if got else None
+
+    def nodes(self) -> list[NodeInfo]:
+        """All nodes ever registered, by registration time."""
+        out = []
+        for key in self.store.list("nodes"):
+            got = self.store.get(key)
+            if got:
+                out.append(NodeInfo.model_validate_json(got[0]))
+        return sorted(out, key=lambda n: n.registered_at)
+
+    # -- leadership ---------------------------------------------------------------------------
+    def leader(self) -> tuple[Leader, str] | None:
+        """The current leader record and its etag."""
+        got = self.store.get("leader")
+        return (Leader.model_validate_json(got[0]), got[1]) if got else None
+
+    def claim_leadership(self, me: Leader, lease_s: float, now: float) -> bool:
+        """Become (or stay) leader if the record is ours, absent, or older than a lease."""
+        got = self.leader()
+        if got is not None:
+            current, etag = got
+            if current.id != me.id and now - current.heartbeat_at <= lease_s:
+                return False
+            try:
+                self.store.put("leader", _dump(me), if_match=etag)
+            except StaleWrite:
+                return False
+            return True
+        try:
+            self.store.put("leader", _dump(me), if_none_match=True)
+        except StaleWrite:
+            return False
+        return True
+
+
+    def release_leadership(self, me: Leader) -> None:
+        """Step down so that the next orchestrator need not wait out our lease."""
+        got = self.leader()
+        if got is not None and got[0].id == me.id:
+            gone = me.model_copy(update={"heartbeat_at": 0.0})
+            try:
+                self.store.put("leader", _dump(gone), if_match=got[1])
+            except StaleWrite:
+                pass
+
+
+def _dump(model: BaseModel) -> bytes:
+    return json.dumps(model.model_dump(mode="json"), separators=(",", ":")).encode()

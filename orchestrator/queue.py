@@ -1,0 +1,161 @@
+"""The queue: named FIFO-with-priority channels of signed JSON on huey's storage (SQLite or Redis).
+
+We use huey's storage backends (``SqliteHuey`` by default, ``PriorityRedisHuey`` for ``redis://``)
+but not its task/consumer layer: huey's messages are pickled, and a dlorch agent's loop must hold
+leases and heartbeats around one job at a time, which a generic consumer does not do. Two channels:
+
+* ``jobs``: the orchestrator's dispatch messages ``{job, token}`` to agents (priority, FIFO within);
+* ``events``: requests from agents and clients to the orchestrator (the single writer), whose
+  replies come back through huey's key-value result store.
+
+The queue is a cache: every message can be rebuilt from the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+from urllib.parse import urlparse
+
+from dlorch.core.errors import BadInput, Unreachable
+from dlorch.core.wire import ForgedMessage, Signer
+
+log = logging.getLogger("dlorch.queue")
+
+
+def _huey(url: str, name: str):
+    p = urlparse(url)
+    if p.scheme == "sqlite":
+        from huey import SqliteHuey
+
+        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else p.path
+        return SqliteHuey(name=name, filename=path, strict_fifo=True, timeout=30)
+    if p.scheme in ("redis", "rediss", "unix"):
+        from huey import PriorityRedisHuey
+
+        return PriorityRedisHuey(name=name, url=url, read_timeout=1, socket_connect_timeout=3)
+    raise BadInput(f"unsupported queue URL {url!r}; use sqlite:///path.db or redis://host:6379/0")
+
+
+class Channel:
+    """One named channel: send, receive (verified), and a key-value slot for replies."""
+
+    def __init__(self, url: str, name: str, signer: Signer) -> None:
+        self.url, self.name, self.signer = url, name, signer
+        self.huey = _huey(url, f"dlorch-{name}")
+        self.storage = self.huey.storage
+        self.blocking = bool(getattr(self.storage, "blocking", False))
+        self.rejected = 0
+
+    def send(self, message: dict[str, Any], priority: int = 0) -> None:
+        """Sign and enqueue a message."""
+        data = self.signer.seal(message)
+        self._io(lambda: self.storage.enqueue(data, priority))
+
+    def receive(self, timeout: float = 1.0) -> dict[str, Any] | None:
+        """The next verified message, or None after ``timeout``. Forged messages are logged and dropped."""
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            data = self._io(self.storage.dequeue)
+            if data is not None:
+                try:
+                    return self.signer.open(data)
+                except ForgedMessage as e:
+                    self.rejected += 1
+                    log.warning("rejected a message on %s: %s", self.name, e)
+                    continue
+            if time.monotonic() >= deadline:
+                return None
+            if not self.blocking:  # Redis blocks in BZPOPMIN; SQLite is polled with backoff
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 0.05)
+
+    def items(self) -> list[dict[str, Any]]:
+        """The verified messages now in the channel (for reconciliation), without removing them."""
+        out = []
+        for data in self._io(self.storage.enqueued_items):
+            try:
+                out.append(self.signer.open(data))
+            except ForgedMessage:
+                continue
+        return out
+
+    def size(self) -> int:
+        """How many messages wait."""
+        return self._io(self.storage.queue_size)
+
+    def put_reply(self, key: str, message: dict[str, Any]) -> None:
+        """Leave a signed reply under ``key``."""
+        data = self.signer.seal(message)
+        self._io(lambda: self.storage.put_data(f"reply:{key}", data))
+
+    def take_reply(self, key: str) -> dict[str, Any] | None:
+        """Pop a reply if it has arrived."""
+        from huey.constants import EmptyData
+
+        data = self._io(lambda: self.storage.pop_data(f"reply:{key}"))
+        if data is EmptyData or data is None:
+            return None
+        return self.signer.open(data)
+
+    def close(self) -> None:
+        """Release connections."""
+        close = getattr(self.storage, "close", None)
+        if close:
+            close()
+
+    def _io(self, fn):
+        try:
+            return fn()
+        except (BadInput, ForgedMessage):
+            raise
+        except Exception as e:  # redis.ConnectionError, sqlite3.OperationalError, ...
+            if type(e).__module__.startswith(("redis", "sqlite3")) or isinstance(e, OSError):
+                raise Unreachable(
+                    f"cannot reach queue {self.url}: {e}; start it (redis-server) or fix --queue/DLORCH_QUEUE"
+                ) from None
+            raise
+
+
+class Queue:
+    """The two channels a role needs, on one backend."""
+
+    def __init__(self, url: str, signer: Signer) -> None:
+        self.url = url
+        self.jobs = Channel(url, "jobs", signer)
+        self.events = Channel(url, "events", signer)
+
+    def request(self, message: dict[str, Any], timeout: float = 15.0, retry_every: float = 5.0) -> dict[str, Any]:
+        """Send a request to the orchestrator and wait for its reply.
+
+        The request is re-sent every ``retry_every`` seconds (handlers are idempotent), because a
+        queue that restarted empty may have lost it.
+
+        Raises:
+            Unreachable: no orchestrator answered within ``timeout``.
+        """
+        rid = uuid.uuid4().hex
+        message = {**message, "rid": rid}
+        deadline = time.monotonic() + timeout
+        next_send = 0.0
+        delay = 0.002
+        while time.monotonic() < deadline:
+            if time.monotonic() >= next_send:
+                self.events.send(message)
+                next_send = time.monotonic() + retry_every
+            reply = self.events.take_reply(rid)
+            if reply is not None:
+                return reply
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+        raise Unreachable(
+            f"no orchestrator answered on {self.url} within {timeout:.0f}s; start one with `dlorch up`"
+        )
+
+    def close(self) -> None:
+        """Release connections."""
+        self.jobs.close()
+        self.events.close()

@@ -1,0 +1,98 @@
+"""How the CLI shows jobs and nodes: rich tables and a progress bar that follows a job."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dlorch.core.spec import Job, JobStatus, NodeInfo
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def _ago(t: float | None, now: float) -> str:
+    return "-" if not t else f"{now - t:.0f}s ago"
+
+
+def jobs_table(jobs: list[Job]) -> None:
+    """``dlorch jobs``."""
+    now = time.time()
+    t = Table(box=None)
+    for col in ("id", "kind", "status", "prio", "epochs", "attempts", "node", "updated", "error"):
+        t.add_column(col)
+    for j in jobs:
+        epochs = f"{j.epochs_done}/{j.epochs_total or '?'}" if j.spec.trains else "-"
+        t.add_row(j.id, j.spec.kind, j.status.value, str(j.spec.priority), epochs, str(len(j.attempts)),
+                  j.node or "-", _ago(j.updated_at, now), (j.error or "")[:60])
+    console.print(t)
+
+
+def job_detail(j: Job) -> None:
+    """``dlorch status JOB``."""
+    now = time.time()
+    console.print(f"[bold]{j.id}[/] {j.spec.kind} [bold]{j.status.value}[/]"
+                  + (f" epoch {j.epochs_done}/{j.epochs_total or '?'}" if j.spec.trains else ""))
+    for label, value in (("image", j.spec.image), ("labels", j.spec.labels), ("model", j.model or j.spec.model),
+                         ("output", j.output), ("checkpoint", j.checkpoint), ("error", j.error)):
+        if value:
+            console.print(f"  {label:<10} {value}")
+    if j.metrics:
+        console.print("  metrics    " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(j.metrics.items())))
+    t = Table(box=None, title="attempts")
+    for col in ("token", "node", "outcome", "epochs", "started", "took", "timings"):
+        t.add_column(col)
+    for a in j.attempts:
+        took = f"{(a.ended_at or now) - a.started_at:.1f}s" if a.started_at else "-"
+        timings = " ".join(f"{k.removesuffix('_s')}={v:.1f}" for k, v in a.timings.items())
+        t.add_row(str(a.token), a.node or "-", a.outcome.value, f"{a.epochs_start}->{a.epochs_done}",
+                  _ago(a.started_at, now), took, timings)
+    console.print(t)
+    if j.plan and j.plan.get("reasons"):
+        console.print("  plan:")
+        for r in j.plan["reasons"]:
+            console.print(f"    - {r}")
+
+
+def nodes_table(nodes: list[NodeInfo], now: float, lease_s: float) -> None:
+    """``dlorch nodes``."""
+    t = Table(box=None)
+    for col in ("id", "host", "pid", "state", "cpus", "mem GiB", "gpus", "torch", "job", "heartbeat"):
+        t.add_column(col)
+    for n in nodes:
+        gpus = ", ".join(f"{g['name']} {g['memory_bytes'] / 2**30:.0f}G" for g in n.gpus) or "-"
+        state = n.state if n.alive(now, lease_s) else "lost"
+        t.add_row(n.id, n.hostname, str(n.pid), state, str(n.cpus), f"{n.memory_bytes / 2**30:.1f}", gpus,
+                  n.torch, n.job or "-", _ago(n.heartbeat_at, now))
+    console.print(t)
+
+
+def follow(client, job_id: str, service=None) -> Job:
+    """Show a progress bar until the job ends; returns its final record."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[state]}"),
+                  TimeElapsedColumn(), console=err_console, transient=False) as bar:
+        task = bar.add_task(job_id, total=None, state="queued")
+
+        def update(job: Job) -> None:
+            if service is not None and service.error is not None:
+                raise service.error
+            total = job.epochs_total if job.spec.trains else 1
+            done = job.epochs_done if job.spec.trains else int(job.status is JobStatus.SUCCEEDED)
+            bar.update(task, total=total, completed=done, state=_state(job))
+
+        return client.wait(job_id, update)
+
+
+def _state(job: Job) -> str:
+    if job.spec.trains:
+        s = f"{job.status.value} epoch {job.epochs_done}/{job.epochs_total or '?'}"
+    else:
+        s = job.status.value
+    if job.status is JobStatus.RUNNING and job.node:
+        s += f" on {job.node}"
+    if "val_iou" in job.metrics:
+        s += f" val IoU {job.metrics['val_iou']:.3f}"
+    return s
