@@ -34,8 +34,11 @@ def _huey(url: str, name: str):
         return SqliteHuey(name=name, filename=path, strict_fifo=True, timeout=30)
     if p.scheme in ("redis", "rediss", "unix"):
         from huey import PriorityRedisHuey
+        from redis import ConnectionPool
 
-        return PriorityRedisHuey(name=name, url=url, read_timeout=1, socket_connect_timeout=3)
+        # Connect fast-fail; reads may block up to read_timeout in BZPOPMIN, so allow more than that.
+        pool = ConnectionPool.from_url(url, socket_connect_timeout=3, socket_timeout=15)
+        return PriorityRedisHuey(name=name, connection_pool=pool, read_timeout=1)
     raise BadInput(f"unsupported queue URL {url!r}; use sqlite:///path.db or redis://host:6379/0")
 
 

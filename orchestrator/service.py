@@ -154,9 +154,7 @@ class Orchestrator:
     def on_heartbeat(self, msg: dict) -> Reply:
         now = self.clock()
         node = self._touch_node(msg["node"], now, job=msg.get("job"), attempt=msg.get("token"))
-        if node is None:
-            return {"ok": False, "register": True, "reason": "unknown node; register again"}
-        reply: Reply = {"ok": True, "drain": node.drain, "lease": None}
+        reply: Reply = {"ok": True, "drain": bool(node and node.drain), "lease": None, "register": node is None}
         if msg.get("job"):
             reply["lease"] = self._renew(msg["job"], int(msg["token"]), msg["node"], now)
         return reply

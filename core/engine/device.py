@@ -1,0 +1,48 @@
+"""Where the engine runs: accelerator choice, CPU threads and mixed precision."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The device the engine computes on and how."""
+
+    accelerator: str  # "cuda" or "cpu" (Lightning's accelerator names)
+    precision: str  # Lightning precision flag
+    cpu_threads: int  # threads torch may use; only applied on CPU
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.accelerator)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """Dtype for inference autocast, None for full precision."""
+        return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.precision)
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (respects affinity masks and cgroup pinning)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def detect_runtime() -> Runtime:
+    """Pick CUDA with bf16 (or fp16) autocast when available, else the CPU in float32."""
+    if torch.cuda.is_available():
+        precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        return Runtime("cuda", precision, usable_cpus())
+    return Runtime("cpu", "32-true", usable_cpus())
+
+
+def apply_threads(runtime: Runtime) -> None:
+    """Let torch use every usable core, but only on CPU: on a GPU node the cores feed the GPU."""
+    if runtime.accelerator == "cpu":
+        torch.set_num_threads(runtime.cpu_threads)

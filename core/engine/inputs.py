@@ -1,0 +1,66 @@
+"""Input checks shared by planning, training and prediction; every error names its fix."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def as_stack(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """View a (Y, X) image or (Z, Y, X) stack as a (Z, Y, X) stack of 2D slices.
+
+    Raises:
+        ValueError: wrong number of axes, empty or non-finite values.
+    """
+    arr = np.asarray(image)
+    if arr.ndim not in (2, 3):
+        raise ValueError(
+            f"{name} must be 2D (Y,X) or a stack (Z,Y,X), got shape {arr.shape}; drop channel/time axes first"
+        )
+    if arr.size == 0 or min(arr.shape) == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape}); pass a non-empty image")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.iscomplexobj(arr):
+        raise ValueError(f"{name} has dtype {arr.dtype}; pass a real-valued numeric array")
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinite values; replace them (e.g. np.nan_to_num) first")
+    return arr if arr.ndim == 3 else arr[None]
+
+
+def check_labels(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Validate a sparse label map against its image.
+
+    Args:
+        image: (Y, X) or (Z, Y, X) image.
+        labels: same shape, integers, 0 = unlabelled, 1..K = classes.
+
+    Returns:
+        (image stack, uint8 label stack, K).
+
+    Raises:
+        ValueError: shapes differ, labels are not small non-negative integers, nothing is
+            labelled, fewer than 2 classes are painted, or class ids are not 1..K without gaps.
+    """
+    img = np.asarray(image)
+    lab = np.asarray(labels)
+    if img.shape != lab.shape:
+        raise ValueError(
+            f"labels shape {lab.shape} differs from image shape {img.shape}; paint labels on the same image grid"
+        )
+    stack = as_stack(img)
+    if not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
+        raise ValueError(f"labels have dtype {lab.dtype}; pass integer labels (0 = unlabelled, 1..K = classes)")
+    if lab.size and (lab.min() < 0 or lab.max() > 255):
+        raise ValueError("labels must lie in 0..255 (0 = unlabelled, 1..K = classes); renumber the classes")
+    lab = lab.astype(np.uint8).reshape(stack.shape)
+    counts = np.bincount(lab.reshape(-1), minlength=2)
+    present = np.nonzero(counts[1:])[0] + 1
+    if len(present) == 0:
+        raise ValueError("labels contain no labelled pixels (all 0); paint strokes of at least 2 classes")
+    if len(present) < 2:
+        raise ValueError(
+            f"labels contain only class {present[0]}; paint strokes of at least 2 classes (e.g. background too)"
+        )
+    k = int(present.max())
+    missing = sorted(set(range(1, k + 1)) - set(present.tolist()))
+    if missing:
+        raise ValueError(f"class ids must be 1..{k} without gaps but {missing} are unpainted; renumber the labels")
+    return stack, lab, k

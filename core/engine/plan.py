@@ -1,0 +1,250 @@
+"""Self-configuration for sparse-label segmentation: image and labels in, a training plan out.
+
+The rules (patch, depth, widths, batch, schedule) are a pure function of a data fingerprint
+and of the measured step time (``derive_plan``); ``plan_segmentation`` gathers those two
+and calls it. Every choice appends a line to ``reasons`` so the job log explains itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydantic import BaseModel
+
+from dlorch.core.engine.augment import AugmentConfig
+from dlorch.core.engine.calibrate import measure_seconds
+from dlorch.core.engine.device import Runtime, detect_runtime
+from dlorch.core.engine.holdout import split_strokes
+from dlorch.core.engine.inputs import check_labels
+from dlorch.core.engine.intensity import IntensityStats, intensity_stats
+from dlorch.core.engine.sampling import _MAX_VAL_TILES
+
+
+class DeviceDefaults(BaseModel):
+    """Starting points per accelerator, shrunk by the rules to fit the data."""
+
+    patch: int
+    batch: int
+    filters: list[int]
+    infer_roi: int
+    budget_s: float  # training seconds when the user gives neither epochs nor a budget
+    epoch_s: float  # target length of one epoch: bounds how late a stop request is honoured
+
+
+DEFAULTS = {
+    # A 2-core CPU trains ~1500 steps in its 5.5 minute default: narrow but 5 levels deep,
+    # because telling membranes from organelle outlines needs context more than width.
+    "cpu": DeviceDefaults(patch=128, batch=8, filters=[16, 24, 48, 96, 192], infer_roi=512, budget_s=330, epoch_s=20),
+    "cuda": DeviceDefaults(patch=256, batch=16, filters=[32, 64, 128, 256, 320], infer_roi=1024, budget_s=1800, epoch_s=30),
+}
+# Steps the data "wants": past this the held-out score no longer improves on sparse strokes,
+# so a fast GPU stops here instead of filling its budget.
+WANTED_STEPS = 4000
+PEAK_LR = 3e-3
+VAL_FRACTION = 0.15
+# Share of the budget planned for training steps; the rest absorbs validation jitter and
+# checkpoint writes on a shared machine. The time cap in training is the hard guarantee.
+BUDGET_FILL = 0.92
+
+
+class SegmentationPlan(BaseModel):
+    """Everything training needs besides the data; JSON-serialisable and stored in checkpoints."""
+
+    version: int = 1
+    spatial_dims: int = 2  # a (Z, Y, X) stack is segmented slice by slice
+    image_shape: list[int]
+    num_classes: int  # K: labels are 1..K, predictions too
+    class_pixels: list[int]  # painted pixels per class 1..K
+    epochs: int
+    steps_per_epoch: int
+    time_budget_s: float | None
+    patch_size: list[int]
+    batch_size: int
+    filters: list[int]  # DynUNet widths, one per level; depth = len(filters) - 1 downsamplings
+    norm: str = "batch"
+    lr: float  # peak AdamW learning rate
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.03
+    final_lr_fraction: float = 0.02  # cosine decay ends at lr * this
+    dice_weight: float = 1.0
+    val_fraction: float
+    intensity: IntensityStats  # of the training image (reference; prediction normalises per image)
+    augment: AugmentConfig
+    infer_roi: list[int]
+    infer_overlap: float = 0.25
+    infer_batch: int = 4
+    seed: int = 0
+    planned_on: str  # accelerator the step time was measured on
+    step_seconds: float | None  # measured seconds per training step (None when not measured)
+    reasons: list[str]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def choose_patch(image_yx: tuple[int, int], default: int) -> list[int]:
+    """Patch per axis: the device default, or the image size rounded up to 16 when smaller."""
+    return [min(default, _round_up(max(int(d), 16), 16)) for d in image_yx]
+
+
+def choose_filters(patch: list[int], default_filters: list[int]) -> list[int]:
+    """Keep as many levels as leave a bottleneck of at least 8 pixels (and at least 2 levels)."""
+    downsamplings = max(1, int(math.floor(math.log2(min(patch) / 8))))
+    return list(default_filters[: min(len(default_filters), downsamplings + 1)])
+
+
+def derive_plan(
+    *,
+    image_shape: tuple[int, ...],
+    class_pixels: list[int],
+    intensity: IntensityStats,
+    runtime: Runtime,
+    val_tiles: int,
+    val_strokes: int,
+    step_seconds: float | None,
+    eval_seconds: float | None,
+    epochs: int | None = None,
+    time_budget: float | None = None,
+    seed: int = 0,
+) -> SegmentationPlan:
+    """Pure planning rules; see ``plan_segmentation`` for the meaning of the overrides.
+
+    Args:
+        image_shape: (Z, Y, X) shape of the image stack.
+        class_pixels: painted pixels of classes 1..K.
+        intensity: statistics of the training image.
+        runtime: the device the plan is for.
+        val_tiles: validation tiles the held-back strokes produce.
+        val_strokes: number of strokes held back.
+        step_seconds: measured seconds per training step, or None if not measured.
+        eval_seconds: measured seconds per forward-only batch, or None.
+        epochs: user override of the epoch count.
+        time_budget: user cap on training seconds.
+        seed: seed of every random draw in training.
+
+    Returns:
+        The plan.
+    """
+    d = DEFAULTS[runtime.accelerator]
+    reasons = [f"device {runtime.accelerator} ({runtime.cpu_threads} CPU threads), precision {runtime.precision}"]
+    yx = tuple(image_shape[-2:])
+    patch = choose_patch(yx, d.patch)
+    reasons.append(
+        f"patch {patch[0]}x{patch[1]}: "
+        + ("device default" if patch == [d.patch, d.patch] else f"image {yx[0]}x{yx[1]} is smaller than {d.patch}")
+    )
+    filters = choose_filters(patch, d.filters)
+    reasons.append(f"DynUNet widths {filters}: {len(filters) - 1} downsamplings keep a bottleneck of >= 8 px")
+    batch = d.batch
+    reasons.append(f"batch {batch} with classes drawn in equal shares, centred on painted pixels")
+    infer_roi = [min(d.infer_roi, _round_up(max(int(s), 16), 16)) for s in yx]
+    reasons.append(f"prediction window {infer_roi[0]}x{infer_roi[1]}, gaussian blending, overlap 0.25")
+    reasons.append(
+        f"{len(class_pixels)} classes, painted pixels {class_pixels}; {val_strokes} whole strokes "
+        f"(~{VAL_FRACTION:.0%} per class) held back for validation"
+    )
+    reasons.append(f"intensity: clip to [{intensity.low:.4g}, {intensity.high:.4g}] then z-score, per image")
+
+    step_s = step_seconds if step_seconds and step_seconds > 0 else None
+    if step_s:
+        steps_per_epoch = int(np.clip(round(d.epoch_s / step_s), 10, 250))
+        reasons.append(f"measured {step_s:.3f} s/step -> {steps_per_epoch} steps/epoch (~{d.epoch_s:.0f} s epochs)")
+    else:
+        steps_per_epoch = 100
+        reasons.append("step time not measured -> 100 steps/epoch")
+    val_batches = math.ceil(val_tiles / batch) if val_tiles else 0
+    epoch_s = steps_per_epoch * (step_s or 0.0) + val_batches * (eval_seconds or 0.0)
+
+    if epochs is not None:
+        n_epochs = int(epochs)
+        budget = time_budget
+        reasons.append(f"epochs {n_epochs}: user override")
+    else:
+        budget = time_budget if time_budget is not None else d.budget_s
+        wanted = max(1, math.ceil(WANTED_STEPS / steps_per_epoch))
+        if epoch_s > 0:
+            fit = max(1, int(budget * BUDGET_FILL // epoch_s))
+            n_epochs = min(wanted, fit)
+            why = "the data's step target" if n_epochs == wanted else f"{budget:.0f} s budget at ~{epoch_s:.1f} s/epoch"
+            reasons.append(f"epochs {n_epochs} (= {n_epochs * steps_per_epoch} steps): limited by {why}")
+        else:
+            n_epochs = wanted
+            reasons.append(f"epochs {n_epochs}: the data's step target of {WANTED_STEPS} steps")
+    if budget is not None:
+        src = "user cap" if time_budget is not None else f"{runtime.accelerator} default"
+        reasons.append(f"time budget {budget:.0f} s of training across resumes ({src}); lr anneals by time too")
+    reasons.append(
+        f"AdamW lr {PEAK_LR:g}, 3% warm-up then cosine to 2%; loss = CE + soft Dice on painted pixels only; "
+        "best checkpoint by held-out stroke IoU"
+    )
+    return SegmentationPlan(
+        image_shape=list(image_shape),
+        num_classes=len(class_pixels),
+        class_pixels=list(class_pixels),
+        epochs=n_epochs,
+        steps_per_epoch=steps_per_epoch,
+        time_budget_s=budget,
+        patch_size=patch,
+        batch_size=batch,
+        filters=filters,
+        lr=PEAK_LR,
+        val_fraction=VAL_FRACTION,
+        intensity=intensity,
+        augment=AugmentConfig(rot90=patch[0] == patch[1]),
+        infer_roi=infer_roi,
+        seed=seed,
+        planned_on=runtime.accelerator,
+        step_seconds=step_s,
+        reasons=reasons,
+    )
+
+
+def plan_segmentation(
+    image: np.ndarray, labels: np.ndarray, *, epochs: int | None = None, time_budget: float | None = None
+) -> SegmentationPlan:
+    """Plan sparse-label segmentation training for an image and its painted strokes.
+
+    Args:
+        image: (Y, X) image or (Z, Y, X) stack of 2D slices.
+        labels: same shape, 0 = unlabelled, 1..K = classes.
+        epochs: replaces the automatic epoch count.
+        time_budget: caps total training seconds (across resumes); never lengthens training
+            beyond what the data needs. Without either override a device default budget applies.
+
+    Returns:
+        The plan.
+
+    Raises:
+        ValueError: bad shapes or labels (see ``check_labels``), or non-positive overrides.
+    """
+    if epochs is not None and int(epochs) < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}; pass None for the automatic count")
+    if time_budget is not None and not time_budget > 0:
+        raise ValueError(f"time_budget must be > 0 seconds, got {time_budget}; pass None for no cap")
+    stack, lab, k = check_labels(image, labels)
+    runtime = detect_runtime()
+    counts = np.bincount(lab.reshape(-1), minlength=k + 1)[1:].tolist()
+    stats = intensity_stats(stack)
+    split = split_strokes(lab, VAL_FRACTION, seed=0)
+    # Tiles are counted the way ValTiles cuts them: cells of half a patch holding a val pixel.
+    patch = choose_patch(stack.shape[-2:], DEFAULTS[runtime.accelerator].patch)
+    z, y, x = np.nonzero(split.val)
+    cells = len(set(zip(z.tolist(), (y // (patch[0] // 2)).tolist(), (x // (patch[1] // 2)).tolist())))
+    step_s = eval_s = None
+    if epochs is None or time_budget is not None:
+        filters = choose_filters(patch, DEFAULTS[runtime.accelerator].filters)
+        step_s, eval_s = measure_seconds(filters, patch, DEFAULTS[runtime.accelerator].batch, k, runtime)
+    return derive_plan(
+        image_shape=stack.shape,
+        class_pixels=counts,
+        intensity=stats,
+        runtime=runtime,
+        val_tiles=min(cells, _MAX_VAL_TILES),
+        val_strokes=split.val_strokes,
+        step_seconds=step_s,
+        eval_seconds=eval_s,
+        epochs=epochs,
+        time_budget=time_budget,
+    )
