@@ -18,7 +18,7 @@ from dlorch.core.engine.device import Runtime, detect_runtime
 from dlorch.core.engine.holdout import split_strokes
 from dlorch.core.engine.inputs import check_labels
 from dlorch.core.engine.intensity import IntensityStats, intensity_stats
-from dlorch.core.engine.sampling import _MAX_VAL_TILES
+from dlorch.core.engine.sampling import MAX_VAL_TILES
 
 
 class DeviceDefaults(BaseModel):
@@ -241,7 +241,7 @@ def plan_segmentation(
         class_pixels=counts,
         intensity=stats,
         runtime=runtime,
-        val_tiles=min(cells, _MAX_VAL_TILES),
+        val_tiles=min(cells, MAX_VAL_TILES),
         val_strokes=split.val_strokes,
         step_seconds=step_s,
         eval_seconds=eval_s,

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 # for sampling and it bounds memory on densely labelled volumes.
 _MAX_CENTRES_PER_CLASS = 1_000_000
 # Cap on validation tiles so validation stays a small fraction of an epoch.
-_MAX_VAL_TILES = 256
+MAX_VAL_TILES = 256
 
 
 def _pad_widths(patch: tuple[int, int]) -> tuple[int, int]:
@@ -124,8 +124,8 @@ class ValTiles(Dataset):
             ys, xs = np.nonzero(val_labels[z])
             for gy, gx in sorted(set(zip((ys // cy).tolist(), (xs // cx).tolist()))):
                 cells.append((int(z), gy, gx))
-        if len(cells) > _MAX_VAL_TILES:
-            keep = np.random.default_rng(seed).choice(len(cells), _MAX_VAL_TILES, replace=False)
+        if len(cells) > MAX_VAL_TILES:
+            keep = np.random.default_rng(seed).choice(len(cells), MAX_VAL_TILES, replace=False)
             cells = [cells[i] for i in sorted(keep)]
         self.x = np.zeros((len(cells), 1, py, px), dtype=np.float32)
         self.y = np.zeros((len(cells), 1, py, px), dtype=np.uint8)

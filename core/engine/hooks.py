@@ -1,0 +1,57 @@
+"""What training exchanges with the job runner: stop polling, checkpoint notices, progress, result."""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+
+class StopReason(str, Enum):
+    """Why a call to train_segmentation returned."""
+
+    EPOCHS = "epochs"  # all plan.epochs are done (over all resumes)
+    TIME_BUDGET = "time_budget"  # plan.time_budget_s of training seconds are used up
+    STOP_REQUEST = "stop_request"  # hooks.should_stop() turned True; resume to continue
+
+
+@dataclass
+class Progress:
+    """Where training stands when a checkpoint is written."""
+
+    epochs_done: int
+    epochs_total: int
+    metrics: dict[str, float] = field(default_factory=dict)  # train_loss, val_loss, val_iou, ...
+
+
+@dataclass
+class TrainResult:
+    """Outcome of one train_segmentation call."""
+
+    epochs_done: int
+    stopped_by: str  # a StopReason value
+    checkpoint: pathlib.Path  # last checkpoint written; it holds the best weights for prediction
+    metrics: dict[str, float]
+
+
+class TrainHooks(Protocol):
+    """Callbacks from the training loop to the job runner."""
+
+    def should_stop(self) -> bool:
+        """Polled at every batch end; True finishes the current epoch, checkpoints it and returns."""
+        ...
+
+    def on_checkpoint(self, path: pathlib.Path, progress: Progress) -> None:
+        """Called after every checkpoint file is completely written; exceptions propagate."""
+        ...
+
+
+class NoHooks:
+    """Hooks that never stop and ignore checkpoints (benchmarks, tests)."""
+
+    def should_stop(self) -> bool:
+        return False
+
+    def on_checkpoint(self, path: pathlib.Path, progress: Progress) -> None:
+        return None

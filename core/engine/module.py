@@ -1,0 +1,161 @@
+"""Lightning module for sparse-label segmentation: loss, augmentation, lr schedule, best weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+
+from dlorch.core.engine.augment import augment_batch
+from dlorch.core.engine.losses import sparse_ce_dice_loss
+from dlorch.core.engine.network import build_unet
+from dlorch.core.engine.plan import SegmentationPlan
+
+# Key of the engine's own section in a Lightning checkpoint; prediction needs only this.
+CKPT_KEY = "dlorch"
+
+
+def lr_factor(progress: float, warmup: float, final: float) -> float:
+    """Multiplier of the peak lr at a training progress in [0, 1]: linear warm-up, cosine decay.
+
+    Args:
+        progress: share of training done.
+        warmup: share spent warming up.
+        final: multiplier reached at progress 1.
+
+    Returns:
+        The multiplier.
+    """
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup:
+        return max(progress / warmup, 0.01)
+    t = (progress - warmup) / max(1e-9, 1 - warmup)
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class SegmentationModule(pl.LightningModule):
+    """Trains a DynUNet on painted pixels and remembers the weights that scored best on held-out strokes."""
+
+    def __init__(self, plan: SegmentationPlan) -> None:
+        super().__init__()
+        self.plan = plan
+        self.net = build_unet(plan.spatial_dims, 1, plan.num_classes, plan.filters, plan.norm)
+        self.net = self.net.to(memory_format=torch.channels_last)
+        # Set by the run-control callback: share of the time budget used, and whether the
+        # budget ran out so the rest of the epoch is skipped.
+        self.time_fraction = 0.0
+        self.skip_rest_of_epoch = False
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_score = -math.inf
+        self.best_epoch = -1
+        self.best_val_iou = -1.0
+        self.epoch_metrics: dict[str, float] = {}
+        self._train_sum = 0.0
+        self._train_n = 0
+        self._val: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.contiguous(memory_format=torch.channels_last))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.net.parameters(), lr=self.plan.lr, weight_decay=self.plan.weight_decay)
+
+    # The schedule is a function of (step, time used), not a stateful scheduler: it resumes
+    # exactly from any checkpoint, and it still anneals when a slow or shared machine makes
+    # the time budget, not the step count, end the training.
+    def current_lr(self) -> float:
+        total = max(1, self.plan.epochs * self.plan.steps_per_epoch)
+        progress = max(self.global_step / total, self.time_fraction)
+        return self.plan.lr * lr_factor(progress, self.plan.warmup_fraction, self.plan.final_lr_fraction)
+
+    def on_train_epoch_start(self) -> None:
+        self._train_sum, self._train_n = 0.0, 0
+        self.skip_rest_of_epoch = False
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> int | None:
+        if self.skip_rest_of_epoch:
+            return -1
+        lr = self.current_lr()
+        for group in self.trainer.optimizers[0].param_groups:
+            group["lr"] = lr
+        return None
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer is None or not self.trainer.training:
+            return batch
+        x, y = batch
+        gen = torch.Generator().manual_seed(self.plan.seed * 1_000_003 + self.global_step)
+        return augment_batch(x, y, self.plan.augment, gen)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = sparse_ce_dice_loss(self(x), y, dice_weight=self.plan.dice_weight)
+        self._train_sum += float(loss.detach())
+        self._train_n += 1
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = []
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        labels = y[:, 0].long()
+        k = self.plan.num_classes
+        mask = labels > 0
+        loss = sparse_ce_dice_loss(logits, y, dice_weight=0.0) * mask.sum()
+        pred = logits.argmax(1) + 1
+        # Confusion counts over painted pixels only: rows = truth, columns = prediction.
+        idx = (labels[mask] - 1) * k + (pred[mask] - 1)
+        conf = torch.bincount(idx, minlength=k * k).reshape(k, k).float()
+        self._val.append(torch.cat([loss.detach().float().reshape(1), mask.sum().float().reshape(1), conf.reshape(-1)]))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val or self.trainer.sanity_checking:
+            return
+        total = torch.stack(self._val).sum(0).cpu()
+        k = self.plan.num_classes
+        conf = total[2:].reshape(k, k)
+        tp = conf.diag()
+        union = conf.sum(0) + conf.sum(1) - tp
+        present = conf.sum(1) > 0
+        iou = (tp / union.clamp(min=1))[present]
+        self.epoch_metrics["val_loss"] = float(total[0] / total[1].clamp(min=1))
+        self.epoch_metrics["val_iou"] = float(iou.mean()) if len(iou) else 0.0
+        self.epoch_metrics["val_acc"] = float(tp.sum() / conf.sum().clamp(min=1))
+
+    def update_best(self) -> None:
+        """Keep the current weights if they beat the best held-out IoU (ties: lower val loss).
+
+        Without a validation split the latest weights count as the best.
+        """
+        m = self.epoch_metrics
+        self.epoch_metrics["train_loss"] = self._train_sum / max(1, self._train_n)
+        score = m["val_iou"] - 1e-3 * m["val_loss"] if "val_iou" in m else math.inf
+        if score >= self.best_score or self.best_state is None:
+            self.best_score = score
+            self.best_epoch = self.current_epoch
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()}
+        if "val_iou" in m:
+            if self.best_epoch == self.current_epoch:
+                self.best_val_iou = m["val_iou"]
+            m["best_val_iou"] = self.best_val_iou
+        m["best_epoch"] = float(self.best_epoch + 1)
+        m["lr"] = self.current_lr()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CKPT_KEY] = {
+            "plan": self.plan.model_dump(mode="json"),
+            "best_state": self.best_state,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "best_val_iou": self.best_val_iou,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        own = checkpoint.get(CKPT_KEY, {})
+        self.best_state = own.get("best_state")
+        self.best_score = own.get("best_score", -math.inf)
+        self.best_epoch = own.get("best_epoch", -1)
+        self.best_val_iou = own.get("best_val_iou", -1.0)
