@@ -146,6 +146,30 @@ def predict(
 
 
 @app.command()
+def submit(
+    spec_file: Path = typer.Argument(..., help="a JobSpec as JSON; local image/labels/model paths are uploaded"),
+    wait: bool = typer.Option(False, "--wait", help="follow the job to its end"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="with --wait: copy the result here"),
+) -> None:
+    """Submit a job described by a JSON spec (for scripts); prints the job id."""
+    from dlorch.core.spec import parse_spec
+
+    if not spec_file.exists():
+        raise BadInput(f"spec file not found: {spec_file}")
+    try:
+        data = json.loads(spec_file.read_text())
+    except ValueError as e:
+        raise BadInput(f"spec {spec_file} is not valid JSON: {e}") from None
+    parse_spec(data)  # fail on a bad field before uploading anything
+    c = client()
+    for role in ("image", "labels", "model"):
+        value = data.get(role)
+        if value and "://" not in value and not value.startswith(c.store.url):
+            data[role] = _upload(c, value, role)
+    _run_job(data, detach=not wait, out=out, c=c)
+
+
+@app.command()
 def jobs(as_json: bool = typer.Option(False, "--json", help="one JSON document")) -> None:
     """List jobs, oldest first, with their node and epochs."""
     from dlorch.orchestrator import views
