@@ -190,14 +190,13 @@ def train_segmentation(
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        limit_val_batches=1.0 if len(val_data) else 0,
         callbacks=[_EpochSetter(), control],
         default_root_dir=str(workdir),
     )
     loaders = {"train_dataloaders": DataLoader(train_data, batch_size=None, shuffle=False, num_workers=0)}
     if len(val_data):
         loaders["val_dataloaders"] = DataLoader(val_data, batch_size=None, shuffle=False, num_workers=0)
-    else:
-        trainer.limit_val_batches = 0
     with warnings.catch_warnings():
         # Batches are cut in-process on purpose (see sampling.py); Lightning's hint to add
         # worker processes would only steal cores from the network on a small CPU.

@@ -1,0 +1,95 @@
+"""Prediction from a checkpoint: tiled sliding-window inference with Gaussian blending."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from dlorch.core.engine.device import apply_threads, detect_runtime
+from dlorch.core.engine.inputs import as_stack
+from dlorch.core.engine.intensity import normalize
+from dlorch.core.engine.module import CKPT_KEY
+from dlorch.core.engine.network import build_unet
+from dlorch.core.engine.plan import SegmentationPlan
+
+
+def load_model(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, SegmentationPlan]:
+    """Rebuild the network with its best weights from a training checkpoint (nothing else needed).
+
+    Args:
+        checkpoint: a ``.ckpt`` written by ``train_segmentation``.
+
+    Returns:
+        (network in eval mode on CPU, its plan).
+
+    Raises:
+        ValueError: the file is not a dlorch segmentation checkpoint.
+    """
+    # weights_only: a checkpoint may come from another node's store; never unpickle code from it.
+    ckpt = torch.load(pathlib.Path(checkpoint), map_location="cpu", weights_only=True)
+    own = ckpt.get(CKPT_KEY) if isinstance(ckpt, dict) else None
+    if not own or "plan" not in own:
+        raise ValueError(f"{checkpoint} is not a dlorch segmentation checkpoint; pass a .ckpt from train_segmentation")
+    plan = SegmentationPlan.model_validate(own["plan"])
+    net = build_unet(plan.spatial_dims, 1, plan.num_classes, plan.filters, plan.norm)
+    state = own.get("best_state")
+    if state is None:
+        prefix = "net."
+        state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    net.load_state_dict(state)
+    return net.eval(), plan
+
+
+def predict_probabilities(checkpoint: pathlib.Path, image: np.ndarray) -> np.ndarray:
+    """Class probabilities for every pixel.
+
+    Args:
+        checkpoint: a ``.ckpt`` written by ``train_segmentation``.
+        image: (Y, X) or (Z, Y, X) image of any real dtype.
+
+    Returns:
+        float32 array (K, *image.shape); channel c holds the probability of class c + 1.
+    """
+    stack = as_stack(image)
+    net, plan = load_model(checkpoint)
+    runtime = detect_runtime()
+    apply_threads(runtime)
+    device = runtime.device
+    net = net.to(device).to(memory_format=torch.channels_last)
+    norm = normalize(stack)
+    # The window may not exceed the image by more than the network's size multiple: it is
+    # padded up to the window, and the network needs sizes divisible by 2**downsamplings.
+    multiple = 2 ** (len(plan.filters) - 1)
+    roi = [min(r, -(-s // multiple) * multiple) for r, s in zip(plan.infer_roi, stack.shape[-2:])]
+    out = np.empty((plan.num_classes, *stack.shape), dtype=np.float32)
+    dtype = runtime.autocast_dtype
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            return torch.softmax(net(x.contiguous(memory_format=torch.channels_last)).float(), dim=1)
+
+    with torch.inference_mode():
+        for z0 in range(0, stack.shape[0], plan.infer_batch):
+            x = torch.from_numpy(norm[z0 : z0 + plan.infer_batch, None]).to(device)
+            probs = sliding_window_inference(
+                x, roi, plan.infer_batch, predictor, overlap=plan.infer_overlap, mode="gaussian", padding_mode="replicate"
+            )
+            out[:, z0 : z0 + x.shape[0]] = probs.float().cpu().numpy().transpose(1, 0, 2, 3)
+    return out.reshape((plan.num_classes, *np.shape(image)))
+
+
+def predict_segmentation(checkpoint: pathlib.Path, image: np.ndarray) -> np.ndarray:
+    """Label map of an image: the most probable class of every pixel.
+
+    Args:
+        checkpoint: a ``.ckpt`` written by ``train_segmentation``.
+        image: (Y, X) or (Z, Y, X) image of any real dtype.
+
+    Returns:
+        uint8 array of the image's shape with values 1..K.
+    """
+    probs = predict_probabilities(checkpoint, image)
+    return (probs.argmax(0) + 1).astype(np.uint8)
