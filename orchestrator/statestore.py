@@ -123,5 +123,13 @@ def open_state_store(store_url: str) -> StateStore:
     if root is not None:
         return LocalDirStateStore(root / "ledger")
     if store_url.startswith("s3://"):
-        raise BadInput("the S3 ledger backend is not available yet; use a local --store directory")
+        import os
+
+        from dlorch.orchestrator.s3state import S3StateStore
+
+        bucket, _, prefix = store_url[len("s3://"):].partition("/")
+        if not bucket:
+            raise BadInput(f"store URL {store_url!r} names no bucket; use s3://bucket/prefix")
+        return S3StateStore(bucket, f"{prefix.strip('/')}/ledger".lstrip("/"),
+                            endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
     raise BadInput(f"unsupported store URL {store_url!r}; use a directory or s3://bucket/prefix")
