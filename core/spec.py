@@ -136,6 +136,7 @@ class Job(_Strict):
     epochs_done: int = 0
     epochs_total: int | None = None
     checkpoint: str | None = None  # last accepted checkpoint, from the lease holder only
+    checkpoints: list[tuple[int, str]] = Field(default_factory=list)  # recent (epochs, uri), oldest first
     model: str | None = None  # final model checkpoint (training jobs)
     output: str | None = None  # result image (segment / predict)
     plan: dict[str, Any] | None = None  # the engine's automatic configuration and its reasons

@@ -18,7 +18,7 @@ from dlorch.core.store import DataStore
 from dlorch.core.wire import Signer
 from dlorch.nodeagent import hardware
 from dlorch.nodeagent.attempt import Attempt
-from dlorch.nodeagent.interrupts import StopFlag
+from dlorch.nodeagent.interrupts import SpotNoticePoller, StopFlag
 from dlorch.orchestrator.queue import Queue
 
 log = logging.getLogger("dlorch.agent")
@@ -27,8 +27,11 @@ log = logging.getLogger("dlorch.agent")
 class Agent:
     """One node's loop. ``step()`` takes and runs at most one job; ``run()`` loops it until stopped."""
 
-    def __init__(self, settings: Settings, node_id: str | None = None, workdir: Path | None = None) -> None:
-        self.settings = settings
+    FINISH_RETRY_S = 600.0
+
+    def __init__(self, settings: Settings, node_id: str | None = None, workdir: Path | None = None,
+                 spot_metadata_url: str | None = None) -> None:
+        self.settings, self.spot_metadata_url = settings, spot_metadata_url
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         signer = Signer(settings.resolved_secret())
         self.store = DataStore(settings.resolved_store())
@@ -55,6 +58,9 @@ class Agent:
         self.register()
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._hb_thread.start()
+        if self.spot_metadata_url:
+            poller = SpotNoticePoller(self.stop, self.spot_metadata_url, every_s=min(5.0, self.settings.heartbeat_s))
+            threading.Thread(target=poller.run, args=(self._hb_done,), name="spot-notice", daemon=True).start()
         try:
             while self.step():
                 pass
@@ -106,8 +112,13 @@ class Agent:
         except (DlorchError, OSError) as e:
             log.warning("could not upload the attempt log: %s", e)
         if not self.lease_lost.is_set():
-            reply = self._request({"type": "finish", "job": job.id, "token": token, "node": self.node_id, **body},
-                                  timeout=120)
+            # The result is only safe once recorded: keep asking through a queue outage, up to a while.
+            deadline = time.monotonic() + self.FINISH_RETRY_S
+            while True:
+                reply = self._request({"type": "finish", "job": job.id, "token": token, "node": self.node_id,
+                                       **body}, timeout=30)
+                if not reply.get("unreachable") or time.monotonic() > deadline:
+                    break
             log.info("%s attempt %d %s (orchestrator: %s)", job.id, token, body["outcome"],
                      reply.get("status") or reply.get("reason"))
         return not self.stop.is_set()
@@ -118,7 +129,7 @@ class Agent:
             return self.queue.request(message, timeout=timeout)
         except Unreachable as e:
             log.warning("%s", e)
-            return {"ok": False, "reason": str(e)}
+            return {"ok": False, "unreachable": True, "reason": str(e)}
 
     def _reporter(self, job_id: str, token: int):
         def report(body: dict[str, Any]) -> dict[str, Any]:

@@ -84,11 +84,12 @@ class Attempt:
             if self.job.plan:
                 plan = engine.SegmentationPlan.model_validate(self.job.plan)
             else:
-                plan = engine.plan_segmentation(image, labels, epochs=spec.epochs, time_budget=spec.time_budget)
-        resume = None
-        if self.job.checkpoint:
-            with self.timed("fetch_checkpoint_s"):
-                resume = self.store.get_file(self.job.checkpoint, self.workdir / "resume.ckpt")
+                try:
+                    plan = engine.plan_segmentation(image, labels, epochs=spec.epochs, time_budget=spec.time_budget)
+                except ValueError as e:  # the engine's verdict on the data (no labels, one class, ...)
+                    raise BadInput(str(e)) from None
+        with self.timed("fetch_checkpoint_s"):
+            resume = self._resume_point()
         hooks = _Hooks(self, plan.model_dump(mode="json"), plan.epochs)
         with self.timed("train_s"):
             result = engine.train_segmentation(image, labels, plan, workdir=self.workdir / "train",
@@ -123,6 +124,32 @@ class Attempt:
         with self.timed("upload_output_s"):
             local = write_image(labels, self.workdir / f"output.{fmt}", fmt)
             return self.store.put_file(local, f"{self.prefix}/output.{fmt}")
+
+    def _resume_point(self) -> Path | None:
+        """The newest readable accepted checkpoint; an unreadable one (truncated, missing) is skipped."""
+        if not self.job.checkpoint:
+            return None
+        history = self.job.checkpoints or [(self.job.epochs_done, self.job.checkpoint)]
+        for epochs, uri in reversed(history):
+            local = self.workdir / f"resume-{epochs}.ckpt"
+            try:
+                self.store.get_file(uri, local)
+                _check_checkpoint(local)
+            except Exception as e:
+                log.warning("checkpoint %s unusable (%s: %s); trying the one before", uri, type(e).__name__, e)
+                continue
+            if uri != self.job.checkpoint:
+                reply = self.report({"type": "progress", "epochs_done": epochs, "resumed_from": uri,
+                                     "why": "newer checkpoint unreadable"})
+                if not reply.get("ok") and not reply.get("unreachable"):
+                    raise LeaseLost(reply.get("reason", "resume rejected"))
+            return local
+        reply = self.report({"type": "progress", "epochs_done": 0, "resumed_from": "",
+                             "why": "no readable checkpoint"})
+        if not reply.get("ok") and not reply.get("unreachable"):
+            raise LeaseLost(reply.get("reason", "restart rejected"))
+        log.warning("no readable checkpoint: training starts over")
+        return None
 
     # -- data ---------------------------------------------------------------------------------------
     def _cached(self, uri: str, suffix: str = "") -> Path:
@@ -162,9 +189,20 @@ class _Hooks:
         reply = a.report({"type": "progress", "epochs_done": progress.epochs_done,
                           "epochs_total": self.epochs_total, "checkpoint": uri, "plan": self.plan,
                           "metrics": dict(progress.metrics)})
-        if not reply.get("ok"):
+        if reply.get("unreachable"):  # the queue is down, not our lease: keep training, report later
+            log.warning("progress not reported (queue unreachable); continuing")
+        elif not reply.get("ok"):
             a.lease_lost.set(reply.get("reason", "progress rejected"))
             raise LeaseLost(reply.get("reason", "progress rejected"))
         self.last_uri = uri
         log.info("epoch %d/%d checkpointed %s", progress.epochs_done, self.epochs_total,
                  " ".join(f"{k}={v:.4g}" for k, v in progress.metrics.items()))
+
+
+def _check_checkpoint(path: Path) -> None:
+    """Raise unless ``path`` is a complete, loadable Lightning checkpoint."""
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError("not a Lightning checkpoint")

@@ -53,3 +53,51 @@ def install_signal_handlers(flag: StopFlag) -> None:
                 signal.signal(sig, handler)
             except (ValueError, OSError):  # not the main thread, or not supported here
                 pass
+
+
+class SpotNoticePoller:
+    """Polls EC2 instance metadata (IMDSv2) for a spot interruption notice and asks for a stop.
+
+    ``GET /latest/meta-data/spot/instance-action`` answers 404 until AWS schedules the interruption
+    (about two minutes ahead), then a JSON body. The base URL is a setting so that tests, or another
+    cloud's metadata service shim, can feed notices; polling is off unless asked for, because probing
+    the link-local metadata address off EC2 only wastes time.
+    """
+
+    def __init__(self, flag: StopFlag, base_url: str = "http://169.254.169.254", every_s: float = 5.0) -> None:
+        self.flag, self.base, self.every_s = flag, base_url.rstrip("/"), every_s
+        self._token: str | None = None
+        self._token_at = 0.0
+
+    def step(self, now: float) -> str | None:
+        """One poll; returns the notice text (and sets the stop flag) when there is one."""
+        import urllib.error
+        import urllib.request
+
+        try:
+            if self._token is None or now - self._token_at > 3000:
+                req = urllib.request.Request(f"{self.base}/latest/api/token", method="PUT",
+                                             headers={"X-aws-ec2-metadata-token-ttl-seconds": "3600"})
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    self._token, self._token_at = r.read().decode(), now
+            req = urllib.request.Request(f"{self.base}/latest/meta-data/spot/instance-action",
+                                         headers={"X-aws-ec2-metadata-token": self._token})
+            with urllib.request.urlopen(req, timeout=2) as r:
+                notice = r.read().decode()
+        except urllib.error.HTTPError as e:
+            if e.code == 401:
+                self._token = None  # expired token: fetch a new one next time
+            return None
+        except OSError as e:
+            log.debug("spot metadata poll failed: %s", e)
+            return None
+        self.flag.set(f"spot interruption notice {notice}")
+        return notice
+
+    def run(self, done: threading.Event) -> None:
+        """Poll until ``done`` is set or a notice arrived."""
+        import time
+
+        while not done.wait(self.every_s):
+            if self.step(time.time()) is not None:
+                return

@@ -78,6 +78,9 @@ def up(agents: int = typer.Option(0, "--agents", min=0, help="also start N local
 def agent(
     node_id: Optional[str] = typer.Option(None, "--node-id", help="a stable name for this node"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all)"),
+    spot_notices: Optional[str] = typer.Option(
+        None, "--spot-notices", envvar="DLORCH_SPOT_NOTICES",
+        help="poll EC2 metadata for spot interruption notices: 'ec2' or a metadata base URL"),
 ) -> None:
     """Run a node agent: take jobs from the queue one at a time until drained or signalled."""
     from dlorch.nodeagent.agent import Agent
@@ -89,7 +92,8 @@ def agent(
         import torch
 
         torch.set_num_threads(threads)
-    a = Agent(settings(), node_id=node_id)
+    spot_url = "http://169.254.169.254" if spot_notices == "ec2" else spot_notices
+    a = Agent(settings(), node_id=node_id, spot_metadata_url=spot_url)
     install_signal_handlers(a.stop)
     a.run()
 
@@ -335,7 +339,9 @@ def _run_job(spec: dict[str, Any], detach: bool, out: Path | None, c=None) -> No
 def _log_to_stderr() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("lightning", "pytorch_lightning", "lightning.pytorch", "huey"):
+    for noisy in ("lightning", "pytorch_lightning", "lightning.pytorch", "huey", "lightning.fabric",
+                  "pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
+                  "pytorch_lightning.trainer.connectors.checkpoint_connector"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from dlorch.core.errors import BadInput, DlorchError
 from dlorch.core.settings import Settings
-from dlorch.core.spec import Job, JobStatus
+from dlorch.core.spec import Job, JobStatus, new_job_id
 from dlorch.core.store import DataStore
 from dlorch.core.wire import Signer
 from dlorch.orchestrator.ledger import Ledger
@@ -66,7 +66,8 @@ class Client:
 
     def submit(self, spec: dict[str, Any]) -> str:
         """Record a job (the orchestrator validates the spec) and return its id."""
-        return self.call({"type": "submit", "spec": spec, "job_id": None})["job"]
+        # The id is chosen here so that a request re-sent after a lost reply is the same job.
+        return self.call({"type": "submit", "spec": spec, "job_id": new_job_id()})["job"]
 
     def wait(self, job_id: str, on_update: Callable[[Job], None] | None = None, poll_s: float = 0.5) -> Job:
         """Poll the ledger until the job ends."""
@@ -96,8 +97,9 @@ class Client:
 class LocalService:
     """An orchestrator thread and agent subprocesses on this machine, for as long as it is open."""
 
-    def __init__(self, client: Client, agents: int = 1, orchestrate: bool = True, agent_args: list[str] | None = None):
-        self.client = client
+    def __init__(self, client: Client, agents: int = 1, orchestrate: bool = True,
+                 agent_args: list[str] | None = None, log_dir: Path | None = None):
+        self.client, self.log_dir = client, log_dir
         self.orch: Orchestrator | None = None
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -127,6 +129,10 @@ class LocalService:
         kwargs: dict[str, Any] = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+        if self.log_dir is not None:  # keep the agent's log off the user's progress bar
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            log_file = open(self.log_dir / f"{node_id}.log", "ab")
+            kwargs.update(stdout=log_file, stderr=subprocess.STDOUT)
         self.agents.append((node_id, subprocess.Popen(cmd, env=env, **kwargs)))
         return node_id
 
@@ -161,7 +167,9 @@ def ensure_local_service(client: Client) -> LocalService | None:
     agents = 0 if client.live_nodes() else 1
     if not orchestrate and not agents:
         return None
-    return LocalService(client, agents=agents, orchestrate=orchestrate)
+    root = client.store.local_root
+    log_dir = (root if root is not None else Path.home() / ".dlorch") / "agent-logs"
+    return LocalService(client, agents=agents, orchestrate=orchestrate, log_dir=log_dir)
 
 
 def status_line(job: Job) -> str:

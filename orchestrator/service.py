@@ -31,6 +31,7 @@ class Orchestrator:
 
     MAINTAIN_EVERY_S = 1.0
     REQUEUE_MIN_AGE_S = 5.0
+    KEEP_CHECKPOINTS = 5  # accepted checkpoints remembered per job, to fall back on a corrupt one
 
     def __init__(self, settings: Settings, ledger: Ledger, queue: Queue, clock: Callable[[], float] = time.time):
         self.settings, self.ledger, self.queue, self.clock = settings, ledger, queue, clock
@@ -82,6 +83,8 @@ class Orchestrator:
                 raise
             except DlorchError as e:  # e.g. Redis went away: keep trying, the ledger holds the truth
                 log.warning("%s", e)
+                # No node could renew its lease meanwhile: give them one lease from now.
+                self.grace_until = self.clock() + self.settings.lease_s
                 stop.wait(1.0)
 
     def handle(self, msg: dict) -> Reply:
@@ -134,6 +137,12 @@ class Orchestrator:
         now = self.clock()
         node, token = msg["node"], int(msg["token"])
 
+        current = self.ledger.get(msg["job"])
+        att = current.current
+        if current.status is JobStatus.RUNNING and att and att.token == token and att.node == node:
+            # The same claim again (its reply was lost): the node already holds it.
+            return {"ok": True, "job": current.model_dump(mode="json"), "lease_expires_at": att.lease_expires_at}
+
         def claim(job: Job) -> None:
             if job.next_token != token or job.cancel_requested:
                 raise StaleWrite(f"job {job.id} attempt {token} is not the one queued ({job.next_token})")
@@ -166,7 +175,15 @@ class Orchestrator:
         def progress(job: Job) -> None:
             att = self._holder(job, token, node)
             ckpt = msg.get("checkpoint")
-            if ckpt and not self._owned(ckpt, job.id, token):
+            resumed = msg.get("resumed_from")
+            if resumed is not None:  # the attempt fell back to an older checkpoint (the newer was unreadable)
+                if resumed and resumed not in {uri for _, uri in job.checkpoints}:
+                    raise StaleWrite(f"{resumed} is not a checkpoint this job accepted")
+                att.resumed_from, att.epochs_start = resumed or None, int(msg["epochs_done"])
+                job.checkpoints = [(e, u) for e, u in job.checkpoints if e <= int(msg["epochs_done"])]
+                job.checkpoint = resumed or None
+                job.log(now, f"attempt {token} resumed from epoch {msg['epochs_done']} ({msg.get('why', '')})")
+            elif ckpt and not self._owned(ckpt, job.id, token):
                 raise StaleWrite(f"checkpoint {ckpt} is outside attempt {token}'s keys")
             att.epochs_done = job.epochs_done = int(msg["epochs_done"])
             att.lease_expires_at = now + self.settings.lease_s
@@ -174,8 +191,9 @@ class Orchestrator:
                 job.epochs_total = int(msg["epochs_total"])
             if msg.get("plan") and job.plan is None:
                 job.plan = msg["plan"]
-            if ckpt:
+            if ckpt and resumed is None:
                 job.checkpoint = ckpt
+                job.checkpoints = [*job.checkpoints, (att.epochs_done, ckpt)][-self.KEEP_CHECKPOINTS:]
             job.metrics.update(msg.get("metrics") or {})
             job.updated_at = now
 

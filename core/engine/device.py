@@ -27,7 +27,12 @@ class Runtime:
 
 
 def usable_cpus() -> int:
-    """CPU cores this process may run on (respects affinity masks and cgroup pinning)."""
+    """CPU cores this process may run on (respects affinity masks and cgroup pinning).
+
+    ``DLORCH_THREADS`` (``dlorch agent --threads N``) caps it, e.g. for several agents sharing a machine.
+    """
+    if os.environ.get("DLORCH_THREADS", "").isdigit():
+        return max(1, int(os.environ["DLORCH_THREADS"]))
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux

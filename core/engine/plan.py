@@ -148,12 +148,18 @@ def derive_plan(
     reasons.append(f"intensity: clip to [{intensity.low:.4g}, {intensity.high:.4g}] then z-score, per image")
 
     step_s = step_seconds if step_seconds and step_seconds > 0 else None
+    # An epoch is the checkpoint and stop-request interval: about epoch_s seconds, but on a
+    # tiny image no more steps than it takes to cover every pixel about 4 times.
+    cover = math.ceil(4 * math.prod(image_shape) / (batch * patch[0] * patch[1]))
+    by_time = round(d.epoch_s / step_s) if step_s else 100
+    steps_per_epoch = int(np.clip(min(by_time, cover), 10, 250))
     if step_s:
-        steps_per_epoch = int(np.clip(round(d.epoch_s / step_s), 10, 250))
-        reasons.append(f"measured {step_s:.3f} s/step -> {steps_per_epoch} steps/epoch (~{d.epoch_s:.0f} s epochs)")
+        reasons.append(
+            f"measured {step_s:.3f} s/step -> {steps_per_epoch} steps/epoch (~{d.epoch_s:.0f} s epochs"
+            + (", capped by image size)" if cover < by_time else ")")
+        )
     else:
-        steps_per_epoch = 100
-        reasons.append("step time not measured -> 100 steps/epoch")
+        reasons.append(f"step time not measured -> {steps_per_epoch} steps/epoch")
     val_batches = math.ceil(val_tiles / batch) if val_tiles else 0
     epoch_s = steps_per_epoch * (step_s or 0.0) + val_batches * (eval_seconds or 0.0)
 
@@ -232,10 +238,8 @@ def plan_segmentation(
     patch = choose_patch(stack.shape[-2:], DEFAULTS[runtime.accelerator].patch)
     z, y, x = np.nonzero(split.val)
     cells = len(set(zip(z.tolist(), (y // (patch[0] // 2)).tolist(), (x // (patch[1] // 2)).tolist())))
-    step_s = eval_s = None
-    if epochs is None or time_budget is not None:
-        filters = choose_filters(patch, DEFAULTS[runtime.accelerator].filters)
-        step_s, eval_s = measure_seconds(filters, patch, DEFAULTS[runtime.accelerator].batch, k, runtime)
+    filters = choose_filters(patch, DEFAULTS[runtime.accelerator].filters)
+    step_s, eval_s = measure_seconds(filters, patch, DEFAULTS[runtime.accelerator].batch, k, runtime)
     return derive_plan(
         image_shape=stack.shape,
         class_pixels=counts,

@@ -1,0 +1,84 @@
+"""Planning rules: patch and depth follow the image, overrides are respected, budgets are fitted."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dlorch.core.engine.device import Runtime
+from dlorch.core.engine.intensity import intensity_stats
+from dlorch.core.engine.plan import SegmentationPlan, choose_filters, choose_patch, derive_plan, plan_segmentation
+
+from .conftest import make_data
+
+CPU = Runtime("cpu", "32-true", 2)
+
+
+def _derive(**kw):
+    args = dict(
+        image_shape=(30, 512, 512),
+        class_pixels=[25000, 25000],
+        intensity=intensity_stats(np.arange(10.0)),
+        runtime=CPU,
+        val_tiles=40,
+        val_strokes=50,
+        step_seconds=0.25,
+        eval_seconds=0.08,
+    )
+    args.update(kw)
+    return derive_plan(**args)
+
+
+def test_tiny_image_gets_a_small_patch_and_a_shallow_network(tiny_data):
+    image, labels = tiny_data
+    plan = plan_segmentation(image[0, :40, :40], labels[0, :40, :40], epochs=1)
+    assert plan.patch_size == [48, 48]
+    assert len(plan.filters) < 5
+    assert any("smaller than" in r for r in plan.reasons)
+
+
+def test_patch_and_depth_rules():
+    assert choose_patch((512, 512), 128) == [128, 128]
+    assert choose_patch((40, 700), 128) == [48, 128]
+    assert choose_patch((3, 3), 128) == [16, 16]
+    assert choose_filters([128, 128], [16, 24, 48, 96, 192]) == [16, 24, 48, 96, 192]
+    assert choose_filters([16, 16], [16, 24, 48, 96, 192]) == [16, 24]
+
+
+def test_epochs_override_is_used_as_given_without_a_default_cap():
+    plan = _derive(epochs=7)
+    assert plan.epochs == 7 and plan.time_budget_s is None
+    assert _derive(epochs=7, time_budget=30.0).time_budget_s == 30.0
+
+
+def test_automatic_epochs_fit_the_budget():
+    plan = _derive()
+    assert plan.time_budget_s == 330
+    planned = plan.epochs * (plan.steps_per_epoch * 0.25 + 5 * 0.08)
+    assert planned <= 330
+    short = _derive(time_budget=60.0)
+    assert short.time_budget_s == 60.0 and short.epochs < plan.epochs
+
+
+def test_a_fast_device_stops_at_the_data_step_target():
+    plan = _derive(step_seconds=0.001, eval_seconds=0.0005, time_budget=10_000.0)
+    assert plan.epochs * plan.steps_per_epoch < 10_000 / 0.001 / 10
+
+
+def test_plan_round_trips_through_json(tiny_data):
+    plan = plan_segmentation(*tiny_data, epochs=2)
+    again = SegmentationPlan.model_validate(json.loads(plan.model_dump_json()))
+    assert again == plan
+    assert plan.num_classes == 2 and plan.reasons
+
+
+@pytest.mark.parametrize("bad", [{"epochs": 0}, {"time_budget": 0.0}, {"time_budget": -5.0}])
+def test_bad_overrides_raise(tiny_data, bad):
+    with pytest.raises(ValueError, match="must be"):
+        plan_segmentation(*tiny_data, **bad)
+
+
+def test_planning_a_2d_image():
+    image, labels = make_data((1, 64, 64))
+    plan = plan_segmentation(image[0], labels[0], epochs=1)
+    assert plan.image_shape == [1, 64, 64]

@@ -1,0 +1,99 @@
+"""Training loop contract: checkpoints, stop/resume with an exact epoch count, time budget, hooks."""
+
+import pytest
+import torch
+
+from dlorch.core.engine.module import CKPT_KEY
+from dlorch.core.engine.segment import NoHooks, train_segmentation
+from dlorch.core.engine.train import read_run_state
+
+from .conftest import RecordingHooks, fast_plan
+
+
+def _weights(ckpt_path):
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in ckpt["state_dict"].items()}
+
+
+def test_stop_then_resume_trains_exactly_the_planned_epochs(tiny_data, tmp_path):
+    image, labels = tiny_data
+    plan = fast_plan(image, labels, epochs=3)
+    first = RecordingHooks(stop_after_checkpoints=1)
+    result = train_segmentation(image, labels, plan, workdir=tmp_path / "a", resume_from=None, hooks=first)
+    # The stop request is seen during epoch 2 (after one checkpoint); epoch 2 is finished first.
+    assert result.stopped_by == "stop_request"
+    assert result.epochs_done == 2
+    assert [p.epochs_done for _, p in first.checkpoints] == [1, 2]
+    assert result.checkpoint == first.checkpoints[-1][0]
+
+    second = RecordingHooks()
+    result2 = train_segmentation(image, labels, plan, workdir=tmp_path / "b", resume_from=result.checkpoint, hooks=second)
+    assert result2.stopped_by == "epochs" and result2.epochs_done == 3
+    assert [p.epochs_done for _, p in second.checkpoints] == [3]
+    # One poll per batch: exactly epochs x steps batches ran over both calls.
+    assert first.polls + second.polls == plan.epochs * plan.steps_per_epoch
+
+    third = RecordingHooks()
+    result3 = train_segmentation(image, labels, plan, workdir=tmp_path / "c", resume_from=result2.checkpoint, hooks=third)
+    assert result3.epochs_done == 3 and result3.stopped_by == "epochs" and third.polls == 0
+
+
+def test_resumed_training_matches_uninterrupted_training(tiny_data, tmp_path):
+    image, labels = tiny_data
+    plan = fast_plan(image, labels, epochs=2)
+    straight = train_segmentation(image, labels, plan, workdir=tmp_path / "s", resume_from=None, hooks=NoHooks())
+    half = train_segmentation(
+        image, labels, plan, workdir=tmp_path / "h", resume_from=None, hooks=RecordingHooks(stop_after_checkpoints=0)
+    )
+    assert half.epochs_done == 1
+    resumed = train_segmentation(image, labels, plan, workdir=tmp_path / "r", resume_from=half.checkpoint, hooks=NoHooks())
+    a, b = _weights(straight.checkpoint), _weights(resumed.checkpoint)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+
+
+def test_time_budget_cuts_the_epoch_and_is_kept_across_resumes(tiny_data, tmp_path):
+    image, labels = tiny_data
+    plan = fast_plan(image, labels, epochs=5, steps=20, time_budget_s=1e-3)
+    hooks = RecordingHooks()
+    result = train_segmentation(image, labels, plan, workdir=tmp_path / "a", resume_from=None, hooks=hooks)
+    assert result.stopped_by == "time_budget" and result.epochs_done == 1
+    assert hooks.polls < plan.steps_per_epoch  # the epoch was cut short
+    state = read_run_state(result.checkpoint)
+    assert state["train_seconds"] >= 1e-3
+    again = RecordingHooks()
+    result2 = train_segmentation(image, labels, plan, workdir=tmp_path / "b", resume_from=result.checkpoint, hooks=again)
+    assert result2.stopped_by == "time_budget" and again.polls == 0 and result2.epochs_done == 1
+
+
+def test_checkpoint_holds_plan_best_weights_and_seconds(tiny_data, tmp_path):
+    image, labels = tiny_data
+    plan = fast_plan(image, labels, epochs=2)
+    result = train_segmentation(image, labels, plan, workdir=tmp_path, resume_from=None, hooks=NoHooks())
+    ckpt = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
+    own = ckpt[CKPT_KEY]
+    assert own["plan"]["epochs"] == 2
+    assert own["best_state"] and 0 <= own["best_epoch"] < 2
+    assert read_run_state(result.checkpoint)["train_seconds"] > 0
+    assert {"train_loss", "val_iou", "val_loss", "train_seconds"} <= result.metrics.keys()
+    assert len(list(tmp_path.glob("*.ckpt"))) <= 2  # older checkpoints of the call are pruned
+
+
+def test_an_exception_from_on_checkpoint_propagates(tiny_data, tmp_path):
+    class LeaseLost(Exception):
+        pass
+
+    image, labels = tiny_data
+    plan = fast_plan(image, labels, epochs=2)
+    with pytest.raises(LeaseLost):
+        train_segmentation(
+            image, labels, plan, workdir=tmp_path, resume_from=None, hooks=RecordingHooks(raise_on_checkpoint=LeaseLost())
+        )
+
+
+def test_labels_must_match_the_plan(tiny_data, tmp_path):
+    image, labels = tiny_data
+    plan = fast_plan(image, labels, epochs=1).model_copy(update={"num_classes": 3})
+    with pytest.raises(ValueError, match="re-plan"):
+        train_segmentation(image, labels, plan, workdir=tmp_path, resume_from=None, hooks=NoHooks())
