@@ -202,7 +202,9 @@ def train_segmentation(
         # worker processes would only steal cores from the network on a small CPU.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*sampler.*shuffl.*")
-        trainer.fit(module, ckpt_path=str(resume_from) if resume_from is not None else None, **loaders)
+        ckpt_path = str(resume_from) if resume_from is not None else None
+        # weights_only: a resume checkpoint comes from the store; never unpickle code from it.
+        trainer.fit(module, ckpt_path=ckpt_path, weights_only=True, **loaders)
 
     if control.last_checkpoint is None:
         raise RuntimeError("training ended without writing a checkpoint")

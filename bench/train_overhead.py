@@ -1,0 +1,126 @@
+"""Epoch time of the same model and data under dlorch vs a bare Lightning script; prints a table, writes JSON.
+
+dlorch side: `dlorch train segment` on the embedded default (orchestrator + one agent subprocess);
+an epoch's time is the interval between the publication of consecutive epoch checkpoints in the
+store, so it includes everything dlorch adds per epoch (checkpoint write, upload, progress report).
+Bare side: the engine's own module and data, `pl.Trainer.fit`, no checkpoints, no hooks; an epoch's time
+is the interval between consecutive epoch ends. The first epoch (warm-up) is left out of both.
+
+    python bench/train_overhead.py [--epochs 4] [--slices 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "isbi2012-em"
+
+
+def bare_epochs(image, labels, plan) -> list[float]:
+    """Epoch end times of a bare Lightning run of the engine's module on the same data."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from dlorch.core.engine.device import apply_threads, detect_runtime
+    from dlorch.core.engine.holdout import split_strokes
+    from dlorch.core.engine.inputs import check_labels
+    from dlorch.core.engine.intensity import normalize
+    from dlorch.core.engine.module import SegmentationModule
+    from dlorch.core.engine.sampling import TrainPatches, ValTiles
+
+    stack, lab, _ = check_labels(image, labels)
+    runtime = detect_runtime()
+    apply_threads(runtime)
+    pl.seed_everything(plan.seed, verbose=False)
+    norm = normalize(stack)
+    split = split_strokes(lab, plan.val_fraction, seed=plan.seed)
+    patch = tuple(plan.patch_size)
+    train = TrainPatches(norm, split.train, patch, plan.batch_size, plan.steps_per_epoch, plan.seed)
+    val = ValTiles(norm, split.val, patch, plan.batch_size, plan.seed)
+    ends: list[float] = []
+
+    class Clock(pl.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            train.epoch = trainer.current_epoch
+
+        def on_validation_epoch_end(self, trainer, module):
+            ends.append(time.perf_counter())
+
+    trainer = pl.Trainer(accelerator=runtime.accelerator, devices=1, precision=runtime.precision,
+                         max_epochs=plan.epochs, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[Clock()])
+    trainer.fit(SegmentationModule(plan), DataLoader(train, batch_size=None), DataLoader(val, batch_size=None))
+    return ends
+
+
+def dlorch_epochs(image_path: Path, labels_path: Path, epochs: int, home: Path) -> tuple[list[float], dict]:
+    """Epoch checkpoint publication times of a `dlorch train segment` job, and its ledger record."""
+    env = {**os.environ, "DLORCH_HOME": str(home)}
+    for v in ("DLORCH_STORE", "DLORCH_QUEUE"):
+        env.pop(v, None)
+    cp = subprocess.run([sys.executable, "-m", "dlorch.orchestrator.cli", "train", "segment", str(image_path),
+                         "--labels", str(labels_path), "--epochs", str(epochs)],
+                        env=env, capture_output=True, text=True, check=True)
+    job_id = cp.stdout.strip().splitlines()[-1]
+    job = json.loads((home / "ledger" / "jobs" / f"{job_id}.json").read_text())
+    ckpts = sorted((home / "jobs" / job_id / "attempts").glob("*/ckpt/*.ckpt"))
+    return [p.stat().st_mtime for p in ckpts], job
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--slices", type=int, default=5, help="ISBI slices to train on (the painted ones)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_overhead.json")
+    args = ap.parse_args()
+
+    from dlorch.core.engine.segment import plan_segmentation
+
+    image = np.load(DATA / "isbi2012_train.npz")["image"][: args.slices]
+    labels = np.load(DATA / "isbi2012_sparse_strokes.npz")["labels"][: args.slices]
+    plan = plan_segmentation(image, labels, epochs=args.epochs)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        np.save(tmp / "image.npy", image)
+        np.save(tmp / "labels.npy", labels)
+        t0 = time.perf_counter()
+        d_ends, job = dlorch_epochs(tmp / "image.npy", tmp / "labels.npy", args.epochs, tmp / "home")
+        d_wall = time.perf_counter() - t0
+    b_ends = bare_epochs(image, labels, plan)
+
+    d_epochs = np.diff(d_ends).tolist()
+    b_epochs = np.diff(b_ends).tolist()
+    d_med, b_med = statistics.median(d_epochs), statistics.median(b_epochs)
+    timings = job["attempts"][0]["timings"]
+    result = {
+        "epochs": args.epochs, "steps_per_epoch": plan.steps_per_epoch, "batch_size": plan.batch_size,
+        "patch": plan.patch_size, "dlorch_epoch_s": d_epochs, "bare_epoch_s": b_epochs,
+        "dlorch_epoch_median_s": d_med, "bare_epoch_median_s": b_med, "ratio": d_med / b_med,
+        "dlorch_job_wall_s": d_wall, "attempt_timings_s": timings,
+    }
+    print(f"{'':28}{'dlorch':>10}{'bare':>10}")
+    print(f"{'epoch time, median (s)':28}{d_med:10.2f}{b_med:10.2f}")
+    for i, (d, b) in enumerate(zip(d_epochs, b_epochs), start=2):
+        print(f"{'  epoch ' + str(i):28}{d:10.2f}{b:10.2f}")
+    print(f"{'ratio dlorch / bare':28}{d_med / b_med:10.3f}   (target <= 1.03)")
+    print(f"{'dlorch job wall (s)':28}{d_wall:10.1f}   " +
+          " ".join(f"{k}={v:.2f}" for k, v in sorted(timings.items())))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Chaos: three agents on Redis, a mix of training and inference jobs, an agent SIGKILLed every few seconds."""
+
+import random
+import signal
+import threading
+import time
+
+import numpy as np
+
+from tests.conftest import synthetic_pair
+from tests.harness import Cluster
+
+KILLS = 10
+TRAIN_EPOCHS = 3
+
+
+def test_chaos_every_job_succeeds_with_exact_epochs(redis_server, home, tmp_path):
+    img, lab = synthetic_pair(tmp_path)
+    with Cluster(tmp_path, home, DLORCH_QUEUE=redis_server.url, DLORCH_LEASE_S="4") as c:
+        nodes = ["n1", "n2", "n3"]
+        for n in nodes:
+            c.agent(n)
+        # A model and a reference prediction, made without kills.
+        model = c.submit("train", "segment", str(img), "--labels", str(lab), "--epochs", "1")
+        c.wait_job(model, lambda j: j["status"] == "succeeded", 300)
+        ref = c.submit("predict", model, str(img), "-o", str(tmp_path / "ref.npy"))
+        ref_out = np.load(c.wait_job(ref, lambda j: j["status"] == "succeeded", 120)["output"])
+
+        trains = [c.submit("segment", str(img), "--labels", str(lab), "-o", str(tmp_path / f"t{i}.tif"),
+                           "--epochs", str(TRAIN_EPOCHS)) for i in range(6)]
+        preds = [c.submit("predict", model, str(img), "-o", str(tmp_path / f"p{i}.npy")) for i in range(4)]
+        everything = trains + preds
+
+        kills, stop = [], threading.Event()
+        rng = random.Random(7)
+
+        def killer():
+            while not stop.wait(rng.uniform(4, 7)):
+                victim = rng.choice(nodes)
+                proc = c.agents[victim]
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    kills.append((time.time(), victim))
+                c.agent(victim)  # the node comes back (a fresh process)
+
+        t = threading.Thread(target=killer, daemon=True)
+        t.start()
+        try:
+            for jid in everything:
+                c.wait_job(jid, lambda j: j["status"] in ("succeeded", "failed", "cancelled"), 900)
+            while len(kills) < KILLS:  # keep the chaos going to the promised count
+                time.sleep(0.5)
+        finally:
+            stop.set()
+            t.join()
+
+        redone = 0
+        for jid in trains:
+            j = c.job(jid)
+            assert j["status"] == "succeeded", (jid, j["error"])
+            assert j["epochs_done"] == TRAIN_EPOCHS
+            chain = [a for a in j["attempts"]]
+            for a, b in zip(chain, chain[1:]):
+                assert b["epochs_start"] <= a["epochs_done"]  # never ahead of what was accepted
+            published = list((home / "jobs" / jid / "attempts").glob("*/ckpt/*.ckpt"))
+            redone += len(published) - TRAIN_EPOCHS
+        for jid in preds:
+            j = c.job(jid)
+            assert j["status"] == "succeeded", (jid, j["error"])
+            np.testing.assert_array_equal(np.load(j["output"]), ref_out)
+        assert len(kills) >= KILLS
+        assert redone <= len(kills), f"{redone} epochs redone over {len(kills)} kills"
