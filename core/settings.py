@@ -24,7 +24,8 @@ class Settings(BaseSettings):
     secret: str = Field("", description="shared HMAC secret for queue messages")
     lease_s: float = Field(30.0, gt=0, description="a node holds a job this long without a heartbeat")
     heartbeat_s: float = Field(3.0, gt=0, description="how often agents heartbeat")
-    max_attempts: int = Field(3, ge=1, description="attempts before a job that keeps failing is failed")
+    max_attempts: int = Field(3, ge=1, description="failed attempts in a row (errors) before a job is failed")
+    max_node_losses: int = Field(8, ge=1, description="nodes lost in a row without progress before a job is failed")
 
     def resolved_store(self) -> str:
         """The store URL, defaulting to the embedded state directory."""

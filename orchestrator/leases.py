@@ -33,21 +33,24 @@ def expired_leases(jobs: list[Job], now: float, grace_until: float = 0.0) -> lis
     return out
 
 
-def fruitless_attempts(job: Job) -> int:
-    """Consecutive latest attempts that ended in error or a lost lease without finishing an epoch.
+def fruitless_attempts(job: Job) -> tuple[int, int]:
+    """(errors, node losses) among the latest run of attempts that ended without finishing an epoch.
 
-    A job fails once this reaches its attempt limit: a job that keeps crashing stops looping,
-    while one whose nodes are merely pre-empted after making progress keeps going.
+    A job fails once either count reaches its limit: a job that keeps raising stops looping after a
+    few tries, and one whose nodes keep vanishing (a crash that kills the agent, or out of memory)
+    after more, since pre-emptions of healthy jobs look the same and must not fail them early.
     """
-    n = 0
+    errors = losses = 0
     for att in reversed(job.attempts):
-        if att.outcome in (AttemptOutcome.ERRORED, AttemptOutcome.EXPIRED) and att.epochs_done <= att.epochs_start:
-            n += 1
-        elif att.outcome is AttemptOutcome.RUNNING:
+        if att.outcome is AttemptOutcome.RUNNING:
             continue
-        else:
+        if att.outcome not in (AttemptOutcome.ERRORED, AttemptOutcome.EXPIRED) or att.epochs_done > att.epochs_start:
             break
-    return n
+        if att.outcome is AttemptOutcome.ERRORED:
+            errors += 1
+        else:
+            losses += 1
+    return errors, losses
 
 
 def missing_from_queue(

@@ -316,9 +316,10 @@ class Orchestrator:
             else:
                 job.log(now, note or f"attempt {token} {outcome.value} at epoch {job.epochs_done}")
             limit = job.spec.max_attempts or self.settings.max_attempts
-            if msg.get("permanent") or fruitless_attempts(job) >= limit:
+            errors, losses = fruitless_attempts(job)
+            if msg.get("permanent") or errors >= limit or losses >= self.settings.max_node_losses:
                 job.status = JobStatus.FAILED
-                job.error = att.error or f"{fruitless_attempts(job)} attempts ended without progress ({outcome.value})"
+                job.error = att.error or f"{losses} nodes in a row were lost running it without progress"
                 job.log(now, f"failed: {job.error}")
                 return
             job.status, job.next_token = JobStatus.QUEUED, token + 1

@@ -15,7 +15,7 @@ class Cluster:
 
     def __init__(self, tmp: Path, home: Path, **env: str) -> None:
         self.tmp, self.home = tmp, home
-        self.env = cli_env(DLORCH_LEASE_S="5", DLORCH_HEARTBEAT_S="1", **env)
+        self.env = cli_env(**{"DLORCH_LEASE_S": "5", "DLORCH_HEARTBEAT_S": "1", **env})
         self.service: subprocess.Popen | None = None
         self.agents: dict[str, subprocess.Popen] = {}
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pathlib
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytorch_lightning as pl
@@ -26,6 +28,16 @@ from dlorch.core.engine.sampling import TrainPatches, ValTiles
 # and best weights, and one per epoch would fill a node's disk on long jobs.
 KEEP_CHECKPOINTS = 2
 RUN_KEY = "dlorch_run"
+
+
+class EpochSeeder(pl.Callback):
+    """Tells the patch sampler the epoch before its first batch (its batches are seeded by epoch)."""
+
+    def __init__(self, dataset: TrainPatches) -> None:
+        self.dataset = dataset
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.dataset.epoch = trainer.current_epoch
 
 
 class RunControl(pl.Callback):
@@ -77,7 +89,7 @@ class RunControl(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module: SegmentationModule, outputs, batch, batch_idx: int) -> None:
         self._tick()
-        if not self.stop_requested and self.hooks.should_stop():
+        if self.hooks.should_stop():
             self.stop_requested = True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: SegmentationModule) -> None:
@@ -110,6 +122,25 @@ class RunControl(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.train_seconds = float(state_dict.get("train_seconds", 0.0))
         self.metrics = dict(state_dict.get("metrics", {}))
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's banner lines and tips for one call; the job log has our own progress."""
+    loggers = [logging.getLogger(n) for n in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            # Batches are cut in-process on purpose (see sampling.py); Lightning's hint to add
+            # worker processes would only steal cores from the network on a small CPU.
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*treespec.*")  # Lightning vs torch 2.13 internals
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def read_run_state(checkpoint: pathlib.Path) -> dict:
@@ -175,12 +206,7 @@ def train_segmentation(
     module = SegmentationModule(plan)
     control = RunControl(plan, workdir, hooks, train_seconds=train_seconds)
 
-    class _EpochSetter(pl.Callback):
-        # Batches are seeded by epoch; the dataset learns the epoch before its first batch.
-        def on_train_epoch_start(self, trainer, pl_module):
-            train_data.epoch = trainer.current_epoch
-
-    trainer = pl.Trainer(
+    trainer_args = dict(
         accelerator=runtime.accelerator,
         devices=1,
         precision=runtime.precision,
@@ -191,17 +217,14 @@ def train_segmentation(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=1.0 if len(val_data) else 0,
-        callbacks=[_EpochSetter(), control],
+        callbacks=[EpochSeeder(train_data), control],
         default_root_dir=str(workdir),
     )
     loaders = {"train_dataloaders": DataLoader(train_data, batch_size=None, shuffle=False, num_workers=0)}
     if len(val_data):
         loaders["val_dataloaders"] = DataLoader(val_data, batch_size=None, shuffle=False, num_workers=0)
-    with warnings.catch_warnings():
-        # Batches are cut in-process on purpose (see sampling.py); Lightning's hint to add
-        # worker processes would only steal cores from the network on a small CPU.
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*sampler.*shuffl.*")
+    with quiet_lightning():
+        trainer = pl.Trainer(**trainer_args)
         ckpt_path = str(resume_from) if resume_from is not None else None
         # weights_only: a resume checkpoint comes from the store; never unpickle code from it.
         trainer.fit(module, ckpt_path=ckpt_path, weights_only=True, **loaders)

@@ -13,8 +13,8 @@ from dlorch.core.engine.segment import Progress, SegmentationPlan, plan_segmenta
 logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
 
 
-def make_data(shape=(2, 64, 64), seed=0) -> tuple[np.ndarray, np.ndarray]:
-    """Bright disks (class 2) on a dark noisy background (class 1), with short painted strokes."""
+def make_scene(shape=(2, 64, 64), seed=0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bright disks (class 2) on a dark noisy background (class 1): (image, painted strokes, truth)."""
     rng = np.random.default_rng(seed)
     z, h, w = shape
     yy, xx = np.mgrid[:h, :w]
@@ -32,7 +32,12 @@ def make_data(shape=(2, 64, 64), seed=0) -> tuple[np.ndarray, np.ndarray]:
             labels[k, 2:4, 4 + 14 * i : 10 + 14 * i] = 1
             labels[k, h - 4 : h - 2, 4 + 14 * i : 10 + 14 * i] = 1
         labels[k][(labels[k] == 1) & (truth[k] == 2)] = 0
-    return image, labels
+    return image, labels, truth
+
+
+def make_data(shape=(2, 64, 64), seed=0) -> tuple[np.ndarray, np.ndarray]:
+    """(image, painted strokes) of ``make_scene``."""
+    return make_scene(shape, seed)[:2]
 
 
 @pytest.fixture(scope="session")

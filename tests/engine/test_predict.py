@@ -7,7 +7,7 @@ import torch
 from dlorch.core.engine.intensity import normalize
 from dlorch.core.engine.segment import NoHooks, load_model, predict_probabilities, predict_segmentation, train_segmentation
 
-from .conftest import fast_plan, make_data
+from .conftest import fast_plan, make_scene
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +38,11 @@ def test_label_map_has_the_image_shape_and_classes_1_to_k(checkpoint, tiny_data)
 
 def test_a_larger_image_is_tiled_and_still_segmented(checkpoint):
     # An image wider than the prediction window goes through several blended tiles.
-    image, _ = make_data((1, 64, 200), seed=3)
+    image, _, truth = make_scene((1, 64, 200), seed=3)
     seg = predict_segmentation(checkpoint, image)
     assert seg.shape == image.shape
-    bright = image > 0.5
-    assert (seg[bright] == 2).mean() > 0.6 and (seg[~bright] == 1).mean() > 0.6
-
-
-def test_the_model_learns_the_synthetic_task(checkpoint):
-    image, _ = make_data((1, 64, 64), seed=7)
-    truth = np.ones_like(image, dtype=np.uint8)
-    rng_image, _ = make_data((1, 64, 64), seed=7)
-    seg = predict_segmentation(checkpoint, rng_image)
-    assert seg.shape == truth.shape
+    print("accuracy", (seg == truth).mean())
+    assert (seg == truth).mean() > 0.8
 
 
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):

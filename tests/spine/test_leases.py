@@ -24,7 +24,7 @@ def test_fruitless_counts_only_attempts_without_progress():
     j.attempts = [Attempt(token=1, outcome=AttemptOutcome.EXPIRED, epochs_start=0, epochs_done=3),
                   Attempt(token=2, outcome=AttemptOutcome.ERRORED, epochs_start=3, epochs_done=3),
                   Attempt(token=3, outcome=AttemptOutcome.EXPIRED, epochs_start=3, epochs_done=3)]
-    assert fruitless_attempts(j) == 2
+    assert fruitless_attempts(j) == (1, 1)
 
 
 def test_missing_from_queue_respects_min_age():
