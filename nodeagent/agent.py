@@ -101,7 +101,7 @@ class Agent:
         try:
             attempt = Attempt(job, token, self.store, self._reporter(job.id, token), self.stop,
                               self.lease_lost, self.workdir / f"{job.id}-{token}", self.cache)
-            body = attempt.run()
+            body = _run_off_main_thread(attempt)
         finally:
             self.current = None
             logging.getLogger("dlorch").removeHandler(handler)
@@ -169,3 +169,22 @@ def _attach_log(path: Path) -> logging.Handler:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     logging.getLogger("dlorch").addHandler(handler)
     return handler
+
+
+def _run_off_main_thread(attempt: Attempt) -> dict[str, Any]:
+    """Run an attempt in a worker thread while the main thread keeps the signals.
+
+    Lightning installs its own SIGTERM handler when it trains on the main thread and then aborts
+    the epoch with an exception; the agent's contract is to finish the epoch, checkpoint and hand
+    back. Off the main thread, Lightning leaves signals alone and the agent's stop flag rules.
+    """
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        result["body"] = attempt.run()
+
+    thread = threading.Thread(target=work, name=f"attempt-{attempt.job.id}-{attempt.token}")
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # a bounded wait, so that signal handlers run promptly
+    return result.get("body") or {"outcome": "errored", "error": "the attempt thread died unexpectedly"}

@@ -10,7 +10,10 @@ from rich.table import Table
 
 from dlorch.core.spec import Job, JobStatus, NodeInfo
 
-console = Console(stderr=False)
+import sys
+
+# Piped output (scripts, grep) gets whole lines, not columns folded to a guessed 80-character terminal.
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 240)
 err_console = Console(stderr=True)
 
 
@@ -42,7 +45,8 @@ def job_detail(j: Job) -> None:
             console.print(f"  {label:<10} {value}")
     if j.metrics:
         console.print("  metrics    " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(j.metrics.items())))
-    t = Table(box=None, title="attempts")
+    console.print("  attempts:")
+    t = Table(box=None)
     for col in ("token", "node", "outcome", "epochs", "started", "took", "timings"):
         t.add_column(col)
     for a in j.attempts:

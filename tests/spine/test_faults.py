@@ -129,3 +129,19 @@ def test_spot_interruption_notice_hands_the_job_back(home, tmp_path):
     finally:
         server.shutdown()
         _IMDS.notice = None
+
+
+def test_drain_through_the_ledger_hands_back_and_exits(home, tmp_path):
+    """The portable stop: no signal, just `dlorch nodes drain NODE`."""
+    img, lab = synthetic_pair(tmp_path)
+    with Cluster(tmp_path, home) as c:
+        node = c.agent("lab-pc")
+        jid = c.submit("segment", str(img), "--labels", str(lab), "-o", str(tmp_path / "o.tif"), "--epochs", "6")
+        c.wait_job(jid, lambda j: j["epochs_done"] >= 1)
+        assert "draining lab-pc" in c.cli("nodes", "drain", "lab-pc").stdout
+        assert node.wait(timeout=120) == 0
+        j = c.job(jid)
+        assert j["status"] == "queued" and j["attempts"][0]["outcome"] == "handed_back"
+        assert j["epochs_done"] >= 1 and j["checkpoint"]
+        nodes = c.cli("nodes", "--json", "--all").stdout
+        assert '"state": "gone"' in nodes
