@@ -110,10 +110,12 @@ class Orchestrator:
         if not self.ledger.claim_leadership(self.me, self.settings.lease_s, now):
             raise NotLeader("lost orchestrator leadership to another process")
         active = self.ledger.jobs([JobStatus.QUEUED, JobStatus.RUNNING])
-        for exp in expired_leases(active, now, self.grace_until):
+        expired = expired_leases(active, now, self.grace_until)
+        for exp in expired:
             self._end_attempt(exp.job_id, exp.token, AttemptOutcome.EXPIRED, now,
                               note=f"lease of node {exp.node} expired")
-        queued = [j for j in self.ledger.jobs([JobStatus.QUEUED])]
+        requeued = {e.job_id for e in expired}  # just enqueued by _end_attempt
+        queued = [j for j in active if j.status is JobStatus.QUEUED and j.id not in requeued]
         if queued:
             messages = self.queue.jobs.items()
             for job in missing_from_queue(queued, messages, self.last_enqueued, now, self.REQUEUE_MIN_AGE_S):

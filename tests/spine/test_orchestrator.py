@@ -134,3 +134,18 @@ def test_queue_rebuilt_from_ledger(orch):
     orch.clock_.t += 6
     orch.maintain(orch.clock_())
     assert orch.queue.jobs.receive(timeout=0.5)["job"] == jid
+
+
+def test_lost_nodes_fail_a_job_only_after_their_own_limit(orch):
+    orch.settings.max_node_losses = 4
+    jid = _submit(orch)
+    for _ in range(3):
+        _take(orch, "n1")
+        orch.clock_.t += 11
+        orch.maintain(orch.clock_())
+    assert orch.ledger.get(jid).status is JobStatus.QUEUED  # 3 losses > max_attempts (2), still going
+    _take(orch, "n1")
+    orch.clock_.t += 11
+    orch.maintain(orch.clock_())
+    job = orch.ledger.get(jid)
+    assert job.status is JobStatus.FAILED and "4 nodes in a row" in job.error
