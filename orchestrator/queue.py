@@ -62,7 +62,7 @@ class Channel:
         deadline = time.monotonic() + timeout
         delay = 0.002
         while True:
-            data = self._io(self.storage.dequeue)
+            data = self._io(self._dequeue if timeout > 0 else self._dequeue_now)
             if data is not None:
                 try:
                     return self.signer.open(data)
@@ -75,6 +75,19 @@ class Channel:
             if not self.blocking:  # Redis blocks in BZPOPMIN; SQLite is polled with backoff
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 0.05)
+
+    def _dequeue(self):
+        return self.storage.dequeue()
+
+    def _dequeue_now(self):
+        """Dequeue without blocking, even on a backend that blocks (Redis BZPOPMIN waits up to a second)."""
+        if not self.blocking:
+            return self.storage.dequeue()
+        self.storage.blocking = False
+        try:
+            return self.storage.dequeue()
+        finally:
+            self.storage.blocking = True
 
     def items(self) -> list[dict[str, Any]]:
         """The verified messages now in the channel (for reconciliation), without removing them."""

@@ -67,6 +67,8 @@ class Orchestrator:
             self.handle(msg)
             handled += 1
             wait = 0.0
+            if time.monotonic() >= self._next_maintain:
+                break  # a steady stream of heartbeats must not starve maintenance
         if time.monotonic() >= self._next_maintain:
             self.maintain(self.clock())
             self._next_maintain = time.monotonic() + self.MAINTAIN_EVERY_S
