@@ -134,11 +134,11 @@ def main() -> None:
             redis.kill()
     print(f"queue: {'redis' if redis else 'sqlite'}, lease {args.lease:.0f} s, heartbeat 1 s, checkpoint every epoch")
     hdr = ["kill", "epoch s", "redone s", "redone steps", "steps/epoch", "kill->claim s", "kill->training s", "epochs"]
-    print("".join(f"{h:>16}" for h in hdr))
+    print("".join(f"{h:>18}" for h in hdr))
     for r in rows:
         vals = [r["kill"], r["epoch_s"], r["redone_s"], r["redone_steps"], r["steps_per_epoch"],
                 r["kill_to_claim_s"], r["kill_to_training_s"], r["epochs_total"]]
-        print("".join(f"{v:>16.2f}" if isinstance(v, float) else f"{v!s:>16}" for v in vals))
+        print("".join(f"{v:>18.2f}" if isinstance(v, float) else f"{v!s:>18}" for v in vals))
     summary = {"max_redone_over_epoch": max(r["redone_s"] / r["epoch_s"] for r in rows),
                "max_kill_to_training_s": max(r["kill_to_training_s"] for r in rows),
                "median_kill_to_claim_s": statistics.median(r["kill_to_claim_s"] for r in rows),
