@@ -3,10 +3,10 @@
 Job states and the legal moves between them (the orchestrator enforces them, compare-and-set)::
 
     QUEUED ──claim──▶ RUNNING ──result──▶ SUCCEEDED
-      ▲                 │  │
+      ▲                 │  │  └──split into blocks──▶ WAITING ──all blocks done──▶ SUCCEEDED
       └──hand back / ───┘  └──error, attempts left: QUEUED; none left──▶ FAILED
          lease expired
-    QUEUED or RUNNING ──cancel──▶ CANCELLED
+    QUEUED, RUNNING or WAITING ──cancel──▶ CANCELLED
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class JobStatus(str, Enum):
 
     QUEUED = "queued"  # waiting in the queue for a node; holds the token of its next attempt
     RUNNING = "running"  # a node holds it under a lease it renews by heartbeat
+    WAITING = "waiting"  # split into block tasks (child jobs); ends when they all have
     SUCCEEDED = "succeeded"  # result accepted from the lease holder; terminal
     FAILED = "failed"  # gave up after max_attempts, or the input can never work; terminal
     CANCELLED = "cancelled"  # stopped by the user; terminal
@@ -37,7 +38,9 @@ class JobStatus(str, Enum):
 
 TRANSITIONS: dict[JobStatus, set[JobStatus]] = {
     JobStatus.QUEUED: {JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED},
-    JobStatus.RUNNING: {JobStatus.QUEUED, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED},
+    JobStatus.RUNNING: {JobStatus.QUEUED, JobStatus.WAITING, JobStatus.SUCCEEDED, JobStatus.FAILED,
+                        JobStatus.CANCELLED},
+    JobStatus.WAITING: {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED},
     JobStatus.SUCCEEDED: set(),
     JobStatus.FAILED: set(),
     JobStatus.CANCELLED: set(),
@@ -49,6 +52,7 @@ class AttemptOutcome(str, Enum):
 
     RUNNING = "running"  # still under lease
     SUCCEEDED = "succeeded"  # produced the job's result
+    SPLIT = "split"  # planned a blockwise job: its blocks are child jobs now
     HANDED_BACK = "handed_back"  # the node stopped (signal, drain, spot notice) and returned the rest
     EXPIRED = "expired"  # the lease ran out: the node vanished or stalled
     ERRORED = "errored"  # the job raised on the node
@@ -62,14 +66,18 @@ class _Strict(BaseModel):
 class JobSpec(_Strict):
     """What a user asks for. Unknown fields are an error, so a typo never silently does nothing."""
 
-    kind: Literal["segment", "train", "predict"] = Field(
-        description="segment = train then predict the same image; train = model only; predict = apply a model"
+    kind: Literal["segment", "train", "predict", "block"] = Field(
+        description="segment = train then predict the same image; train = model only; predict = apply a model;"
+        " block = one block of a blockwise prediction (created by the orchestrator)"
     )
     task: Literal["segmentation"] = "segmentation"
     image: str = Field(description="store URI of the input image (TIFF, zarr, .npy/.npz)")
     labels: str | None = Field(None, description="store URI of sparse labels (0 = unlabelled, 1..K)")
     model: str | None = Field(None, description="store URI of a model checkpoint (predict)")
     output_format: Literal["tif", "zarr", "npy"] = "tif"
+    output: str | None = Field(None, description="where a blockwise prediction writes its zarr (URL); default: the store")
+    parent: str | None = Field(None, description="block: the blockwise job it belongs to")
+    block: dict[str, Any] | None = Field(None, description="block: index, core and read regions, normalisation")
     epochs: int | None = Field(None, ge=1, le=100_000, description="override of the automatic epoch count")
     time_budget: float | None = Field(None, gt=0, description="cap on training seconds")
     options: dict[str, Any] = Field(default_factory=dict, description="engine options (e.g. network variant)")
@@ -83,9 +91,16 @@ class JobSpec(_Strict):
         """Cross-field rules: training needs labels, prediction needs a model."""
         if self.kind in ("segment", "train") and not self.labels:
             raise BadInput(f"invalid job spec: field 'labels': a {self.kind} job needs --labels LABELS")
-        if self.kind == "predict" and not self.model:
+        if self.kind == "block" and not (self.parent and self.block and self.output and self.model):
+            raise BadInput("invalid job spec: a block job needs parent, block, output and model")
+        if self.kind in ("predict", "block") and not self.model:
             raise BadInput("invalid job spec: field 'model': a predict job needs MODEL (a job id or model URI)")
         return self
+
+    @property
+    def blockwise(self) -> bool:
+        """A prediction of a zarr volume into zarr, cut into block tasks that nodes run in parallel."""
+        return self.kind == "predict" and self.output_format == "zarr" and self.image.rstrip("/").endswith(".zarr")
 
     @property
     def trains(self) -> bool:
@@ -142,6 +157,7 @@ class Job(_Strict):
     plan: dict[str, Any] | None = None  # the engine's automatic configuration and its reasons
     metrics: dict[str, float] = Field(default_factory=dict)
     error: str | None = None
+    blocks: dict[str, Any] | None = None  # blockwise progress: total, done, per node, voxels, timings
     cancel_requested: bool = False
     events: list[tuple[float, str]] = Field(default_factory=list)
 

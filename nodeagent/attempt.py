@@ -56,7 +56,7 @@ class Attempt:
         t0 = time.perf_counter()
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            body = self._predict_only() if self.job.spec.kind == "predict" else self._train()
+            body = self._predict_only() if self.job.spec.kind in ("predict", "block") else self._train()
         except LeaseLost as e:
             body = {"outcome": "cancelled", "error": f"lease lost: {e}"}
         except BadInput as e:  # the input can never work: no point retrying elsewhere
@@ -109,6 +109,12 @@ class Attempt:
 
     def _predict_only(self) -> dict[str, Any]:
         spec = self.job.spec
+        if spec.kind == "block" or spec.blockwise:
+            from dlorch.nodeagent import blockwise
+
+            with self.timed("fetch_model_s"):
+                model = self._cached(spec.model, ".ckpt")
+            return blockwise.run_block(self, model) if spec.kind == "block" else blockwise.split(self, model)
         with self.timed("fetch_inputs_s"):
             image = self._read(spec.image, "image")
         with self.timed("fetch_model_s"):

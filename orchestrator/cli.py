@@ -134,19 +134,25 @@ def train_segment(
 @app.command()
 def predict(
     model: str = typer.Argument(..., help="id of a succeeded training job, or a model .ckpt path/URI"),
-    image: Path = typer.Argument(..., help="image to segment"),
-    out: Path = typer.Option(..., "-o", "--out", help="label map to write: .tif, .zarr or .npy"),
+    image: str = typer.Argument(..., help="image to segment; a .zarr volume (path or s3:// URL) is predicted blockwise"),
+    out: str = typer.Option(..., "-o", "--out", help="label map to write: .tif, .zarr or .npy; or an s3://... .zarr URL"),
     priority: int = typer.Option(0, "--priority"),
+    block_voxels: Optional[int] = typer.Option(None, "--block-voxels", min=4096,
+                                               help="blockwise: voxels per block (default: about 4 M)"),
     detach: bool = typer.Option(False, "--detach", help="print only the job id and return"),
 ) -> None:
     """Segment an image with a trained model."""
     from dlorch.core.imageio import output_format
 
-    fmt = output_format(out)
+    fmt = output_format(Path(out))
     c = client()
-    spec = {"kind": "predict", "image": _upload(c, str(image), "image"), "model": _model_uri(c, model),
+    spec = {"kind": "predict", "image": _upload(c, image, "image"), "model": _model_uri(c, model),
             "priority": priority, "output_format": fmt}
-    _run_job(spec, detach, out=out, c=c)
+    if "://" in out:  # a URL (s3://bucket/out.zarr): blocks write there directly
+        spec["output"] = out
+    if block_voxels:
+        spec["options"] = {"block_voxels": block_voxels}
+    _run_job(spec, detach, out=None if "://" in out else Path(out), c=c)
 
 
 @app.command()
@@ -174,11 +180,12 @@ def submit(
 
 
 @app.command()
-def jobs(as_json: bool = typer.Option(False, "--json", help="one JSON document")) -> None:
+def jobs(as_json: bool = typer.Option(False, "--json", help="one JSON document"),
+         blocks: bool = typer.Option(False, "--blocks", help="also list the block tasks of blockwise jobs")) -> None:
     """List jobs, oldest first, with their node and epochs."""
     from dlorch.orchestrator import views
 
-    all_jobs = client().ledger.jobs()
+    all_jobs = [j for j in client().ledger.jobs() if blocks or not j.spec.parent]
     if as_json:
         typer.echo(json.dumps([j.public() for j in all_jobs], indent=1))
     else:
@@ -283,9 +290,20 @@ def _upload(c, spec: str, role: str, array=None) -> str:
     from dlorch.core.imageio import read_image, split_key, write_image
     from dlorch.core.store import image_suffix
 
+    if "://" in spec:  # already where every node can read it
+        if spec.rstrip("/").endswith(".zarr"):
+            from dlorch.core.volumes import open_volume
+
+            open_volume(spec)  # a wrong URL or missing bucket fails here, in one line
+        return spec
     path, key = split_key(spec)
     if not path.exists():
         raise BadInput(f"{role} file not found: {path}")
+    if image_suffix(path) in (".zarr", ".ome.zarr"):
+        from dlorch.core.volumes import open_volume
+
+        open_volume(str(path))  # check it opens, without reading a volume that may exceed memory
+        return c.store.put_blob(path)
     if image_suffix(path) != ".npz":
         if array is None:
             read_image(path, key, role=role)  # fail here, with a clear line, on an unreadable file
@@ -328,7 +346,9 @@ def _run_job(spec: dict[str, Any], detach: bool, out: Path | None, c=None) -> No
     if job.status.value != "succeeded":
         raise DlorchError(f"job {job.id} {job.status.value}: {job.error or 'see `dlorch logs ' + job.id + '`'}")
     result = job.output if job.spec.kind != "train" else job.model
-    if out is not None and result:
+    if job.spec.output:
+        typer.echo(f"wrote {job.spec.output}", err=True)
+    elif out is not None and result:
         c.fetch(result, out)
         typer.echo(f"wrote {out}", err=True)
     if job.model:

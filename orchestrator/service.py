@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from dlorch.core.errors import DlorchError, StaleWrite
 from dlorch.core.settings import Settings
+from dlorch.core.store import DataStore
 from dlorch.core.spec import Attempt, AttemptOutcome, Job, JobStatus, NodeInfo, new_job_id, parse_spec
 from dlorch.orchestrator.ledger import Leader, Ledger
 from dlorch.orchestrator.leases import expired_leases, fruitless_attempts, missing_from_queue
@@ -35,6 +36,7 @@ class Orchestrator:
 
     def __init__(self, settings: Settings, ledger: Ledger, queue: Queue, clock: Callable[[], float] = time.time):
         self.settings, self.ledger, self.queue, self.clock = settings, ledger, queue, clock
+        self.store_url = DataStore(settings.resolved_store()).url
         now = clock()
         self.me = Leader(id=uuid.uuid4().hex[:12], hostname=socket.gethostname(), pid=os.getpid(),
                          started_at=now, heartbeat_at=now)
@@ -206,7 +208,68 @@ class Orchestrator:
 
     def on_finish(self, msg: dict) -> Reply:
         outcome = AttemptOutcome(msg["outcome"])
+        if outcome is AttemptOutcome.SPLIT:
+            return self._split(msg)
         return self._end_attempt(msg["job"], int(msg["token"]), outcome, self.clock(), node=msg["node"], msg=msg)
+
+    def _split(self, msg: dict) -> Reply:
+        """A planner attempt cut a blockwise job into blocks: record them as child jobs and queue them."""
+        now, token, node = self.clock(), int(msg["token"]), msg["node"]
+        blocks = msg["blocks"]
+
+        def split(job: Job) -> None:
+            att = self._holder(job, token, node)
+            if msg["output"] not in (job.spec.output, f"{self.store_url}/jobs/{job.id}/output.zarr"):
+                raise StaleWrite(f"output {msg['output']} is not this job's")
+            att.outcome, att.ended_at, att.lease_expires_at = AttemptOutcome.SPLIT, now, None
+            att.timings.update(msg.get("timings") or {})
+            job.status, job.output, job.updated_at = JobStatus.WAITING, msg["output"], now
+            job.blocks = {"total": len(blocks), "done": 0, "by_node": {}, "voxels_total": msg.get("voxels", 0),
+                          "voxels_done": 0, "started_at": now, "timings": {}}
+            job.log(now, f"split into {len(blocks)} blocks by node {node}")
+
+        parent = self.ledger.update(msg["job"], split, expect=[JobStatus.RUNNING])
+        for b in blocks:
+            spec = parent.spec.model_copy(update={"kind": "block", "parent": parent.id, "output": parent.output,
+                                                  "block": {**b, "norm": msg.get("norm")}})
+            child = Job(id=f"{parent.id}-b{b['index']:05d}", spec=spec, created_at=now, updated_at=now)
+            if self.ledger.store.get(f"jobs/{child.id}") is None:
+                self.ledger.create(child)
+                self._enqueue(child, now)
+        self._touch_node(node, now, job=None, attempt=None)
+        return {"ok": True, "status": parent.status.value}
+
+    def _child_ended(self, child: Job, now: float) -> None:
+        """Fold a finished block into its parent: progress, per-node share, completion or failure."""
+
+        def fold(parent: Job) -> None:
+            b = parent.blocks or {}
+            if child.status is JobStatus.SUCCEEDED:
+                b["done"] += 1
+                node = child.node or "?"
+                b["by_node"][node] = b["by_node"].get(node, 0) + 1
+                b["voxels_done"] += int(child.metrics.get("voxels", 0))
+                for k, v in (child.current.timings if child.current else {}).items():
+                    b["timings"][k] = b["timings"].get(k, 0.0) + v
+                if b["done"] >= b["total"]:
+                    parent.status = JobStatus.SUCCEEDED
+                    b["finished_at"] = now
+                    parent.log(now, f"all {b['total']} blocks done")
+            else:
+                parent.status, parent.error = JobStatus.FAILED, f"block {child.spec.block['index']}: {child.error}"
+                parent.log(now, f"failed: {parent.error}")
+            parent.updated_at = now
+
+        parent = self.ledger.update(child.spec.parent, fold, expect=[JobStatus.WAITING])
+        if parent.status is JobStatus.FAILED:
+            self._cancel_children(parent, now)
+
+    def _cancel_children(self, parent: Job, now: float) -> None:
+        for i in range((parent.blocks or {}).get("total", 0)):
+            try:
+                self.on_cancel({"job": f"{parent.id}-b{i:05d}"})
+            except (StaleWrite, DlorchError):
+                pass  # already ended
 
     def on_cancel(self, msg: dict) -> Reply:
         now = self.clock()
@@ -220,6 +283,8 @@ class Orchestrator:
             job.log(now, "cancelled by the user")
 
         job = self.ledger.update(self.ledger.resolve(msg["job"]), cancel)
+        if job.blocks:
+            self._cancel_children(job, now)
         return {"ok": True, "job": job.id}
 
     def on_register(self, msg: dict) -> Reply:
@@ -286,13 +351,14 @@ class Orchestrator:
     def _end_attempt(self, job_id: str, token: int, outcome: AttemptOutcome, now: float,
                      node: str | None = None, msg: dict | None = None, note: str = "") -> Reply:
         msg = msg or {}
-        requeue = False
+        requeue = applied = False
 
         def end(job: Job) -> None:
-            nonlocal requeue
+            nonlocal requeue, applied
             prior = next((a for a in job.attempts if a.token == token), None)
             if prior is not None and prior.outcome is outcome and job.status is not JobStatus.RUNNING:
                 return  # the same report again (its first reply was lost): already applied
+            applied = True
             att = self._holder(job, token, node)
             att.outcome, att.ended_at, att.lease_expires_at = outcome, now, None
             att.timings.update(msg.get("timings") or {})
@@ -332,6 +398,8 @@ class Orchestrator:
         job = self.ledger.update(job_id, end)
         if requeue:
             self._enqueue(job, now)
+        elif applied and job.spec.parent and job.status.is_terminal() and job.status is not JobStatus.CANCELLED:
+            self._child_ended(job, now)
         if node:
             self._touch_node(node, now, job=None, attempt=None)
         return {"ok": True, "status": job.status.value}

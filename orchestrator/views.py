@@ -43,6 +43,12 @@ def job_detail(j: Job) -> None:
                          ("output", j.output), ("checkpoint", j.checkpoint), ("error", j.error)):
         if value:
             console.print(f"  {label:<10} {value}")
+    if j.blocks:
+        console.print(f"  blocks     {blocks_summary(j, now)}")
+        tm = j.blocks.get("timings", {})
+        if tm:
+            console.print("  per block  " + "  ".join(f"{k.removesuffix('_s')}={v / max(1, j.blocks['done']):.3f}s"
+                                                  for k, v in sorted(tm.items())))
     if j.metrics:
         console.print("  metrics    " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(j.metrics.items())))
     console.print("  attempts:")
@@ -83,14 +89,30 @@ def follow(client, job_id: str, service=None) -> Job:
         def update(job: Job) -> None:
             if service is not None and service.error is not None:
                 raise service.error
-            total = job.epochs_total if job.spec.trains else 1
-            done = job.epochs_done if job.spec.trains else int(job.status is JobStatus.SUCCEEDED)
+            if job.blocks:
+                total, done = job.blocks["total"], job.blocks["done"]
+            elif job.spec.trains:
+                total, done = job.epochs_total, job.epochs_done
+            else:
+                total, done = 1, int(job.status is JobStatus.SUCCEEDED)
             bar.update(task, total=total, completed=done, state=_state(job))
 
         return client.wait(job_id, update)
 
 
+def blocks_summary(job: Job, now: float) -> str:
+    """Blocks done/total, throughput and each node's share, for a blockwise job."""
+    b = job.blocks or {}
+    took = (b.get("finished_at") or now) - b.get("started_at", now)
+    mvox = b.get("voxels_done", 0) / 1e6
+    share = ", ".join(f"{n} {k}" for n, k in sorted(b.get("by_node", {}).items()))
+    rate = f" {mvox / took:.2f} Mvox/s" if took > 0 else ""
+    return f"{b.get('done', 0)}/{b.get('total', 0)} blocks{rate}" + (f" ({share})" if share else "")
+
+
 def _state(job: Job) -> str:
+    if job.blocks:
+        return f"{job.status.value} " + blocks_summary(job, time.time())
     if job.spec.trains:
         s = f"{job.status.value} epoch {job.epochs_done}/{job.epochs_total or '?'}"
     else:

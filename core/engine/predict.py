@@ -10,7 +10,7 @@ from monai.inferers import sliding_window_inference
 
 from dlorch.core.engine.device import apply_threads, detect_runtime
 from dlorch.core.engine.inputs import as_stack
-from dlorch.core.engine.intensity import normalize
+from dlorch.core.engine.intensity import IntensityStats, normalize
 from dlorch.core.engine.module import CKPT_KEY
 from dlorch.core.engine.network import build_unet
 from dlorch.core.engine.plan import SegmentationPlan
@@ -43,23 +43,28 @@ def load_model(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, SegmentationP
     return net.eval(), plan
 
 
-def predict_probabilities(checkpoint: pathlib.Path, image: np.ndarray) -> np.ndarray:
+def predict_probabilities(checkpoint: pathlib.Path | None, image: np.ndarray, *,
+                          stats: IntensityStats | None = None,
+                          model: tuple[torch.nn.Module, SegmentationPlan] | None = None) -> np.ndarray:
     """Class probabilities for every pixel.
 
     Args:
-        checkpoint: a ``.ckpt`` written by ``train_segmentation``.
+        checkpoint: a ``.ckpt`` written by ``train_segmentation`` (unused when ``model`` is given).
         image: (Y, X) or (Z, Y, X) image of any real dtype.
+        stats: intensity statistics to normalise with; by default the image's own. Blockwise
+            prediction passes the whole volume's, so every block is normalised alike.
+        model: a ``load_model`` result to reuse (a node predicting many blocks loads it once).
 
     Returns:
         float32 array (K, *image.shape); channel c holds the probability of class c + 1.
     """
     stack = as_stack(image)
-    net, plan = load_model(checkpoint)
+    net, plan = model if model is not None else load_model(checkpoint)
     runtime = detect_runtime()
     apply_threads(runtime)
     device = runtime.device
     net = net.to(device).to(memory_format=torch.channels_last)
-    norm = normalize(stack)
+    norm = normalize(stack, stats)
     # The window may not exceed the image by more than the network's size multiple: it is
     # padded up to the window, and the network needs sizes divisible by 2**downsamplings.
     multiple = 2 ** (len(plan.filters) - 1)

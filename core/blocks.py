@@ -1,0 +1,70 @@
+"""Blockwise planning for large volumes: blocks on the zarr chunk grid, each read with a halo (pure)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Block:
+    """One unit of blockwise work: write ``core``, computed from ``read`` (core plus halo, clipped)."""
+
+    index: int
+    core: tuple[tuple[int, int], ...]  # [start, stop) per axis, written to the output
+    read: tuple[tuple[int, int], ...]  # [start, stop) per axis, read from the input
+
+    def core_slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in self.core)
+
+    def read_slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in self.read)
+
+    def crop(self) -> tuple[slice, ...]:
+        """Where the core lies inside the read region."""
+        return tuple(slice(c0 - r0, c1 - r0) for (c0, c1), (r0, _) in zip(self.core, self.read))
+
+    @property
+    def voxels(self) -> int:
+        return math.prod(b - a for a, b in self.core)
+
+
+def block_shape(shape: tuple[int, ...], chunks: tuple[int, ...], target_voxels: int) -> tuple[int, ...]:
+    """A block shape made of whole chunks, near ``target_voxels``, growing the in-plane axes first.
+
+    Whole chunks keep every block's writes disjoint at the storage level, so blocks written
+    concurrently never touch the same chunk object.
+    """
+    size = list(chunks)
+    order = list(range(len(shape)))[::-1]  # X, then Y, then Z...
+    grown = True
+    while grown and math.prod(size) < target_voxels:
+        grown = False
+        for ax in order:
+            if size[ax] < shape[ax] and math.prod(size) * 2 <= target_voxels * 1.5:
+                size[ax] = min(shape[ax], size[ax] + chunks[ax] * max(1, size[ax] // chunks[ax]))
+                grown = True
+    return tuple(min(s, n) for s, n in zip(size, shape))
+
+
+def plan_blocks(shape: tuple[int, ...], chunks: tuple[int, ...], halo: tuple[int, ...],
+                target_voxels: int) -> list[Block]:
+    """Cut a volume into chunk-aligned blocks with halos.
+
+    Args:
+        shape: the volume's shape.
+        chunks: its zarr chunk shape (blocks are whole multiples of it).
+        halo: context each block reads beyond its core, per axis (the model's receptive need).
+        target_voxels: wanted core size, chosen so that a block takes seconds (amortises dispatch).
+    """
+    if not (len(shape) == len(chunks) == len(halo)):
+        raise ValueError(f"shape {shape}, chunks {chunks} and halo {halo} differ in length")
+    size = block_shape(tuple(shape), tuple(chunks), target_voxels)
+    ranges = [range(0, n, s) for n, s in zip(shape, size)]
+    blocks = []
+    for i, starts in enumerate(itertools.product(*ranges)):
+        core = tuple((s, min(s + b, n)) for s, b, n in zip(starts, size, shape))
+        read = tuple((max(0, a - h), min(n, b + h)) for (a, b), h, n in zip(core, halo, shape))
+        blocks.append(Block(i, core, read))
+    return blocks

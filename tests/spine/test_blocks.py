@@ -1,0 +1,37 @@
+"""Pure block planning: chunk-aligned blocks that tile the volume once, halos clipped at the borders."""
+
+import numpy as np
+import pytest
+
+from dlorch.core.blocks import plan_blocks
+
+
+@pytest.mark.parametrize("shape,chunks,halo,target", [
+    ((10, 100, 130), (1, 32, 32), (0, 16, 16), 5000),
+    ((300, 257), (64, 64), (8, 8), 20000),
+    ((4, 64, 64), (2, 64, 64), (1, 0, 0), 10**9),
+])
+def test_blocks_tile_the_volume_exactly_once(shape, chunks, halo, target):
+    blocks = plan_blocks(shape, chunks, halo, target)
+    cover = np.zeros(shape, np.int32)
+    for b in blocks:
+        cover[b.core_slices()] += 1
+        for (c0, c1), (r0, r1), h, n, ch in zip(b.core, b.read, halo, shape, chunks):
+            assert c0 % ch == 0 and (c1 % ch == 0 or c1 == n)  # whole chunks: no shared chunk objects
+            assert r0 == max(0, c0 - h) and r1 == min(n, c1 + h)
+        region = np.zeros([r1 - r0 for r0, r1 in b.read])
+        assert region[b.crop()].shape == tuple(c1 - c0 for c0, c1 in b.core)
+    assert (cover == 1).all()
+    assert [b.index for b in blocks] == list(range(len(blocks)))
+
+
+def test_block_size_follows_the_target():
+    small = plan_blocks((64, 512, 512), (1, 64, 64), (0, 32, 32), 64 * 64)
+    large = plan_blocks((64, 512, 512), (1, 64, 64), (0, 32, 32), 2**20)
+    assert len(small) == 64 * 64 and len(large) < len(small) / 100
+    assert max(b.voxels for b in large) <= 1.5 * 2**20
+
+
+def test_mismatched_dimensions_are_refused():
+    with pytest.raises(ValueError, match="differ in length"):
+        plan_blocks((10, 10), (5,), (0, 0), 10)

@@ -1,0 +1,120 @@
+"""Blockwise prediction of zarr volumes by many agents: identical bytes whatever the agents, kills and storage."""
+
+import signal
+
+import numpy as np
+import pytest
+import zarr
+
+from tests.conftest import free_port, synthetic_pair
+from tests.harness import Cluster
+
+BLOCK_VOXELS = "8192"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A small trained checkpoint, made in-process once for the module."""
+    from dlorch.core.engine.hooks import NoHooks
+    from dlorch.core.engine.segment import plan_segmentation, train_segmentation
+
+    tmp = tmp_path_factory.mktemp("model")
+    img, lab = synthetic_pair(tmp)
+    image, labels = np.load(img), np.load(lab)
+    plan = plan_segmentation(image, labels, epochs=1)
+    return train_segmentation(image, labels, plan, workdir=tmp / "w", resume_from=None, hooks=NoHooks()).checkpoint
+
+
+def _volume(path, shape=(6, 128, 128), chunks=(1, 64, 64)):
+    rng = np.random.default_rng(3)
+    a = (rng.random(shape) * 80).astype(np.uint8)
+    a[:, 20:70, 30:90] += 120
+    z = zarr.create_array(str(path), shape=shape, chunks=chunks, dtype="uint8")
+    z[...] = a
+    return a
+
+
+def _predict(c, model, src, dst, *extra):
+    return c.cli("predict", str(model), str(src), "-o", str(dst), "--block-voxels", BLOCK_VOXELS, *extra)
+
+
+def test_one_agent_three_agents_and_kills_give_identical_bytes(home, tmp_path, model):
+    _volume(tmp_path / "in.zarr")
+    with Cluster(tmp_path, home) as c:
+        c.agent("a1")
+        _predict(c, model, tmp_path / "in.zarr", tmp_path / "one.zarr")
+        c.agent("a2")
+        c.agent("a3")
+        jid = _predict(c, model, tmp_path / "in.zarr", tmp_path / "three.zarr").stdout.strip().splitlines()[-1]
+        three = c.job(jid)
+        assert three["blocks"]["done"] == three["blocks"]["total"] >= 12
+        assert len(three["blocks"]["by_node"]) >= 2  # the work was shared
+        status = c.cli("status", jid).stdout
+        assert "blocks" in status and "Mvox/s" in status
+
+        killed = _predict(c, model, tmp_path / "in.zarr", tmp_path / "k.zarr", "--detach").stdout.strip()
+        c.wait_job(killed, lambda j: (j.get("blocks") or {}).get("done", 0) >= 2, 120, what="blocks under way")
+        victim = next(n for n, p in c.agents.items() if p.poll() is None)
+        c.agents[victim].send_signal(signal.SIGKILL)
+        c.agents[victim].wait()
+        c.agent(victim)
+        done = c.wait_job(killed, lambda j: j["status"] in ("succeeded", "failed"), 300)
+        assert done["status"] == "succeeded"
+        one = zarr.open_array(str(tmp_path / "one.zarr"), mode="r")[...]
+        np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "three.zarr"), mode="r")[...], one)
+        np.testing.assert_array_equal(zarr.open_array(done["output"], mode="r")[...], one)
+        assert set(np.unique(one)) <= {1, 2} and one.shape == (6, 128, 128)
+
+
+def test_a_block_that_cannot_be_read_fails_the_job_after_retries(home, tmp_path, model):
+    _volume(tmp_path / "in.zarr")
+    chunk = next(p for p in (tmp_path / "in.zarr").rglob("*") if p.is_file() and p.parent.name == "1")
+    with Cluster(tmp_path, home, DLORCH_MAX_ATTEMPTS="2") as c:
+        c.agent("a1")
+        jid = _predict(c, model, tmp_path / "in.zarr", tmp_path / "o.zarr", "--detach").stdout.strip()
+        parent = c.wait_job(jid, lambda j: j["status"] == "waiting", 120)
+        assert parent["blocks"]["total"] >= 12
+        # Corrupt one chunk of the uploaded input (the store's copy) after the split.
+        stored = next(p for p in (home / "blobs").glob("*.zarr"))
+        victim = stored / chunk.relative_to(tmp_path / "in.zarr")
+        victim.write_bytes(b"garbage, not a compressed chunk")
+        done = c.wait_job(jid, lambda j: j["status"] in ("succeeded", "failed"), 300)
+        assert done["status"] == "failed" and done["error"].startswith("block ")
+        assert not (tmp_path / "o.zarr").exists()
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    import boto3
+
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bucket")
+    yield env
+    server.stop()
+
+
+def test_s3_volume_predicted_by_two_agents_into_s3(home, tmp_path, model, s3):
+    from dlorch.core.volumes import storage_options
+
+    local = _volume(tmp_path / "in.zarr")
+    z = zarr.create_array("s3://bucket/in.zarr", shape=local.shape, chunks=(1, 64, 64), dtype="uint8",
+                          storage_options=storage_options("s3://bucket/in.zarr"))
+    z[...] = local
+    with Cluster(tmp_path, home, **s3) as c:
+        c.agent("a1")
+        c.agent("a2")
+        _predict(c, model, "s3://bucket/in.zarr", "s3://bucket/out.zarr")
+        out = zarr.open_array("s3://bucket/out.zarr", mode="r", storage_options=storage_options("s3://"))[...]
+        _predict(c, model, tmp_path / "in.zarr", tmp_path / "local.zarr")
+        np.testing.assert_array_equal(out, zarr.open_array(str(tmp_path / "local.zarr"), mode="r")[...])
+        bad = c.cli("predict", str(model), "s3://no-such-bucket/in.zarr", "-o", "s3://bucket/x.zarr", check=False)
+        assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
+        assert "no-such-bucket" in bad.stderr and "Traceback" not in bad.stderr
