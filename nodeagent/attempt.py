@@ -167,7 +167,9 @@ class Attempt:
         if not local.exists():
             if not self.store.exists(uri):
                 raise BadInput(f"not found in the store: {uri}")
-            self.store.get_file(uri, local)
+            with self.timed("download_s"):
+                self.store.get_file(uri, local)
+            self.timings["downloads"] = self.timings.get("downloads", 0) + 1  # transfers, for the record
         return local
 
     def _read(self, uri: str | None, role: str) -> np.ndarray:

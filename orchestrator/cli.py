@@ -137,7 +137,7 @@ def predict(
     image: str = typer.Argument(..., help="image to segment; a .zarr volume (path or s3:// URL) is predicted blockwise"),
     out: str = typer.Option(..., "-o", "--out", help="label map to write: .tif, .zarr or .npy; or an s3://... .zarr URL"),
     priority: int = typer.Option(0, "--priority"),
-    block_voxels: Optional[int] = typer.Option(None, "--block-voxels", min=4096,
+    block_voxels: Optional[int] = typer.Option(None, "--block-voxels", min=1,
                                                help="blockwise: voxels per block (default: about 4 M)"),
     detach: bool = typer.Option(False, "--detach", help="print only the job id and return"),
 ) -> None:
