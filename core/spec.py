@@ -66,11 +66,13 @@ class _Strict(BaseModel):
 class JobSpec(_Strict):
     """What a user asks for. Unknown fields are an error, so a typo never silently does nothing."""
 
-    kind: Literal["segment", "train", "predict", "block"] = Field(
-        description="segment = train then predict the same image; train = model only; predict = apply a model;"
-        " block = one block of a blockwise prediction (created by the orchestrator)"
+    kind: Literal["segment", "denoise", "train", "predict", "block"] = Field(
+        description="segment / denoise = train then predict the same image; train = model only; predict = apply a"
+        " model; block = one block of a blockwise prediction (created by the orchestrator)"
     )
-    task: Literal["segmentation"] = "segmentation"
+    task: Literal["segmentation", "denoising"] = "segmentation"
+    target: str | None = Field(None, description="denoising: a second noisy acquisition (n2n) or a clean image (care)")
+    mode: Literal["n2v", "n2n", "care"] | None = Field(None, description="denoising scheme; automatic by default")
     image: str = Field(description="store URI of the input image (TIFF, zarr, .npy/.npz)")
     labels: str | None = Field(None, description="store URI of sparse labels (0 = unlabelled, 1..K)")
     model: str | None = Field(None, description="store URI of a model checkpoint (predict)")
@@ -89,7 +91,9 @@ class JobSpec(_Strict):
 
     def check(self) -> "JobSpec":
         """Cross-field rules: training needs labels, prediction needs a model."""
-        if self.kind in ("segment", "train") and not self.labels:
+        if self.kind == "denoise" and self.task != "denoising":
+            raise BadInput("invalid job spec: field 'task': a denoise job has task 'denoising'")
+        if self.task == "segmentation" and self.kind in ("segment", "train") and not self.labels:
             raise BadInput(f"invalid job spec: field 'labels': a {self.kind} job needs --labels LABELS")
         if self.kind == "block" and not (self.parent and self.block and self.output and self.model):
             raise BadInput("invalid job spec: a block job needs parent, block, output and model")
@@ -105,7 +109,7 @@ class JobSpec(_Strict):
     @property
     def trains(self) -> bool:
         """True for jobs that train (and so have epochs and checkpoints)."""
-        return self.kind in ("segment", "train")
+        return self.kind in ("segment", "denoise", "train")
 
 
 def parse_spec(data: dict[str, Any] | str) -> JobSpec:

@@ -21,6 +21,7 @@ from dlorch.core.imageio import read_image, write_image
 from dlorch.core.spec import Job
 from dlorch.core.store import DataStore
 from dlorch.nodeagent.interrupts import StopFlag
+from dlorch.nodeagent.tasks import task_of
 
 log = logging.getLogger("dlorch.agent")
 
@@ -71,29 +72,24 @@ class Attempt:
 
     # -- job kinds ----------------------------------------------------------------------------------
     def _train(self) -> dict[str, Any]:
-        from dlorch.core.engine import segment as engine
-
         spec = self.job.spec
+        task = task_of(spec)
         with self.timed("fetch_inputs_s"):
             image = self._read(spec.image, "image")
-            labels = self._read(spec.labels, "labels")
-        if labels.shape != image.shape:
-            raise BadInput(f"labels shape {labels.shape} differs from image shape {image.shape}; "
-                           "paint labels on the same grid as the image")
+            aux = self._read(getattr(spec, task.aux_role), task.aux_role) if task.aux_role else None
+        if aux is not None and aux.shape != image.shape:
+            raise BadInput(f"{task.aux_role} shape {aux.shape} differs from image shape {image.shape}; "
+                           f"give {task.aux_role} on the same grid as the image")
         with self.timed("plan_s"):
-            if self.job.plan:
-                plan = engine.SegmentationPlan.model_validate(self.job.plan)
-            else:
-                try:
-                    plan = engine.plan_segmentation(image, labels, epochs=spec.epochs, time_budget=spec.time_budget)
-                except ValueError as e:  # the engine's verdict on the data (no labels, one class, ...)
-                    raise BadInput(str(e)) from None
+            try:
+                plan = task.plan_model(self.job.plan) if self.job.plan else task.plan(image, aux)
+            except ValueError as e:  # the engine's verdict on the data (no labels, one class, ...)
+                raise BadInput(str(e)) from None
         with self.timed("fetch_checkpoint_s"):
             resume = self._resume_point()
         hooks = _Hooks(self, plan.model_dump(mode="json"), plan.epochs)
         with self.timed("train_s"):
-            result = engine.train_segmentation(image, labels, plan, workdir=self.workdir / "train",
-                                               resume_from=resume, hooks=hooks)
+            result = task.train(image, aux, plan, workdir=self.workdir / "train", resume_from=resume, hooks=hooks)
         body: dict[str, Any] = {"epochs_done": result.epochs_done, "epochs_total": plan.epochs,
                                 "plan": plan.model_dump(mode="json"), "metrics": result.metrics,
                                 "checkpoint": hooks.last_uri}
@@ -103,7 +99,7 @@ class Attempt:
             body["epochs_total"] = result.epochs_done  # the budget capped the count
         with self.timed("upload_model_s"):
             body["model"] = self.store.put_file(result.checkpoint, f"{self.prefix}/model.ckpt")
-        if spec.kind == "segment":
+        if spec.kind in ("segment", "denoise"):
             body["output"] = self._predict_and_upload(result.checkpoint, image)
         return {**body, "outcome": "succeeded"}
 
@@ -122,13 +118,11 @@ class Attempt:
         return {"outcome": "succeeded", "output": self._predict_and_upload(model, image)}
 
     def _predict_and_upload(self, checkpoint: Path, image: np.ndarray) -> str:
-        from dlorch.core.engine import segment as engine
-
         with self.timed("predict_s"):
-            labels = engine.predict_segmentation(checkpoint, image)
+            result = task_of(self.job.spec).predict(checkpoint, image)
         fmt = self.job.spec.output_format
         with self.timed("upload_output_s"):
-            local = write_image(labels, self.workdir / f"output.{fmt}", fmt)
+            local = write_image(result, self.workdir / f"output.{fmt}", fmt)
             return self.store.put_file(local, f"{self.prefix}/output.{fmt}")
 
     def _resume_point(self) -> Path | None:

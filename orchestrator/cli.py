@@ -107,14 +107,56 @@ def segment(
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="override the automatic epoch count"),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", min=1, help="cap training seconds"),
     priority: int = typer.Option(0, "--priority", help="higher runs first"),
+    candidates: int = typer.Option(1, "--candidates", min=1, help="train N candidate models in parallel, keep the best"),
     detach: bool = typer.Option(False, "--detach", help="print only the job id and return"),
 ) -> None:
-    """Train on sparse labels and segment the image (one job)."""
+    """Train on sparse labels and segment the image (one job; with --candidates, N jobs and the best predicts)."""
     from dlorch.core.imageio import output_format
 
     fmt = output_format(out)
     spec = _training_spec("segment", str(image), labels, epochs, time_budget, priority) | {"output_format": fmt}
+    if candidates > 1:
+        best = _run_candidates({**spec, "kind": "train"}, candidates, detach)
+        if best is not None:
+            predict_spec = {"kind": "predict", "image": spec["image"], "model": best.model, "priority": priority,
+                            "output_format": fmt}
+            _run_job(predict_spec, detach=False, out=out)
+        return
     _run_job(spec, detach, out=out)
+
+
+@app.command()
+def denoise(
+    image: Path = typer.Argument(..., help="noisy image: TIFF, zarr, .npy or .npz (file.npz:NAME picks an array)"),
+    out: Path = typer.Option(..., "-o", "--out", help="denoised image to write (float32): .tif, .zarr or .npy"),
+    second: Optional[str] = typer.Option(None, "--second", help="a second noisy acquisition: Noise2Noise"),
+    clean: Optional[str] = typer.Option(None, "--clean", help="a clean target of the same scene: supervised (CARE)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="override the automatic epoch count"),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", min=1, help="cap training seconds"),
+    priority: int = typer.Option(0, "--priority", help="higher runs first"),
+    detach: bool = typer.Option(False, "--detach", help="print only the job id and return"),
+) -> None:
+    """Denoise an image, self-supervised from the noisy image alone (Noise2Void) unless given more."""
+    from dlorch.core.imageio import output_format
+
+    fmt = output_format(out)
+    _run_job(_denoise_spec("denoise", image, second, clean, epochs, time_budget, priority) | {"output_format": fmt},
+             detach, out=out)
+
+
+@train_app.command("denoise")
+def train_denoise(
+    image: Path = typer.Argument(..., help="noisy image"),
+    second: Optional[str] = typer.Option(None, "--second", help="a second noisy acquisition: Noise2Noise"),
+    clean: Optional[str] = typer.Option(None, "--clean", help="a clean target: supervised (CARE)"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="also copy the model checkpoint here"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", min=1),
+    priority: int = typer.Option(0, "--priority"),
+    detach: bool = typer.Option(False, "--detach", help="print only the job id and return"),
+) -> None:
+    """Train a denoising model; `dlorch predict JOB IMAGE` applies it."""
+    _run_job(_denoise_spec("train", image, second, clean, epochs, time_budget, priority), detach, out=out)
 
 
 @train_app.command("segment")
@@ -125,10 +167,17 @@ def train_segment(
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", min=1),
     priority: int = typer.Option(0, "--priority"),
-    detach: bool = typer.Option(False, "--detach", help="print only the job id and return"),
+    candidates: int = typer.Option(1, "--candidates", min=1, help="train N candidate models in parallel"),
+    detach: bool = typer.Option(False, "--detach", help="print only the job id(s) and return"),
 ) -> None:
     """Train a segmentation model; `dlorch predict JOB IMAGE` applies it."""
-    _run_job(_training_spec("train", str(image), labels, epochs, time_budget, priority), detach, out=out)
+    spec = _training_spec("train", str(image), labels, epochs, time_budget, priority)
+    if candidates > 1:
+        best = _run_candidates(spec, candidates, detach)
+        if best is not None and out is not None:
+            client().fetch(best.model, out)
+        return
+    _run_job(spec, detach, out=out)
 
 
 @app.command()
@@ -146,7 +195,8 @@ def predict(
 
     fmt = output_format(Path(out))
     c = client()
-    spec = {"kind": "predict", "image": _upload(c, image, "image"), "model": _model_uri(c, model),
+    model_uri, task = _model_uri(c, model)
+    spec = {"kind": "predict", "task": task, "image": _upload(c, image, "image"), "model": model_uri,
             "priority": priority, "output_format": fmt}
     if "://" in out:  # a URL (s3://bucket/out.zarr): blocks write there directly
         spec["output"] = out
@@ -283,6 +333,27 @@ def _training_spec(kind: str, image: str, labels: str, epochs, time_budget, prio
             "epochs": epochs, "time_budget": time_budget, "priority": priority}
 
 
+def _denoise_spec(kind: str, image: Path, second, clean, epochs, time_budget, priority) -> dict[str, Any]:
+    from dlorch.core.imageio import read_image, split_key
+
+    if second and clean:
+        raise BadInput("give --second (another noisy acquisition) or --clean (a clean target), not both")
+    c = client()
+    ipath, ikey = split_key(str(image))
+    img = read_image(ipath, ikey, role="image")
+    spec: dict[str, Any] = {"kind": kind, "task": "denoising", "image": _upload(c, str(image), "image", img),
+                            "epochs": epochs, "time_budget": time_budget, "priority": priority}
+    other = second or clean
+    if other:
+        tpath, tkey = split_key(other)
+        tgt = read_image(tpath, tkey, role="target")
+        if tgt.shape != img.shape:
+            raise BadInput(f"{'--second' if second else '--clean'} shape {tgt.shape} differs from image shape "
+                           f"{img.shape}; give an acquisition of the same grid")
+        spec |= {"target": _upload(c, other, "target", tgt), "mode": "n2n" if second else "care"}
+    return spec
+
+
 def _upload(c, spec: str, role: str, array=None) -> str:
     """Put a local input in the store, content-addressed; a container (.npz) goes in as the chosen array."""
     import tempfile
@@ -313,15 +384,31 @@ def _upload(c, spec: str, role: str, array=None) -> str:
         return c.store.put_blob(write_image(arr, Path(tmp) / f"{role}.npy", "npy"))
 
 
-def _model_uri(c, model: str) -> str:
-    if Path(model).exists():
-        return c.store.put_blob(Path(model))
-    if "://" in model:
-        return model
+def _model_uri(c, model: str) -> tuple[str, str]:
+    """The store URI of a model and its task: a training job's id, a local .ckpt, or a URL."""
+    if Path(model).exists() or "://" in model:
+        uri = c.store.put_blob(Path(model)) if Path(model).exists() else model
+        return uri, _checkpoint_task(c, uri)
     job = c.ledger.get(model)
     if not job.model:
         raise BadInput(f"job {job.id} has no model yet (it is {job.status.value}); wait for it to succeed")
-    return job.model
+    return job.model, job.spec.task
+
+
+def _checkpoint_task(c, uri: str) -> str:
+    """Which engine task wrote a checkpoint (denoising plans carry a ``mode``); segmentation by default."""
+    import tempfile
+
+    try:
+        import torch
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = torch.load(c.store.get_file(uri, Path(tmp) / "m.ckpt"), map_location="cpu", weights_only=True)
+        text = str(ckpt.get("hyper_parameters", "")) + str({k: v for k, v in ckpt.items() if k.startswith("dlorch")})
+        return "denoising" if "'mode': 'n2v'" in text or "'mode': 'n2n'" in text or "'mode': 'care'" in text \
+            else "segmentation"
+    except Exception:  # unreadable here: the job will say so on the node, with retries
+        return "segmentation"
 
 
 def _run_job(spec: dict[str, Any], detach: bool, out: Path | None, c=None) -> None:
@@ -354,6 +441,38 @@ def _run_job(spec: dict[str, Any], detach: bool, out: Path | None, c=None) -> No
     if job.model:
         typer.echo(f"model {job.model}", err=True)
     typer.echo(job.id)
+
+
+def _run_candidates(spec: dict[str, Any], n: int, detach: bool):
+    """Submit one training job per model variant, follow them together, print their validation table."""
+    from dlorch.core.engine.zoo import candidate_names
+    from dlorch.orchestrator import views
+    from dlorch.orchestrator.client import ensure_local_service
+
+    try:
+        names = candidate_names(n)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    c = client()
+    service = None if detach else ensure_local_service(c, agents=n)
+    try:
+        ids = {c.submit({**spec, "options": {"variant": v}, "name": f"candidate {v}"}): v for v in names}
+        if detach:
+            for jid in ids:
+                typer.echo(jid)
+            return None
+        finals = views.follow_many(c, list(ids), service)
+    finally:
+        if service is not None:
+            service.close()
+    views.candidates_table(finals, ids)
+    ok = [j for j in finals if j.status.value == "succeeded"]
+    if not ok:
+        raise DlorchError("no candidate succeeded; see `dlorch jobs` and `dlorch logs JOB`")
+    best = max(ok, key=lambda j: (j.metrics.get("best_val_iou", 0.0), -j.metrics.get("val_loss", 0.0)))
+    typer.echo(f"best: {ids[best.id]} ({best.id}), held-out stroke IoU {best.metrics.get('best_val_iou', 0):.4f}",
+               err=True)
+    return best
 
 
 def _log_to_stderr() -> None:

@@ -161,15 +161,21 @@ class LocalService:
             self.client.ledger.release_leadership(self.orch.me)
 
 
-def ensure_local_service(client: Client) -> LocalService | None:
-    """With no orchestrator or no agent running, start what is missing for the duration of a command."""
+def ensure_local_service(client: Client, agents: int = 1) -> LocalService | None:
+    """With no orchestrator or no agent running, start what is missing for the duration of a command.
+
+    Several local agents (for candidates trained side by side) share the CPU cores between them.
+    """
+    from dlorch.nodeagent.hardware import cpu_count
+
     orchestrate = not client.orchestrator_alive()
-    agents = 0 if client.live_nodes() else 1
-    if not orchestrate and not agents:
+    wanted = 0 if client.live_nodes() else max(1, min(agents, cpu_count()))
+    if not orchestrate and not wanted:
         return None
     root = client.store.local_root
     log_dir = (root if root is not None else Path.home() / ".dlorch") / "agent-logs"
-    return LocalService(client, agents=agents, orchestrate=orchestrate, log_dir=log_dir)
+    extra = ["--threads", str(max(1, cpu_count() // wanted))] if wanted > 1 else []
+    return LocalService(client, agents=wanted, orchestrate=orchestrate, log_dir=log_dir, agent_args=extra)
 
 
 def status_line(job: Job) -> str:

@@ -122,3 +122,33 @@ def _state(job: Job) -> str:
     if "val_iou" in job.metrics:
         s += f" val IoU {job.metrics['val_iou']:.3f}"
     return s
+
+
+def follow_many(client, job_ids: list[str], service=None, poll_s: float = 1.0) -> list[Job]:
+    """One progress bar per job until all end; returns their final records."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[state]}"),
+                  TimeElapsedColumn(), console=err_console) as bar:
+        tasks = {jid: bar.add_task(jid, total=None, state="queued") for jid in job_ids}
+        while True:
+            if service is not None and service.error is not None:
+                raise service.error
+            jobs = [client.ledger.get(jid) for jid in job_ids]
+            for j in jobs:
+                bar.update(tasks[j.id], total=j.epochs_total, completed=j.epochs_done, state=_state(j))
+            if all(j.status.is_terminal() for j in jobs):
+                return jobs
+            time.sleep(poll_s)
+
+
+def candidates_table(jobs: list[Job], names: dict[str, str]) -> None:
+    """The candidates side by side, best held-out score first."""
+    t = Table(box=None, title="candidates: validation on held-back painted strokes")
+    for col in ("variant", "job", "status", "node", "epochs", "val IoU", "val loss", "train s"):
+        t.add_column(col)
+    for j in sorted(jobs, key=lambda j: -j.metrics.get("best_val_iou", -1)):
+        m = j.metrics
+        t.add_row(names[j.id], j.id, j.status.value, j.node or "-", f"{j.epochs_done}/{j.epochs_total or '?'}",
+                  f"{m['best_val_iou']:.4f}" if "best_val_iou" in m else "-",
+                  f"{m['val_loss']:.4f}" if "val_loss" in m else "-",
+                  f"{m['train_seconds']:.0f}" if "train_seconds" in m else "-")
+    console.print(t)
