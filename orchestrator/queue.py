@@ -74,7 +74,7 @@ class Channel:
                 return None
             if not self.blocking:  # Redis blocks in BZPOPMIN; SQLite is polled with backoff
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                delay = min(delay * 2, 0.05)
+                delay = min(delay * 2, 0.01)
 
     def _dequeue(self):
         return self.storage.dequeue()
@@ -103,16 +103,32 @@ class Channel:
         """How many messages wait."""
         return self._io(self.storage.queue_size)
 
+    REPLY_TTL_S = 300  # an unclaimed reply (its asker gave up) expires
+
     def put_reply(self, key: str, message: dict[str, Any]) -> None:
         """Leave a signed reply under ``key``."""
         data = self.signer.seal(message)
-        self._io(lambda: self.storage.put_data(f"reply:{key}", data))
+        conn = getattr(self.storage, "conn", None)
+        if conn is not None and hasattr(conn, "blpop"):  # Redis: a list the asker blocks on
+            rkey = f"dlorch.reply.{self.name}.{key}"
+            self._io(lambda: conn.pipeline().rpush(rkey, data).expire(rkey, self.REPLY_TTL_S).execute())
+        else:
+            self._io(lambda: self.storage.put_data(f"reply:{key}", data))
 
-    def take_reply(self, key: str) -> dict[str, Any] | None:
-        """Pop a reply if it has arrived."""
+    def take_reply(self, key: str, wait: float = 0.0) -> dict[str, Any] | None:
+        """Pop a reply if it has arrived, waiting up to ``wait`` seconds where the backend can block."""
         from huey.constants import EmptyData
 
-        data = self._io(lambda: self.storage.pop_data(f"reply:{key}"))
+        conn = getattr(self.storage, "conn", None)
+        if conn is not None and hasattr(conn, "blpop"):
+            rkey = f"dlorch.reply.{self.name}.{key}"
+            if wait > 0:
+                got = self._io(lambda: conn.blpop([rkey], timeout=max(wait, 0.01)))
+                data = got[1] if got else None
+            else:
+                data = self._io(lambda: conn.lpop(rkey))
+        else:
+            data = self._io(lambda: self.storage.pop_data(f"reply:{key}"))
         if data is EmptyData or data is None:
             return None
         return self.signer.open(data)
@@ -157,16 +173,21 @@ class Queue:
         message = {**message, "rid": rid}
         deadline = time.monotonic() + timeout
         next_send = 0.0
-        delay = 0.002
+        delay = 0.001
+        blocking = self.events.blocking
         while time.monotonic() < deadline:
             if time.monotonic() >= next_send:
                 self.events.send(message)
                 next_send = time.monotonic() + retry_every
-            reply = self.events.take_reply(rid)
+            if blocking:  # Redis: block on the reply list until it lands or it is time to re-send
+                reply = self.events.take_reply(rid, wait=max(0.01, min(next_send, deadline) - time.monotonic()))
+            else:  # SQLite: poll, quickly at first (a reply usually takes a few milliseconds)
+                reply = self.events.take_reply(rid)
+                if reply is None:
+                    time.sleep(delay)
+                    delay = min(delay * 1.3, 0.02)
             if reply is not None:
                 return reply
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.05)
         raise Unreachable(
             f"no orchestrator answered on {self.url} within {timeout:.0f}s; start one with `dlorch up`"
         )

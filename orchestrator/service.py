@@ -32,6 +32,7 @@ class Orchestrator:
 
     MAINTAIN_EVERY_S = 1.0
     REQUEUE_MIN_AGE_S = 5.0
+    RESCAN_EVERY_S = 30.0  # full ledger scan; between scans, maintenance uses the in-memory index
     KEEP_CHECKPOINTS = 5  # accepted checkpoints remembered per job, to fall back on a corrupt one
 
     def __init__(self, settings: Settings, ledger: Ledger, queue: Queue, clock: Callable[[], float] = time.time):
@@ -44,6 +45,8 @@ class Orchestrator:
         self.grace_until = now + settings.lease_s
         self.last_enqueued: dict[str, float] = {}
         self._next_maintain = 0.0
+        self._next_rescan = 0.0
+        self.active: dict[str, Job] = {}  # queued and running jobs, as last written by this orchestrator
         self._handlers: dict[str, Callable[[dict], Reply]] = {
             "submit": self.on_submit, "claim": self.on_claim, "heartbeat": self.on_heartbeat,
             "progress": self.on_progress, "finish": self.on_finish, "cancel": self.on_cancel,
@@ -113,7 +116,10 @@ class Orchestrator:
         self.me.heartbeat_at = now
         if not self.ledger.claim_leadership(self.me, self.settings.lease_s, now):
             raise NotLeader("lost orchestrator leadership to another process")
-        active = self.ledger.jobs([JobStatus.QUEUED, JobStatus.RUNNING])
+        if time.monotonic() >= self._next_rescan:  # the index is rebuilt from the ledger now and then
+            self.active = {j.id: j for j in self.ledger.jobs([JobStatus.QUEUED, JobStatus.RUNNING])}
+            self._next_rescan = time.monotonic() + self.RESCAN_EVERY_S
+        active = list(self.active.values())
         expired = expired_leases(active, now, self.grace_until)
         for exp in expired:
             self._end_attempt(exp.job_id, exp.token, AttemptOutcome.EXPIRED, now,
@@ -135,7 +141,7 @@ class Orchestrator:
         existing = self.ledger.store.get(f"jobs/{job.id}")
         if existing is None:  # a re-sent submit is the same job, not a second one
             job.log(now, f"submitted: {spec.kind} (priority {spec.priority})")
-            self.ledger.create(job)
+            self._create(job)
             self._enqueue(job, now)
         return {"ok": True, "job": job.id}
 
@@ -161,9 +167,8 @@ class Orchestrator:
             how = f"resumed from epoch {job.epochs_done}" if job.checkpoint else "started"
             job.log(now, f"attempt {token} {how} on node {node}")
 
-        job = self.ledger.update(msg["job"], claim, expect=[JobStatus.QUEUED])
+        job = self._update(msg["job"], claim, expect=[JobStatus.QUEUED])
         self.last_enqueued.pop(job.id, None)
-        self._touch_node(node, now, job=job.id, attempt=token)
         return {"ok": True, "job": job.model_dump(mode="json"), "lease_expires_at": now + self.settings.lease_s}
 
     def on_heartbeat(self, msg: dict) -> Reply:
@@ -203,7 +208,7 @@ class Orchestrator:
             job.metrics.update(msg.get("metrics") or {})
             job.updated_at = now
 
-        self.ledger.update(msg["job"], progress, expect=[JobStatus.RUNNING])
+        self._update(msg["job"], progress, expect=[JobStatus.RUNNING])
         return {"ok": True}
 
     def on_finish(self, msg: dict) -> Reply:
@@ -228,15 +233,14 @@ class Orchestrator:
                           "voxels_done": 0, "started_at": now, "timings": {}}
             job.log(now, f"split into {len(blocks)} blocks by node {node}")
 
-        parent = self.ledger.update(msg["job"], split, expect=[JobStatus.RUNNING])
+        parent = self._update(msg["job"], split, expect=[JobStatus.RUNNING])
         for b in blocks:
             spec = parent.spec.model_copy(update={"kind": "block", "parent": parent.id, "output": parent.output,
                                                   "block": {**b, "norm": msg.get("norm")}})
             child = Job(id=f"{parent.id}-b{b['index']:05d}", spec=spec, created_at=now, updated_at=now)
             if self.ledger.store.get(f"jobs/{child.id}") is None:
-                self.ledger.create(child)
+                self._create(child)
                 self._enqueue(child, now)
-        self._touch_node(node, now, job=None, attempt=None)
         return {"ok": True, "status": parent.status.value}
 
     def _child_ended(self, child: Job, now: float) -> None:
@@ -260,7 +264,7 @@ class Orchestrator:
                 parent.log(now, f"failed: {parent.error}")
             parent.updated_at = now
 
-        parent = self.ledger.update(child.spec.parent, fold, expect=[JobStatus.WAITING])
+        parent = self._update(child.spec.parent, fold, expect=[JobStatus.WAITING])
         if parent.status is JobStatus.FAILED:
             self._cancel_children(parent, now)
 
@@ -282,7 +286,7 @@ class Orchestrator:
             job.status, job.cancel_requested, job.updated_at = JobStatus.CANCELLED, True, now
             job.log(now, "cancelled by the user")
 
-        job = self.ledger.update(self.ledger.resolve(msg["job"]), cancel)
+        job = self._update(self.ledger.resolve(msg["job"]), cancel)
         if job.blocks:
             self._cancel_children(job, now)
         return {"ok": True, "job": job.id}
@@ -313,6 +317,22 @@ class Orchestrator:
         return {"ok": True}
 
     # -- helpers ----------------------------------------------------------------------------------
+    def _create(self, job: Job) -> None:
+        self.ledger.create(job)
+        self._track(job)
+
+    def _update(self, job_id: str, change, expect=None) -> Job:
+        job = self.ledger.update(job_id, change, expect=expect)
+        self._track(job)
+        return job
+
+    def _track(self, job: Job) -> None:
+        """Keep the in-memory index of active jobs that maintenance scans (the orchestrator writes them all)."""
+        if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+            self.active[job.id] = job
+        else:
+            self.active.pop(job.id, None)
+
     def _enqueue(self, job: Job, now: float) -> None:
         self.queue.jobs.send({"job": job.id, "token": job.next_token, "kind": job.spec.kind},
                              priority=job.spec.priority)
@@ -334,7 +354,7 @@ class Orchestrator:
             self._holder(job, token, node).lease_expires_at = now + self.settings.lease_s
 
         try:
-            self.ledger.update(job_id, renew, expect=[JobStatus.RUNNING])
+            self._update(job_id, renew, expect=[JobStatus.RUNNING])
             return True
         except (StaleWrite, DlorchError):
             return False
@@ -395,11 +415,9 @@ class Orchestrator:
             job.status, job.next_token = JobStatus.QUEUED, token + 1
             requeue = True
 
-        job = self.ledger.update(job_id, end)
+        job = self._update(job_id, end)
         if requeue:
             self._enqueue(job, now)
         elif applied and job.spec.parent and job.status.is_terminal() and job.status is not JobStatus.CANCELLED:
             self._child_ended(job, now)
-        if node:
-            self._touch_node(node, now, job=None, attempt=None)
         return {"ok": True, "status": job.status.value}

@@ -58,7 +58,8 @@ def test_claim_progress_finish(orch, tmp_path):
     assert done == {"ok": True, "status": "succeeded"}
     job = orch.ledger.get(jid)
     assert (job.status, job.epochs_done, job.checkpoint, job.node) == (JobStatus.SUCCEEDED, 4, ck, "n1")
-    assert orch.ledger.node("n1").job is None
+    orch.handle({"type": "heartbeat", "node": "n1"})  # the node's own heartbeat says it is free again
+    assert orch.ledger.node("n1").job is None and orch.ledger.node("n1").state == "idle"
 
 
 def test_duplicate_message_is_idempotent(orch):
