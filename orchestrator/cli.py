@@ -396,19 +396,19 @@ def _model_uri(c, model: str) -> tuple[str, str]:
 
 
 def _checkpoint_task(c, uri: str) -> str:
-    """Which engine task wrote a checkpoint (denoising plans carry a ``mode``); segmentation by default."""
+    """Which engine task wrote a checkpoint: each keeps its own section in the ``.ckpt``."""
     import tempfile
 
-    try:
-        import torch
+    import torch
 
-        with tempfile.TemporaryDirectory() as tmp:
+    from dlorch.core.engine.denoise_module import CKPT_KEY as DENOISE_KEY
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
             ckpt = torch.load(c.store.get_file(uri, Path(tmp) / "m.ckpt"), map_location="cpu", weights_only=True)
-        text = str(ckpt.get("hyper_parameters", "")) + str({k: v for k, v in ckpt.items() if k.startswith("dlorch")})
-        return "denoising" if "'mode': 'n2v'" in text or "'mode': 'n2n'" in text or "'mode': 'care'" in text \
-            else "segmentation"
-    except Exception:  # unreadable here: the job will say so on the node, with retries
-        return "segmentation"
+        except Exception as e:  # truncated, not a checkpoint, or unsafe to load
+            raise BadInput(f"{uri} is not a readable model checkpoint: {type(e).__name__}") from None
+    return "denoising" if isinstance(ckpt, dict) and DENOISE_KEY in ckpt else "segmentation"
 
 
 def _run_job(spec: dict[str, Any], detach: bool, out: Path | None, c=None) -> None:

@@ -60,8 +60,10 @@ def test_truncated_latest_checkpoint_resumes_from_the_one_before(home, tmp_path)
 
 def test_a_job_that_always_raises_fails_after_the_retry_limit(home, tmp_path):
     img, _ = synthetic_pair(tmp_path)
-    bad = tmp_path / "broken.ckpt"
-    bad.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    import torch
+
+    bad = tmp_path / "foreign.ckpt"  # a loadable checkpoint of another program: the engine raises on it, always
+    torch.save({"state_dict": {}, "epoch": 0}, bad)
     with Cluster(tmp_path, home, DLORCH_MAX_ATTEMPTS="3") as c:
         c.agent("a1")
         jid = c.submit("predict", str(bad), str(img), "-o", str(tmp_path / "o.tif"))

@@ -1,0 +1,70 @@
+"""Measure the seconds of one denoising training step on this machine, so the plan can fit a time budget.
+
+Real steps rather than a FLOP model: the same network runs several times faster on one CPU
+than on another (AVX2 vs AVX-512, cores shared with other jobs), and a few steps cost seconds.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from dlorch.core.engine.blindspot import masked_mse
+from dlorch.core.engine.device import Runtime, apply_threads
+from dlorch.core.engine.network import build_unet
+
+
+def measure_step_seconds(
+    filters: list[int], patch: list[int], batch: int, norm: str, runtime: Runtime, repeats: int = 2
+) -> tuple[float, float]:
+    """Time a training step and a forward-only (validation) step of the planned network.
+
+    Args:
+        filters: DynUNet widths.
+        patch: 2D patch size.
+        batch: batch size.
+        norm: MONAI norm name.
+        runtime: where to measure.
+        repeats: timed steps after one warm-up step.
+
+    Returns:
+        (seconds per training step, seconds per forward-only batch), medians.
+    """
+    apply_threads(runtime)
+    # Restore the global RNG afterwards: planning must not change what training draws.
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    device = runtime.device
+    net = build_unet(2, 1, 1, filters, norm).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x = torch.randn(batch, 1, *patch, device=device).contiguous(memory_format=torch.channels_last)
+    weight = (torch.rand(batch, 1, *patch, device=device) < 0.02).float()
+    dtype = runtime.autocast_dtype
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    train_times, eval_times = [], []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = masked_mse(net(x), x, weight)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        t1 = time.perf_counter()
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            net.eval()
+            net(x)
+            net.train()
+        sync()
+        t2 = time.perf_counter()
+        if i > 0:
+            train_times.append(t1 - t0)
+            eval_times.append(t2 - t1)
+    torch.random.set_rng_state(rng_state)
+    return statistics.median(train_times), statistics.median(eval_times)

@@ -1,0 +1,290 @@
+"""Self-configuration for denoising: image (and target) in, a JSON-serialisable training plan out.
+
+The rules (patch, widths, batch, blind spot, schedule) are a pure function of the data's
+shape and statistics and of the measured step time (``derive_denoising_plan``);
+``plan_denoising`` gathers those and calls it. Every choice adds a line to ``reasons``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel
+
+from dlorch.core.engine.blindspot import mask_density
+from dlorch.core.engine.denoise_calibrate import measure_step_seconds
+from dlorch.core.engine.denoise_data import GRID, MAX_VAL_TILES, choose_holdout
+from dlorch.core.engine.denoise_inputs import check_denoising_inputs, mean_std
+from dlorch.core.engine.device import Runtime, detect_runtime
+
+
+class DenoiseDefaults(BaseModel):
+    """Starting points per accelerator, shrunk by the rules to fit the data."""
+
+    patch: int
+    batch: int
+    filters: list[int]
+    lr: float
+    infer_roi: int
+    budget_s: float  # training seconds when the user gives neither epochs nor a budget
+    epoch_s: float  # target length of one epoch: bounds how late a stop request is honoured
+    wanted_steps: int  # past this many steps a denoiser barely improves; a fast GPU stops there
+
+
+DEFAULTS = {
+    # Noise2Void learns from ~2% of the pixels a step sees, so on a 2-core CPU the number of
+    # steps, not the network's size, limits quality: a 3-level net of moderate width is the
+    # best use of ten minutes there.
+    "cpu": DenoiseDefaults(
+        patch=64, batch=8, filters=[32, 64, 128], lr=4e-3, infer_roi=512, budget_s=600, epoch_s=20, wanted_steps=6000
+    ),
+    "cuda": DenoiseDefaults(
+        patch=128,
+        batch=32,
+        filters=[32, 64, 128, 256],
+        lr=2e-3,
+        infer_roi=1024,
+        budget_s=1800,
+        epoch_s=30,
+        wanted_steps=20000,
+    ),
+}
+# Blind spot: one masked pixel per 7x7 cell (~2%, the top of the usual 0.2-2% range: more
+# signal per step, which is what a CPU lacks) replaced by a random pixel of its 5x5 window.
+BLINDSPOT_CELL = 7
+BLINDSPOT_RADIUS = 2
+# Share of the budget planned for training steps; the rest absorbs validation, checkpoint
+# writes and jitter on a shared machine. The time cap in training is the hard guarantee.
+BUDGET_FILL = 0.95
+
+
+class DenoisingPlan(BaseModel):
+    """Everything denoising training needs besides the data; JSON-serialisable and stored in checkpoints."""
+
+    version: int = 1
+    mode: Literal["n2v", "n2n", "care"]  # n2v: noisy image alone; n2n: two noisy acquisitions; care: clean target
+    spatial_dims: int = 2  # a (Z, Y, X) stack is denoised slice by slice
+    image_shape: list[int]  # (Z, Y, X) of the training stack
+    epochs: int
+    steps_per_epoch: int
+    time_budget_s: float | None
+    patch_size: list[int]
+    batch_size: int
+    filters: list[int]  # DynUNet widths, one per level
+    norm: str = "batch"
+    lr: float  # peak AdamW learning rate
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.03
+    final_lr_fraction: float = 0.02  # cosine decay ends at lr * this
+    blindspot_cell: int | None  # n2v: one masked pixel per cell x cell block; None otherwise
+    blindspot_radius: int | None  # n2v: replacement drawn from the (2r+1)^2 window minus its centre
+    input_mean: float  # normalisation of the network input: (x - mean) / std, no clipping
+    input_std: float
+    target_mean: float  # the output is un-normalised with these: y * std + mean
+    target_std: float
+    val_slices: list[int]  # slices held out for validation ...
+    val_rows: int  # ... or else rows held out at the bottom of every slice (0: no validation)
+    infer_roi: list[int]
+    infer_overlap: float = 0.25
+    infer_batch: int = 4
+    seed: int = 0
+    planned_on: str  # accelerator the step time was measured on
+    step_seconds: float | None  # measured seconds per training step (None when not measured)
+    reasons: list[str]
+
+
+def choose_patch(extent_yx: tuple[int, int], default: int) -> list[int]:
+    """Patch per axis: the device default, or the training extent rounded down to 16 (at least 16)."""
+    return [max(GRID, min(default, GRID * (int(d) // GRID))) for d in extent_yx]
+
+
+def choose_filters(patch: list[int], default_filters: list[int]) -> list[int]:
+    """Keep as many levels as leave a bottleneck of at least 8 pixels (DynUNet needs at least 3 levels)."""
+    downsamplings = max(2, int(math.floor(math.log2(min(patch) / 8))))
+    return list(default_filters[: min(len(default_filters), downsamplings + 1)])
+
+
+def derive_denoising_plan(
+    *,
+    image_shape: tuple[int, int, int],
+    mode: str,
+    input_stats: tuple[float, float],
+    target_stats: tuple[float, float],
+    runtime: Runtime,
+    step_seconds: float | None,
+    eval_seconds: float | None,
+    epochs: int | None = None,
+    time_budget: float | None = None,
+    seed: int = 0,
+) -> DenoisingPlan:
+    """Pure planning rules; see ``plan_denoising`` for the meaning of the overrides.
+
+    Args:
+        image_shape: (Z, Y, X) of the image stack.
+        mode: "n2v", "n2n" or "care" (already resolved).
+        input_stats: (mean, std) the network input is normalised with.
+        target_stats: (mean, std) of the target; the output is un-normalised with them.
+        runtime: the device the plan is for.
+        step_seconds: measured seconds per training step, or None if not measured.
+        eval_seconds: measured seconds per forward-only batch, or None.
+        epochs: user override of the epoch count.
+        time_budget: user cap on training seconds.
+        seed: seed of every random draw in training.
+
+    Returns:
+        The plan.
+    """
+    d = DEFAULTS[runtime.accelerator]
+    z, y, x = image_shape
+    reasons = [f"device {runtime.accelerator} ({runtime.cpu_threads} CPU threads), precision {runtime.precision}"]
+    what = {"n2v": "Noise2Void (noisy image alone)", "n2n": "Noise2Noise (two noisy acquisitions)",
+            "care": "CARE (clean target)"}[mode]
+    reasons.append(f"mode {mode}: {what}; {z} slice(s) of {y}x{x}, denoised slice by slice in 2D")
+    val_slices, val_rows = choose_holdout((z, y, x))
+    if val_slices:
+        reasons.append(f"validation: slices {val_slices} held out ({len(val_slices)} of {z}); best weights by their loss")
+    elif val_rows:
+        reasons.append(f"validation: bottom {val_rows} rows of every slice held out; best weights by their loss")
+    else:
+        reasons.append("validation: image too small to hold anything out; the latest weights are kept")
+    patch = choose_patch((y - val_rows, x), d.patch)
+    reasons.append(
+        f"patch {patch[0]}x{patch[1]}: "
+        + ("device default" if patch == [d.patch, d.patch] else f"training region {y - val_rows}x{x} is small")
+        + "; augmented by flips" + (" and 90° rotations" if patch[0] == patch[1] else " (non-square: no rotations)")
+    )
+    filters = choose_filters(patch, d.filters)
+    reasons.append(f"DynUNet widths {filters}, batch norm: {len(filters) - 1} downsamplings, bottleneck >= 8 px")
+    reasons.append(f"batch {d.batch}")
+    if mode == "n2v":
+        cell, radius = BLINDSPOT_CELL, BLINDSPOT_RADIUS
+        reasons.append(
+            f"blind spot: 1 pixel per {cell}x{cell} cell masked ({mask_density(cell):.2%}), replaced by a random "
+            f"other pixel of its {2 * radius + 1}x{2 * radius + 1} window; loss on masked pixels only"
+        )
+    else:
+        cell = radius = None
+        reasons.append("loss: mean squared error on every pixel" + (", input/target swapped at random" if mode == "n2n" else ""))
+    reasons.append(
+        f"normalisation: input (x - {input_stats[0]:.4g}) / {input_stats[1]:.4g}, output un-normalised with "
+        f"target mean {target_stats[0]:.4g} / std {target_stats[1]:.4g}; no clipping"
+    )
+    infer_roi = [min(d.infer_roi, GRID * math.ceil(s / GRID)) for s in (y, x)]
+    reasons.append(f"prediction window {infer_roi[0]}x{infer_roi[1]}, gaussian blending, overlap 0.25")
+
+    step_s = step_seconds if step_seconds and step_seconds > 0 else None
+    # An epoch is the checkpoint and stop-request interval: about epoch_s seconds, but on a
+    # tiny image no more steps than it takes to see every pixel about 8 times.
+    train_px = max(1, (z - len(val_slices)) * (y - val_rows) * x)
+    cover = math.ceil(8 * train_px / (d.batch * patch[0] * patch[1]))
+    by_time = round(d.epoch_s / step_s) if step_s else 50
+    steps_per_epoch = int(np.clip(min(by_time, cover), 5, 250))
+    if step_s:
+        reasons.append(
+            f"measured {step_s:.3f} s/step -> {steps_per_epoch} steps/epoch (~{d.epoch_s:.0f} s epochs"
+            + (", capped by image size)" if cover < by_time else ")")
+        )
+    else:
+        reasons.append(f"step time not measured -> {steps_per_epoch} steps/epoch")
+    val_tiles = min(MAX_VAL_TILES, len(val_slices) * max(1, (y // patch[0]) * (x // patch[1])) if val_slices
+                    else (max(1, x // patch[1]) * z if val_rows else 0))
+    epoch_s = steps_per_epoch * (step_s or 0.0) + math.ceil(val_tiles / d.batch) * (eval_seconds or 0.0)
+    if epochs is not None:
+        n_epochs, budget = int(epochs), time_budget
+        reasons.append(f"epochs {n_epochs}: user override")
+    else:
+        budget = time_budget if time_budget is not None else d.budget_s
+        wanted = max(1, math.ceil(d.wanted_steps / steps_per_epoch))
+        if epoch_s > 0:
+            n_epochs = min(wanted, max(1, int(budget * BUDGET_FILL // epoch_s)))
+            why = "the step target" if n_epochs == wanted else f"the {budget:.0f} s budget at ~{epoch_s:.1f} s/epoch"
+            reasons.append(f"epochs {n_epochs} (= {n_epochs * steps_per_epoch} steps): limited by {why}")
+        else:
+            n_epochs = wanted
+            reasons.append(f"epochs {n_epochs}: the step target of {d.wanted_steps} steps")
+    if budget is not None:
+        src = "user cap" if time_budget is not None else f"{runtime.accelerator} default"
+        reasons.append(f"time budget {budget:.0f} s of training across resumes ({src}); lr anneals by time too")
+    reasons.append(f"AdamW lr {d.lr:g}, 3% warm-up then cosine to 2%")
+    return DenoisingPlan(
+        mode=mode,
+        image_shape=[z, y, x],
+        epochs=n_epochs,
+        steps_per_epoch=steps_per_epoch,
+        time_budget_s=budget,
+        patch_size=patch,
+        batch_size=d.batch,
+        filters=filters,
+        lr=d.lr,
+        blindspot_cell=cell,
+        blindspot_radius=radius,
+        input_mean=input_stats[0],
+        input_std=input_stats[1],
+        target_mean=target_stats[0],
+        target_std=target_stats[1],
+        val_slices=val_slices,
+        val_rows=val_rows,
+        infer_roi=infer_roi,
+        seed=seed,
+        planned_on=runtime.accelerator,
+        step_seconds=step_s,
+        reasons=reasons,
+    )
+
+
+def plan_denoising(
+    image: np.ndarray,
+    target: np.ndarray | None = None,
+    *,
+    epochs: int | None = None,
+    time_budget: float | None = None,
+    mode: str | None = None,
+) -> DenoisingPlan:
+    """Plan denoising training for an image (and optionally its target).
+
+    Args:
+        image: (Y, X) image or (Z, Y, X) stack of 2D slices, any real dtype.
+        target: None (Noise2Void), or an array of the image's shape: a second noisy
+            acquisition (mode "n2n") or a clean image (mode "care", the default with a target).
+        epochs: replaces the automatic epoch count.
+        time_budget: caps total training seconds (across resumes). Without either override a
+            device default budget applies (CPU 600 s, CUDA 1800 s).
+        mode: "n2v", "n2n", "care", or None for automatic.
+
+    Returns:
+        The plan.
+
+    Raises:
+        ValueError: bad shapes or values, a mode that does not fit the target, or
+            non-positive overrides.
+    """
+    if epochs is not None and int(epochs) < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}; pass None for the automatic count")
+    if time_budget is not None and not time_budget > 0:
+        raise ValueError(f"time_budget must be > 0 seconds, got {time_budget}; pass None for no cap")
+    stack, target_stack, mode = check_denoising_inputs(image, target, mode)
+    if mode == "n2v":
+        input_stats = target_stats = mean_std(stack)
+    elif mode == "n2n":
+        # One normalisation for both acquisitions: they trade places as input and target.
+        input_stats = target_stats = mean_std(stack, target_stack)
+    else:
+        input_stats, target_stats = mean_std(stack), mean_std(target_stack)
+    runtime = detect_runtime()
+    d = DEFAULTS[runtime.accelerator]
+    val_slices, val_rows = choose_holdout(stack.shape)
+    patch = choose_patch((stack.shape[1] - val_rows, stack.shape[2]), d.patch)
+    step_s, eval_s = measure_step_seconds(choose_filters(patch, d.filters), patch, d.batch, "batch", runtime)
+    return derive_denoising_plan(
+        image_shape=stack.shape,
+        mode=mode,
+        input_stats=input_stats,
+        target_stats=target_stats,
+        runtime=runtime,
+        step_seconds=step_s,
+        eval_seconds=eval_s,
+        epochs=epochs,
+        time_budget=time_budget,
+    )
