@@ -19,7 +19,13 @@ from dlorch.core.engine.network import build_unet
 
 
 def measure_seconds(
-    filters: list[int], patch: list[int], batch: int, num_classes: int, runtime: Runtime, repeats: int = 3
+    filters: list[int],
+    patch: list[int],
+    batch: int,
+    num_classes: int,
+    runtime: Runtime,
+    repeats: int = 3,
+    input_scale: int = 1,
 ) -> tuple[float, float]:
     """Time a training step and a forward-only (validation) step of the planned network.
 
@@ -30,6 +36,7 @@ def measure_seconds(
         num_classes: output channels.
         runtime: where to measure.
         repeats: timed steps after one warm-up step.
+        input_scale: the plan's input scale.
 
     Returns:
         (seconds per training step, seconds per forward-only batch), medians.
@@ -37,7 +44,7 @@ def measure_seconds(
     apply_threads(runtime)
     torch.manual_seed(0)
     device = runtime.device
-    net = build_unet(2, 1, num_classes, filters).to(device)
+    net = build_unet(2, 1, num_classes, filters, input_scale=input_scale).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     x = torch.randn(batch, 1, *patch, device=device)
     y = torch.randint(0, num_classes + 1, (batch, 1, *patch), device=device)

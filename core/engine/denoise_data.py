@@ -190,8 +190,9 @@ class ValTiles(Dataset):
         gen = torch.Generator().manual_seed(seed + 7919)
         for start in range(0, len(chosen), batch):
             part = chosen[start : start + batch]
-            ins = np.stack([inputs[k, y : y + tile[0], x : x + tile[1]] for k, y, x in part])
-            tgts = None if targets is None else np.stack([targets[k, y : y + tile[0], x : x + tile[1]] for k, y, x in part])
+            windows = [(k, slice(y, y + tile[0]), slice(x, x + tile[1])) for k, y, x in part]
+            ins = np.stack([inputs[w] for w in windows])
+            tgts = None if targets is None else np.stack([targets[w] for w in windows])
             self.batches.append(make_batch(ins, tgts, n2v, gen))
 
     def __len__(self) -> int:

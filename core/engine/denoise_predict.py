@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -10,6 +11,7 @@ from monai.inferers import sliding_window_inference
 
 from dlorch.core.engine.denoise_module import CKPT_KEY, build_denoiser
 from dlorch.core.engine.denoise_plan import DenoisingPlan
+from dlorch.core.engine.denoise_posterior import estimate_noise_var, posterior_mean
 from dlorch.core.engine.device import apply_threads, detect_runtime
 from dlorch.core.engine.inputs import as_stack
 
@@ -41,6 +43,102 @@ def load_denoiser(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, DenoisingP
     return net.eval(), plan
 
 
+@dataclass
+class Denoised:
+    """A prediction and how it was made."""
+
+    image: np.ndarray  # float32, the input's shape: the answer
+    network_output: np.ndarray  # float32, the input's shape: the network alone (before the posterior step)
+    noise_std: float | None  # estimated noise std in image units, when the posterior step ran
+
+
+def network_output(
+    model: tuple[torch.nn.Module, DenoisingPlan], stack: np.ndarray, roi: list[int] | None = None
+) -> np.ndarray:
+    """Tiled network prediction of a (Z, Y, X) stack, in the plan's normalised units.
+
+    Args:
+        model: network and plan from ``load_denoiser``.
+        stack: (Z, Y, X) image of any real dtype.
+        roi: prediction window (Y, X) instead of the plan's (tests use it to force tiling).
+
+    Returns:
+        float32 (Z, Y, X), normalised like the plan's target.
+    """
+    net, plan = model
+    runtime = detect_runtime()
+    apply_threads(runtime)
+    device = runtime.device
+    net = net.to(device).to(memory_format=torch.channels_last)
+    # The window may exceed the image by at most the network's size multiple: the image is
+    # padded up to the window, and the U-Net needs sizes divisible by 2**downsamplings.
+    multiple = 2 ** (len(plan.filters) - 1)
+    sizes = zip(roi or plan.infer_roi, stack.shape[-2:])
+    window = [max(multiple, min(r, -(-s // multiple) * multiple)) for r, s in sizes]
+    out = np.empty(stack.shape, dtype=np.float32)
+    dtype = runtime.autocast_dtype
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            return net(x.contiguous(memory_format=torch.channels_last)).float()
+
+    with torch.inference_mode():
+        for z0 in range(0, stack.shape[0], plan.infer_batch):
+            x = torch.from_numpy(normalise_input(stack[z0 : z0 + plan.infer_batch], plan)[:, None]).to(device)
+            pred = sliding_window_inference(
+                x, window, plan.infer_batch, predictor,
+                overlap=plan.infer_overlap, mode="gaussian", padding_mode="reflect",
+            )
+            out[z0 : z0 + x.shape[0]] = pred[:, 0].float().cpu().numpy()
+    return out
+
+
+def normalise_input(stack: np.ndarray, plan: DenoisingPlan) -> np.ndarray:
+    """(x - mean) / std with the training image's statistics, float32, no clipping."""
+    return (np.asarray(stack, dtype=np.float32) - np.float32(plan.input_mean)) / np.float32(plan.input_std)
+
+
+def denoise_with_details(
+    checkpoint: pathlib.Path | None,
+    image: np.ndarray,
+    *,
+    model: tuple[torch.nn.Module, DenoisingPlan] | None = None,
+    roi: list[int] | None = None,
+    posterior: bool | None = None,
+) -> Denoised:
+    """``predict_denoising`` that also returns the network's own output and the estimated noise level.
+
+    Args:
+        checkpoint: a ``.ckpt`` written by ``train_denoising`` (unused when ``model`` is given).
+        image: (Y, X) or (Z, Y, X) image of any real dtype.
+        model: a ``load_denoiser`` result to reuse.
+        roi: prediction window (Y, X) instead of the plan's.
+        posterior: run the posterior step (Noise2Void only); None follows the plan.
+
+    Returns:
+        The prediction, the network output and the noise estimate.
+    """
+    stack = as_stack(image)
+    model = model if model is not None else load_denoiser(checkpoint)
+    plan = model[1]
+    mu = network_output(model, stack, roi)
+    shape = np.shape(image)
+    scale, offset = np.float32(plan.target_std), np.float32(plan.target_mean)
+    raw = mu * scale + offset
+    if not (plan.posterior if posterior is None else posterior) or plan.mode != "n2v":
+        return Denoised(raw.reshape(shape), raw.reshape(shape), None)
+    # The noise floor comes from up to 32 evenly spread slices: plenty for one number.
+    sample = np.unique(np.linspace(0, stack.shape[0] - 1, min(32, stack.shape[0])).round().astype(int))
+    noise_var = estimate_noise_var(normalise_input(stack[sample], plan), mu[sample])
+    out = np.empty(stack.shape, dtype=np.float32)
+    for z0 in range(0, stack.shape[0], plan.infer_batch):
+        part = slice(z0, z0 + plan.infer_batch)
+        out[part] = posterior_mean(normalise_input(stack[part], plan), mu[part], noise_var)
+    out *= scale
+    out += offset
+    return Denoised(out.reshape(shape), raw.reshape(shape), float(np.sqrt(noise_var)) * float(plan.input_std))
+
+
 def predict_denoising(
     checkpoint: pathlib.Path | None,
     image: np.ndarray,
@@ -52,7 +150,8 @@ def predict_denoising(
 
     The input is normalised with the training image's mean and std (the model learnt the
     noise at that scale) and the output un-normalised with the target's; nothing is rounded or
-    clipped, so float data keep their range and sign.
+    clipped, so float data keep their range and sign. Noise2Void models then combine their
+    prediction with the noisy pixel (``denoise_posterior.py``) when the plan says so.
 
     Args:
         checkpoint: a ``.ckpt`` written by ``train_denoising`` (unused when ``model`` is given).
@@ -67,33 +166,4 @@ def predict_denoising(
         ValueError: the image is not 2D/3D, empty or non-finite, or the checkpoint is not a
             denoising checkpoint.
     """
-    stack = as_stack(image)
-    net, plan = model if model is not None else load_denoiser(checkpoint)
-    runtime = detect_runtime()
-    apply_threads(runtime)
-    device = runtime.device
-    net = net.to(device).to(memory_format=torch.channels_last)
-    # The window may exceed the image by at most the network's size multiple: the image is
-    # padded up to the window, and the U-Net needs sizes divisible by 2**downsamplings.
-    multiple = 2 ** (len(plan.filters) - 1)
-    window = roi or plan.infer_roi
-    window = [max(multiple, min(r, -(-s // multiple) * multiple)) for r, s in zip(window, stack.shape[-2:])]
-    mean, std = np.float32(plan.input_mean), np.float32(plan.input_std)
-    out = np.empty(stack.shape, dtype=np.float32)
-    dtype = runtime.autocast_dtype
-
-    def predictor(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            return net(x.contiguous(memory_format=torch.channels_last)).float()
-
-    with torch.inference_mode():
-        for z0 in range(0, stack.shape[0], plan.infer_batch):
-            part = (stack[z0 : z0 + plan.infer_batch].astype(np.float32) - mean) / std
-            x = torch.from_numpy(part[:, None]).to(device)
-            pred = sliding_window_inference(
-                x, window, plan.infer_batch, predictor, overlap=plan.infer_overlap, mode="gaussian", padding_mode="reflect"
-            )
-            out[z0 : z0 + x.shape[0]] = pred[:, 0].float().cpu().numpy()
-    out *= np.float32(plan.target_std)
-    out += np.float32(plan.target_mean)
-    return out.reshape(np.shape(image))
+    return denoise_with_details(checkpoint, image, model=model, roi=roi).image

@@ -40,7 +40,7 @@ class SegmentationModule(pl.LightningModule):
     def __init__(self, plan: SegmentationPlan) -> None:
         super().__init__()
         self.plan = plan
-        self.net = build_unet(plan.spatial_dims, 1, plan.num_classes, plan.filters, plan.norm)
+        self.net = build_unet(plan.spatial_dims, 1, plan.num_classes, plan.filters, plan.norm, plan.input_scale)
         self.net = self.net.to(memory_format=torch.channels_last)
         # Set by the run-control callback: share of the time budget used, and whether the
         # budget ran out so the rest of the epoch is skipped.
@@ -54,6 +54,11 @@ class SegmentationModule(pl.LightningModule):
         self._train_sum = 0.0
         self._train_n = 0
         self._val: list[torch.Tensor] = []
+        # Exponential moving average of the weights (and BN statistics). At a high learning
+        # rate the raw weights swing from epoch to epoch; their average is steadier and is
+        # what gets validated, kept as best and used for prediction.
+        self.ema: dict[str, torch.Tensor] | None = None
+        self._live: dict[str, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.contiguous(memory_format=torch.channels_last))
@@ -95,8 +100,37 @@ class SegmentationModule(pl.LightningModule):
         self._train_n += 1
         return loss
 
+    def on_train_start(self) -> None:
+        if self.ema is not None:  # restored from a checkpoint on the CPU
+            self.ema = {k: v.to(self.device) for k, v in self.ema.items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        decay = self.plan.ema_decay
+        if decay <= 0:
+            return
+        state = self.net.state_dict()
+        if self.ema is None:
+            self.ema = {k: v.detach().clone() for k, v in state.items()}
+            return
+        # Shorter memory early on, so the average does not drag in the random initialisation.
+        d = min(decay, (1 + self.global_step) / (10 + self.global_step))
+        for k, v in state.items():
+            if v.is_floating_point():
+                self.ema[k].lerp_(v.detach(), 1 - d)
+            else:
+                self.ema[k].copy_(v)
+
+    def weights_to_keep(self) -> dict[str, torch.Tensor]:
+        """The weights that are validated and kept: the moving average if enabled, else the live ones."""
+        state = self.ema if self.ema is not None else self.net.state_dict()
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
     def on_validation_epoch_start(self) -> None:
         self._val = []
+        if self.ema is not None:
+            self._live = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+            self.net.load_state_dict(self.ema)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
@@ -112,6 +146,9 @@ class SegmentationModule(pl.LightningModule):
         self._val.append(torch.cat([loss.detach().float().reshape(1), mask.sum().float().reshape(1), conf.reshape(-1)]))
 
     def on_validation_epoch_end(self) -> None:
+        if self._live is not None:
+            self.net.load_state_dict(self._live)
+            self._live = None
         if not self._val or self.trainer.sanity_checking:
             return
         total = torch.stack(self._val).sum(0).cpu()
@@ -126,20 +163,23 @@ class SegmentationModule(pl.LightningModule):
         self.epoch_metrics["val_acc"] = float(tp.sum() / conf.sum().clamp(min=1))
 
     def update_best(self) -> None:
-        """Keep the current weights if they beat the best held-out IoU (ties: lower val loss).
+        """Keep the current (averaged) weights if they score about as well as the best so far.
 
-        Without a validation split the latest weights count as the best.
+        The score is the held-out stroke IoU (ties: lower val loss). A later epoch wins unless
+        it is worse by more than ``plan.select_tolerance``: on a few dozen held-out strokes such
+        differences are noise, while later averaged weights at a lower lr were consistently
+        better on the dense ISBI labels than the "best" early epoch. Without a validation split
+        the latest weights are kept.
         """
         m = self.epoch_metrics
-        self.epoch_metrics["train_loss"] = self._train_sum / max(1, self._train_n)
+        m["train_loss"] = self._train_sum / max(1, self._train_n)
         score = m["val_iou"] - 1e-3 * m["val_loss"] if "val_iou" in m else math.inf
-        if score >= self.best_score or self.best_state is None:
-            self.best_score = score
+        if self.best_state is None or score >= self.best_score - self.plan.select_tolerance:
+            self.best_score = max(score, self.best_score)
             self.best_epoch = self.current_epoch
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()}
+            self.best_state = self.weights_to_keep()
+            self.best_val_iou = m.get("val_iou", -1.0)
         if "val_iou" in m:
-            if self.best_epoch == self.current_epoch:
-                self.best_val_iou = m["val_iou"]
             m["best_val_iou"] = self.best_val_iou
         m["best_epoch"] = float(self.best_epoch + 1)
         m["lr"] = self.current_lr()
@@ -151,6 +191,7 @@ class SegmentationModule(pl.LightningModule):
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
             "best_val_iou": self.best_val_iou,
+            "ema": self.ema,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -159,3 +200,4 @@ class SegmentationModule(pl.LightningModule):
         self.best_score = own.get("best_score", -math.inf)
         self.best_epoch = own.get("best_epoch", -1)
         self.best_val_iou = own.get("best_val_iou", -1.0)
+        self.ema = own.get("ema")

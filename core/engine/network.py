@@ -1,15 +1,39 @@
-"""The segmentation network: MONAI's DynUNet shaped by the plan (widths, depth, normalisation)."""
+"""The segmentation network: MONAI's DynUNet shaped by the plan (widths, depth, input scale)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.networks.nets import DynUNet
 
 
+class Rescaled(torch.nn.Module):
+    """Runs a network on a 2x average-pooled image and upsamples its logits back.
+
+    Used when the plan judges the structures big enough to be seen at half resolution: every
+    step then costs about a quarter, which on a CPU buys four times the training.
+    """
+
+    def __init__(self, net: torch.nn.Module, scale: int) -> None:
+        super().__init__()
+        self.net = net
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[2:]
+        logits = self.net(F.avg_pool2d(x, self.scale, ceil_mode=True))
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
 def build_unet(
-    spatial_dims: int, in_channels: int, out_channels: int, filters: Sequence[int], norm: str = "batch"
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    filters: Sequence[int],
+    norm: str = "batch",
+    input_scale: int = 1,
 ) -> torch.nn.Module:
     """Build a U-Net with one 3x3 double-conv level per filter width and stride-2 downsampling.
 
@@ -24,12 +48,13 @@ def build_unet(
         out_channels: number of classes.
         filters: channel width of each level, shallow to deep.
         norm: MONAI norm name.
+        input_scale: 1, or 2 to run the network at half resolution (2D only).
 
     Returns:
-        The network (outputs raw logits).
+        The network (outputs raw logits at the input resolution).
     """
     levels = len(filters)
-    return DynUNet(
+    net = DynUNet(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
         out_channels=out_channels,
@@ -40,3 +65,4 @@ def build_unet(
         norm_name=norm,
         res_block=False,
     )
+    return Rescaled(net, input_scale) if input_scale > 1 else net

@@ -34,7 +34,7 @@ def load_model(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, SegmentationP
     if not own or "plan" not in own:
         raise ValueError(f"{checkpoint} is not a dlorch segmentation checkpoint; pass a .ckpt from train_segmentation")
     plan = SegmentationPlan.model_validate(own["plan"])
-    net = build_unet(plan.spatial_dims, 1, plan.num_classes, plan.filters, plan.norm)
+    net = build_unet(plan.spatial_dims, 1, plan.num_classes, plan.filters, plan.norm, plan.input_scale)
     state = own.get("best_state")
     if state is None:
         prefix = "net."
@@ -67,7 +67,7 @@ def predict_probabilities(checkpoint: pathlib.Path | None, image: np.ndarray, *,
     norm = normalize(stack, stats)
     # The window may not exceed the image by more than the network's size multiple: it is
     # padded up to the window, and the network needs sizes divisible by 2**downsamplings.
-    multiple = 2 ** (len(plan.filters) - 1)
+    multiple = 2 ** (len(plan.filters) - 1) * plan.input_scale
     roi = [min(r, -(-s // multiple) * multiple) for r, s in zip(plan.infer_roi, stack.shape[-2:])]
     out = np.empty((plan.num_classes, *stack.shape), dtype=np.float32)
     dtype = runtime.autocast_dtype

@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from dlorch.core.engine.device import apply_threads, detect_runtime
+from dlorch.core.engine.device import apply_threads, detect_runtime, thread_candidates
 from dlorch.core.engine.holdout import split_strokes
 from dlorch.core.engine.hooks import Progress, StopReason, TrainHooks, TrainResult
 from dlorch.core.engine.inputs import check_labels
@@ -23,11 +23,14 @@ from dlorch.core.engine.intensity import normalize
 from dlorch.core.engine.module import SegmentationModule
 from dlorch.core.engine.plan import SegmentationPlan
 from dlorch.core.engine.sampling import TrainPatches, ValTiles
+from dlorch.core.engine.threads import ThreadTuner
 
 # Checkpoints of this call older than the newest few are deleted: each holds optimizer state
 # and best weights, and one per epoch would fill a node's disk on long jobs.
 KEEP_CHECKPOINTS = 2
 RUN_KEY = "dlorch_run"
+# Epochs shorter than this keep a fixed thread count: probing would be most of the epoch.
+THREAD_PROBE_MIN_STEPS = 20
 
 
 class EpochSeeder(pl.Callback):
@@ -206,6 +209,10 @@ def train_segmentation(
     module = SegmentationModule(plan)
     control = RunControl(plan, workdir, hooks, train_seconds=train_seconds)
 
+    callbacks: list[pl.Callback] = [EpochSeeder(train_data), control]
+    candidates = thread_candidates(runtime)
+    if len(candidates) > 1 and plan.steps_per_epoch >= THREAD_PROBE_MIN_STEPS:
+        callbacks.append(ThreadTuner(candidates))
     trainer_args = dict(
         accelerator=runtime.accelerator,
         devices=1,
@@ -217,7 +224,7 @@ def train_segmentation(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=1.0 if len(val_data) else 0,
-        callbacks=[EpochSeeder(train_data), control],
+        callbacks=callbacks,
         default_root_dir=str(workdir),
     )
     loaders = {"train_dataloaders": DataLoader(train_data, batch_size=None, shuffle=False, num_workers=0)}

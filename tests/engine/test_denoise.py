@@ -22,6 +22,8 @@ from dlorch.core.engine.denoise_data import TrainBatches, choose_holdout
 from dlorch.core.engine.denoise_inputs import check_denoising_inputs, mean_std
 from dlorch.core.engine.denoise_module import CKPT_KEY
 from dlorch.core.engine.denoise_plan import derive_denoising_plan
+from dlorch.core.engine.denoise_posterior import estimate_noise_var, local_mean, posterior_mean
+from dlorch.core.engine.denoise_predict import denoise_with_details
 from dlorch.core.engine.denoise_train import read_run_state
 from dlorch.core.engine.device import detect_runtime
 
@@ -134,6 +136,36 @@ def test_the_loss_is_taken_on_masked_pixels_only():
 def test_a_patch_too_small_for_the_window_is_refused():
     with pytest.raises(ValueError, match="too small"):
         blindspot_batch(torch.zeros(1, 1, 4, 4), cell=7, radius=2, gen=torch.Generator())
+
+
+# --- posterior step -----------------------------------------------------------------------------
+
+
+def test_the_noise_level_is_estimated_from_the_residual_and_ignores_constant_padding():
+    rng = np.random.default_rng(0)
+    _, clean = make_noisy((2, 96, 96))
+    noisy = clean + rng.normal(0, 0.3, clean.shape).astype(np.float32)
+    blurred = local_mean(clean, 1.0)  # a prediction that misses some structure
+    est = math.sqrt(estimate_noise_var(noisy, blurred))
+    assert 0.2 < est < 0.36, est
+    # A zero-padded frame (no noise, perfectly predicted) must not fake a zero noise floor.
+    pad = ((0, 0), (32, 32), (32, 32))
+    est_padded = math.sqrt(estimate_noise_var(np.pad(noisy, pad), np.pad(blurred, pad)))
+    assert abs(est_padded - est) < 0.05 * est
+
+
+def test_the_posterior_keeps_what_the_prediction_misses_and_trusts_it_where_it_is_right():
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:64, :128].astype(np.float32)
+    clean = np.where(xx < 64, 0.0, np.sin(xx * 2.5) * 1.5).astype(np.float32)[None]  # flat | fine stripes
+    noisy = clean + rng.normal(0, 0.3, clean.shape).astype(np.float32)
+    predicted = np.zeros_like(clean)  # right on the left half, misses the stripes on the right
+    out = posterior_mean(noisy, predicted, noise_var=0.09)
+    mse = lambda a, part: float(np.mean((a[..., part] - clean[..., part]) ** 2))  # noqa: E731
+    left, right = slice(8, 56), slice(72, 120)
+    assert mse(out, left) < 0.3 * mse(noisy, left)  # mostly the prediction where it explains the data
+    assert mse(out, right) < 0.3 * mse(predicted, right)  # mostly the data where the prediction misses
+    assert out.dtype == np.float32 and np.array_equal(posterior_mean(noisy, noisy, 0.09), noisy)
 
 
 # --- planning and input checks ------------------------------------------------------------------
@@ -284,13 +316,14 @@ def test_floats_stay_floats_with_the_input_shape_and_no_clipping(n2v_run):
 def test_tiled_prediction_equals_a_whole_image_pass_when_the_image_fits(n2v_run):
     checkpoint, noisy, _ = n2v_run
     model = load_denoiser(checkpoint)
-    whole = predict_denoising(None, noisy, model=model, roi=[64, 64])
+    # The network's output (the posterior step is per-pixel arithmetic on top of it).
+    whole = denoise_with_details(None, noisy, model=model, roi=[64, 64], posterior=False).image
     net, plan = model
     with torch.no_grad():
         x = torch.from_numpy((noisy[:, None] - np.float32(plan.input_mean)) / np.float32(plan.input_std))
         direct = net(x)[:, 0].numpy() * plan.target_std + plan.target_mean
     np.testing.assert_allclose(whole, direct, atol=1e-3)
-    tiled = predict_denoising(None, noisy, model=model, roi=[32, 32])  # 3x3 blended windows per slice
+    tiled = denoise_with_details(None, noisy, model=model, roi=[32, 32], posterior=False).image  # 3x3 windows
     err = np.abs(tiled - whole)
     assert err.mean() < 0.05 * noisy.std() and np.median(err) < 0.02 * noisy.std()
 
@@ -300,6 +333,22 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     torch.save({"state_dict": {}}, path)
     with pytest.raises(ValueError, match="not a dlorch denoising checkpoint"):
         predict_denoising(path, np.zeros((16, 16), np.float32))
+
+
+@pytest.mark.parametrize("mode", ["care", "n2n"])
+def test_supervised_modes_train_on_every_pixel_and_answer_on_the_targets_scale(mode, tmp_path):
+    noisy, clean = make_noisy((2, 48, 48), seed=2)
+    # CARE: a clean target on another intensity scale; N2N: a second noisy acquisition.
+    target = clean * 100 + 5 if mode == "care" else make_noisy((2, 48, 48), seed=2)[0]
+    plan = fast_plan(noisy, target, epochs=1, steps=3, mode=mode)
+    assert plan.mode == mode and plan.blindspot_cell is None
+    data = TrainBatches(noisy, target, (32, 32), batch=2, steps=1, seed=0, swap=mode == "n2n")
+    assert (data[0][2] == 1).all()  # every pixel is scored
+    result = train_denoising(noisy, target, plan, workdir=tmp_path, resume_from=None, hooks=NoHooks())
+    out = predict_denoising(result.checkpoint, noisy)
+    assert out.shape == noisy.shape and out.dtype == np.float32
+    if mode == "care":
+        assert abs(float(out.mean()) - float(target.mean())) < 0.5 * float(target.std())
 
 
 def test_a_quick_noise2void_run_improves_psnr(n2v_run):

@@ -7,7 +7,15 @@ import pytest
 
 from dlorch.core.engine.device import Runtime
 from dlorch.core.engine.intensity import intensity_stats
-from dlorch.core.engine.plan import SegmentationPlan, choose_filters, choose_patch, derive_plan, plan_segmentation
+from dlorch.core.engine.plan import (
+    SegmentationPlan,
+    choose_filters,
+    choose_geometry,
+    choose_patch,
+    derive_plan,
+    plan_segmentation,
+    stroke_survival,
+)
 
 from .conftest import make_data
 
@@ -20,6 +28,7 @@ def _derive(**kw):
         class_pixels=[25000, 25000],
         intensity=intensity_stats(np.arange(10.0)),
         runtime=CPU,
+        geometry=choose_geometry((512, 512), "cpu", 0.6),
         val_tiles=40,
         val_strokes=50,
         step_seconds=0.25,
@@ -43,6 +52,23 @@ def test_patch_and_depth_rules():
     assert choose_patch((3, 3), 128) == [16, 16]
     assert choose_filters([128, 128], [16, 24, 48, 96, 192]) == [16, 24, 48, 96, 192]
     assert choose_filters([16, 16], [16, 24, 48, 96, 192]) == [16, 24]
+
+
+def test_half_resolution_only_for_large_images_with_thick_strokes():
+    thick = choose_geometry((512, 512), "cpu", 0.6)
+    assert thick.input_scale == 2 and thick.patch == [256, 256]
+    assert len(thick.filters) == 5  # depth follows the network's view: 128 px
+    assert choose_geometry((512, 512), "cpu", 0.0).input_scale == 1
+    assert choose_geometry((200, 512), "cpu", 0.6).input_scale == 1
+
+
+def test_stroke_survival_measures_stroke_thickness():
+    labels = np.zeros((1, 32, 32), np.uint8)
+    labels[0, 2, 2:30] = 1  # a 1-pixel scribble
+    labels[0, 10:16, 2:30] = 2  # a 6-pixel stroke
+    assert stroke_survival(labels) == 0.0
+    labels[0, 2:8, 2:30] = 1
+    assert stroke_survival(labels) > 0.5
 
 
 def test_epochs_override_is_used_as_given_without_a_default_cap():

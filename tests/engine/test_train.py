@@ -38,9 +38,10 @@ def test_stop_then_resume_trains_exactly_the_planned_epochs(tiny_data, tmp_path)
     assert result3.epochs_done == 3 and result3.stopped_by == "epochs" and third.polls == 0
 
 
-def test_resumed_training_matches_uninterrupted_training(tiny_data, tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resumed_training_matches_uninterrupted_training(tiny_data, tmp_path, ema_decay):
     image, labels = tiny_data
-    plan = fast_plan(image, labels, epochs=2)
+    plan = fast_plan(image, labels, epochs=2, ema_decay=ema_decay)
     straight = train_segmentation(image, labels, plan, workdir=tmp_path / "s", resume_from=None, hooks=NoHooks())
     half = train_segmentation(
         image, labels, plan, workdir=tmp_path / "h", resume_from=None, hooks=RecordingHooks(stop_after_checkpoints=0)
@@ -51,6 +52,10 @@ def test_resumed_training_matches_uninterrupted_training(tiny_data, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+    best_a = torch.load(straight.checkpoint, weights_only=True)[CKPT_KEY]["best_state"]
+    best_b = torch.load(resumed.checkpoint, weights_only=True)[CKPT_KEY]["best_state"]
+    for k in best_a:
+        assert torch.allclose(best_a[k].float(), best_b[k].float(), atol=1e-5), k
 
 
 def test_time_budget_cuts_the_epoch_and_is_kept_across_resumes(tiny_data, tmp_path):
