@@ -24,7 +24,7 @@ def measure_seconds(
     batch: int,
     num_classes: int,
     runtime: Runtime,
-    repeats: int = 3,
+    repeats: int = 2,
     input_scale: int = 1,
 ) -> tuple[float, float]:
     """Time a training step and a forward-only (validation) step of the planned network.

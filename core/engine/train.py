@@ -28,7 +28,6 @@ from dlorch.core.engine.threads import ThreadTuner
 # Checkpoints of this call older than the newest few are deleted: each holds optimizer state
 # and best weights, and one per epoch would fill a node's disk on long jobs.
 KEEP_CHECKPOINTS = 2
-RUN_KEY = "dlorch_run"
 # Epochs shorter than this keep a fixed thread count: probing would be most of the epoch.
 THREAD_PROBE_MIN_STEPS = 20
 
