@@ -15,6 +15,7 @@ from typing import Any, Optional
 import typer
 
 from dlorch.core.errors import BadInput, DlorchError
+from dlorch.orchestrator.inputs import model_uri, upload
 from dlorch.core.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -195,8 +196,8 @@ def predict(
 
     fmt = output_format(Path(out))
     c = client()
-    model_uri, task = _model_uri(c, model)
-    spec = {"kind": "predict", "task": task, "image": _upload(c, image, "image"), "model": model_uri,
+    model_ref, task = model_uri(c, model)
+    spec = {"kind": "predict", "task": task, "image": upload(c, image, "image"), "model": model_ref,
             "priority": priority, "output_format": fmt}
     if "://" in out:  # a URL (s3://bucket/out.zarr): blocks write there directly
         spec["output"] = out
@@ -225,7 +226,7 @@ def submit(
     for role in ("image", "labels", "model"):
         value = data.get(role)
         if value and "://" not in value and not value.startswith(c.store.url):
-            data[role] = _upload(c, value, role)
+            data[role] = upload(c, value, role)
     _run_job(data, detach=not wait, out=out, c=c)
 
 
@@ -329,7 +330,7 @@ def _training_spec(kind: str, image: str, labels: str, epochs, time_budget, prio
     if img.shape != lab.shape:
         raise BadInput(f"labels shape {lab.shape} differs from image shape {img.shape}; "
                        "paint labels on the same grid as the image")
-    return {"kind": kind, "image": _upload(c, image, "image", img), "labels": _upload(c, labels, "labels", lab),
+    return {"kind": kind, "image": upload(c, image, "image", img), "labels": upload(c, labels, "labels", lab),
             "epochs": epochs, "time_budget": time_budget, "priority": priority}
 
 
@@ -341,7 +342,7 @@ def _denoise_spec(kind: str, image: Path, second, clean, epochs, time_budget, pr
     c = client()
     ipath, ikey = split_key(str(image))
     img = read_image(ipath, ikey, role="image")
-    spec: dict[str, Any] = {"kind": kind, "task": "denoising", "image": _upload(c, str(image), "image", img),
+    spec: dict[str, Any] = {"kind": kind, "task": "denoising", "image": upload(c, str(image), "image", img),
                             "epochs": epochs, "time_budget": time_budget, "priority": priority}
     other = second or clean
     if other:
@@ -350,65 +351,8 @@ def _denoise_spec(kind: str, image: Path, second, clean, epochs, time_budget, pr
         if tgt.shape != img.shape:
             raise BadInput(f"{'--second' if second else '--clean'} shape {tgt.shape} differs from image shape "
                            f"{img.shape}; give an acquisition of the same grid")
-        spec |= {"target": _upload(c, other, "target", tgt), "mode": "n2n" if second else "care"}
+        spec |= {"target": upload(c, other, "target", tgt), "mode": "n2n" if second else "care"}
     return spec
-
-
-def _upload(c, spec: str, role: str, array=None) -> str:
-    """Put a local input in the store, content-addressed; a container (.npz) goes in as the chosen array."""
-    import tempfile
-
-    from dlorch.core.imageio import read_image, split_key, write_image
-    from dlorch.core.store import image_suffix
-
-    if "://" in spec:  # already where every node can read it
-        if spec.rstrip("/").endswith(".zarr"):
-            from dlorch.core.volumes import open_volume
-
-            open_volume(spec)  # a wrong URL or missing bucket fails here, in one line
-        return spec
-    path, key = split_key(spec)
-    if not path.exists():
-        raise BadInput(f"{role} file not found: {path}")
-    if image_suffix(path) in (".zarr", ".ome.zarr"):
-        from dlorch.core.volumes import open_volume
-
-        open_volume(str(path))  # check it opens, without reading a volume that may exceed memory
-        return c.store.put_blob(path)
-    if image_suffix(path) != ".npz":
-        if array is None:
-            read_image(path, key, role=role)  # fail here, with a clear line, on an unreadable file
-        return c.store.put_blob(path)
-    arr = array if array is not None else read_image(path, key, role=role)
-    with tempfile.TemporaryDirectory() as tmp:
-        return c.store.put_blob(write_image(arr, Path(tmp) / f"{role}.npy", "npy"))
-
-
-def _model_uri(c, model: str) -> tuple[str, str]:
-    """The store URI of a model and its task: a training job's id, a local .ckpt, or a URL."""
-    if Path(model).exists() or "://" in model:
-        uri = c.store.put_blob(Path(model)) if Path(model).exists() else model
-        return uri, _checkpoint_task(c, uri)
-    job = c.ledger.get(model)
-    if not job.model:
-        raise BadInput(f"job {job.id} has no model yet (it is {job.status.value}); wait for it to succeed")
-    return job.model, job.spec.task
-
-
-def _checkpoint_task(c, uri: str) -> str:
-    """Which engine task wrote a checkpoint: each keeps its own section in the ``.ckpt``."""
-    import tempfile
-
-    import torch
-
-    from dlorch.core.engine.denoise_module import CKPT_KEY as DENOISE_KEY
-
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            ckpt = torch.load(c.store.get_file(uri, Path(tmp) / "m.ckpt"), map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated, not a checkpoint, or unsafe to load
-            raise BadInput(f"{uri} is not a readable model checkpoint: {type(e).__name__}") from None
-    return "denoising" if isinstance(ckpt, dict) and DENOISE_KEY in ckpt else "segmentation"
 
 
 def _run_job(spec: dict[str, Any], detach: bool, out: Path | None, c=None) -> None:
