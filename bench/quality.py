@@ -21,7 +21,16 @@ import time
 import numpy as np
 
 from dlorch.core.engine.device import detect_runtime
-from dlorch.core.engine.segment import NoHooks, Progress, plan_segmentation, predict_segmentation, train_segmentation
+from dlorch.core.engine.priors import estimate_priors
+from dlorch.core.engine.segment import (
+    NoHooks,
+    Progress,
+    load_model,
+    plan_segmentation,
+    predict_probabilities,
+    predict_segmentation,
+    train_segmentation,
+)
 
 DATA = pathlib.Path("/work/shared/data/isbi2012-em")
 CLASSES = {1: "membrane", 2: "cell"}
@@ -54,6 +63,10 @@ def score(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return out
 
 
+def _fmt(values: list[float] | None) -> str:
+    return "-" if values is None else "/".join(f"{v:.3f}" for v in values)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--time-budget", type=float, default=None, help="cap on training seconds (default: plan's)")
@@ -81,6 +94,11 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         pred = predict_segmentation(result.checkpoint, image)
         predict_s = time.perf_counter() - t0
+        # Diagnostics, not timed: the network's raw argmax and the class priors behind the correction.
+        raw = predict_probabilities(result.checkpoint, image, priors=None)
+        train_prior = load_model(result.checkpoint)[1].train_prior
+        image_prior = estimate_priors(raw, train_prior).tolist() if train_prior else None
+        raw_scores = score((raw.argmax(0) + 1)[EVAL_SLICES], truth[EVAL_SLICES])
     total_s = time.perf_counter() - t_start
 
     scores = score(pred[EVAL_SLICES], truth[EVAL_SLICES])
@@ -99,6 +117,10 @@ def main(argv: list[str] | None = None) -> dict:
         "time_budget_s": plan.time_budget_s,
         "device": detect_runtime().accelerator,
         "machine": f"{platform.processor() or platform.machine()}, {detect_runtime().cpu_threads} threads",
+        "raw_argmax_mean_iou": raw_scores["mean_iou"],
+        "train_prior": train_prior,
+        "estimated_image_prior": image_prior,
+        "true_prior_eval_slices": [float((truth[EVAL_SLICES] == c).mean()) for c in CLASSES],
         "plan": plan.model_dump(mode="json"),
     }
     rows = [
@@ -106,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("IoU cell", f"{scores['iou_cell']:.4f}"),
         ("mean IoU", f"{scores['mean_iou']:.4f}"),
         ("pixel error", f"{scores['pixel_error']:.4f}"),
+        ("mean IoU, no prior fix", f"{raw_scores['mean_iou']:.4f}  (priors: train {_fmt(train_prior)}, image {_fmt(image_prior)})"),
         ("plan seconds", f"{plan_s:.1f}"),
         ("train seconds", f"{train_s:.1f}  ({result.epochs_done}/{plan.epochs} epochs, stopped by {result.stopped_by})"),
         ("predict seconds", f"{predict_s:.1f}"),

@@ -12,7 +12,7 @@ second noisy acquisition as target), "care" (a clean target; the default with a 
 The way of a job:
 
     denoise_inputs.py     checks (one-line ValueErrors naming the fix), mean/std
-    denoise_calibrate.py  2 real steps -> seconds/step on this machine
+    denoise_calibrate.py  ~2 s of real steps -> fastest seconds/step on this machine
     denoise_plan.py       derive_denoising_plan() (pure): patch, widths, batch, blind spot, epochs, reasons
     denoise_train.py      Lightning loop; checkpoint at every epoch end; stop/resume; time budget
       denoise_data.py     held-out slices (or rows), seeded batches with flips/90° turns, fixed val tiles

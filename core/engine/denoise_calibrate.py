@@ -2,11 +2,15 @@
 
 Real steps rather than a FLOP model: the same network runs several times faster on one CPU
 than on another (AVX2 vs AVX-512, cores shared with other jobs), and a few steps cost seconds.
+
+The fastest of the steps run over a short window is taken, not the median of two or three:
+on a machine shared with other jobs a burst of contention once made three steps 30x slower
+than usual, and a plan built on that number used a quarter of its budget. Contention only
+ever lengthens steps, and the time cap in training covers a machine slower than measured.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -17,7 +21,14 @@ from dlorch.core.engine.network import build_unet
 
 
 def measure_step_seconds(
-    filters: list[int], patch: list[int], batch: int, norm: str, runtime: Runtime, repeats: int = 2
+    filters: list[int],
+    patch: list[int],
+    batch: int,
+    norm: str,
+    runtime: Runtime,
+    min_seconds: float = 2.0,
+    min_steps: int = 3,
+    max_steps: int = 40,
 ) -> tuple[float, float]:
     """Time a training step and a forward-only (validation) step of the planned network.
 
@@ -27,10 +38,12 @@ def measure_step_seconds(
         batch: batch size.
         norm: MONAI norm name.
         runtime: where to measure.
-        repeats: timed steps after one warm-up step.
+        min_seconds: keep stepping (after one warm-up step) until this much time is measured ...
+        min_steps: ... and at least this many steps ...
+        max_steps: ... but no more than this many.
 
     Returns:
-        (seconds per training step, seconds per forward-only batch), medians.
+        (seconds per training step, seconds per forward-only batch), the fastest of each.
     """
     apply_threads(runtime)
     # Restore the global RNG afterwards: planning must not change what training draws.
@@ -48,7 +61,8 @@ def measure_step_seconds(
             torch.cuda.synchronize()
 
     train_times, eval_times = [], []
-    for i in range(repeats + 1):
+    i = 0
+    while i <= min_steps or (sum(train_times) + sum(eval_times) < min_seconds and i <= max_steps):
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = masked_mse(net(x), x, weight)
@@ -66,5 +80,6 @@ def measure_step_seconds(
         if i > 0:
             train_times.append(t1 - t0)
             eval_times.append(t2 - t1)
+        i += 1
     torch.random.set_rng_state(rng_state)
-    return statistics.median(train_times), statistics.median(eval_times)
+    return min(train_times), min(eval_times)

@@ -58,6 +58,9 @@ class SegmentationModule(pl.LightningModule):
         # rate the raw weights swing from epoch to epoch; their average is steadier and is
         # what gets validated, kept as best and used for prediction.
         self.ema: dict[str, torch.Tensor] | None = None
+        # Painted pixels per class seen by the loss: the class priors the network learned under,
+        # undone at prediction by priors.py.
+        self.label_counts = torch.zeros(plan.num_classes, dtype=torch.float64)
         self._live: dict[str, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +99,10 @@ class SegmentationModule(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = sparse_ce_dice_loss(self(x), y, dice_weight=self.plan.dice_weight)
-        self._train_sum += float(loss.detach())
+        counts = torch.bincount(y.reshape(-1).long(), minlength=self.plan.num_classes + 1)[1:]
+        self.label_counts = self.label_counts.to(counts.device) + counts.detach().to(torch.float64)
+        # Kept as tensors on the device: a float() per step would stall a GPU on every batch.
+        self._train_sum = self._train_sum + loss.detach()
         self._train_n += 1
         return loss
 
@@ -172,7 +178,7 @@ class SegmentationModule(pl.LightningModule):
         the latest weights are kept.
         """
         m = self.epoch_metrics
-        m["train_loss"] = self._train_sum / max(1, self._train_n)
+        m["train_loss"] = float(self._train_sum) / max(1, self._train_n)
         score = m["val_iou"] - 1e-3 * m["val_loss"] if "val_iou" in m else math.inf
         if self.best_state is None or score >= self.best_score - self.plan.select_tolerance:
             self.best_score = max(score, self.best_score)
@@ -192,6 +198,8 @@ class SegmentationModule(pl.LightningModule):
             "best_epoch": self.best_epoch,
             "best_val_iou": self.best_val_iou,
             "ema": self.ema,
+            "label_counts": self.label_counts.cpu(),
+            "train_prior": (self.label_counts / self.label_counts.sum().clamp(min=1)).cpu().tolist(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -201,3 +209,5 @@ class SegmentationModule(pl.LightningModule):
         self.best_epoch = own.get("best_epoch", -1)
         self.best_val_iou = own.get("best_val_iou", -1.0)
         self.ema = own.get("ema")
+        if own.get("label_counts") is not None:
+            self.label_counts = own["label_counts"].to(torch.float64)

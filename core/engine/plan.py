@@ -82,6 +82,7 @@ class SegmentationPlan(BaseModel):
     infer_overlap: float = 0.25
     infer_batch: int = 4
     seed: int = 0
+    train_prior: list[float] | None = None  # filled in from the checkpoint: class shares training saw
     planned_on: str  # accelerator the step time was measured on
     step_seconds: float | None  # measured seconds per training step (None when not measured)
     reasons: list[str]

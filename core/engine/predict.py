@@ -14,6 +14,7 @@ from dlorch.core.engine.intensity import IntensityStats, normalize
 from dlorch.core.engine.module import CKPT_KEY
 from dlorch.core.engine.network import build_unet
 from dlorch.core.engine.plan import SegmentationPlan
+from dlorch.core.engine.priors import adjust_priors, estimate_priors
 
 
 def load_model(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, SegmentationPlan]:
@@ -34,6 +35,8 @@ def load_model(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, SegmentationP
     if not own or "plan" not in own:
         raise ValueError(f"{checkpoint} is not a dlorch segmentation checkpoint; pass a .ckpt from train_segmentation")
     plan = SegmentationPlan.model_validate(own["plan"])
+    if own.get("train_prior") and sum(own["train_prior"]) > 0:
+        plan = plan.model_copy(update={"train_prior": list(own["train_prior"])})
     net = build_unet(plan.spatial_dims, 1, plan.num_classes, plan.filters, plan.norm, plan.input_scale)
     state = own.get("best_state")
     if state is None:
@@ -45,7 +48,8 @@ def load_model(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, SegmentationP
 
 def predict_probabilities(checkpoint: pathlib.Path | None, image: np.ndarray, *,
                           stats: IntensityStats | None = None,
-                          model: tuple[torch.nn.Module, SegmentationPlan] | None = None) -> np.ndarray:
+                          model: tuple[torch.nn.Module, SegmentationPlan] | None = None,
+                          priors: np.ndarray | str | None = "estimate") -> np.ndarray:
     """Class probabilities for every pixel.
 
     Args:
@@ -54,6 +58,9 @@ def predict_probabilities(checkpoint: pathlib.Path | None, image: np.ndarray, *,
         stats: intensity statistics to normalise with; by default the image's own. Blockwise
             prediction passes the whole volume's, so every block is normalised alike.
         model: a ``load_model`` result to reuse (a node predicting many blocks loads it once).
+        priors: "estimate" rescales the posteriors to this image's class priors, estimated by EM
+            (see priors.py); an array of K priors uses those (e.g. estimated once for a whole
+            volume predicted blockwise); None returns the network's raw posteriors.
 
     Returns:
         float32 array (K, *image.shape); channel c holds the probability of class c + 1.
@@ -83,6 +90,10 @@ def predict_probabilities(checkpoint: pathlib.Path | None, image: np.ndarray, *,
                 x, roi, plan.infer_batch, predictor, overlap=plan.infer_overlap, mode="gaussian", padding_mode="replicate"
             )
             out[:, z0 : z0 + x.shape[0]] = probs.float().cpu().numpy().transpose(1, 0, 2, 3)
+    if priors is not None and plan.train_prior:
+        train_prior = np.asarray(plan.train_prior)
+        target = estimate_priors(out, train_prior) if isinstance(priors, str) else np.asarray(priors, dtype=float)
+        out = adjust_priors(out, train_prior, target)
     return out.reshape((plan.num_classes, *np.shape(image)))
 
 

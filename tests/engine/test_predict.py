@@ -20,7 +20,7 @@ def checkpoint(tiny_data, tmp_path_factory):
 
 def test_prediction_equals_a_whole_image_forward_pass_when_the_image_fits(checkpoint, tiny_data):
     image = tiny_data[0]
-    probs = predict_probabilities(checkpoint, image)
+    probs = predict_probabilities(checkpoint, image, priors=None)
     net, plan = load_model(checkpoint)
     with torch.no_grad():
         whole = torch.softmax(net(torch.from_numpy(normalize(image)[:, None])), 1).numpy().transpose(1, 0, 2, 3)
@@ -50,3 +50,28 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     torch.save({"state_dict": {}}, path)
     with pytest.raises(ValueError, match="not a dlorch"):
         predict_segmentation(path, np.zeros((8, 8), np.float32))
+
+
+def test_prior_shift_is_estimated_and_undone():
+    from dlorch.core.engine.priors import adjust_priors, estimate_priors
+
+    rng = np.random.default_rng(0)
+    first = rng.random(200_000) < 0.2  # 20% of the image is the first class
+    # A calibrated classifier trained at 50/50 that sees a feature 4x likelier in its own class.
+    feature = np.where(first, rng.random(first.size) < 0.8, rng.random(first.size) < 0.2)
+    p_first = np.where(feature, 0.8, 0.2)
+    probs = np.stack([p_first, 1 - p_first]).astype(np.float32)
+    est = estimate_priors(probs, np.array([0.5, 0.5]))
+    assert abs(est[0] - 0.2) < 0.02
+    adjusted = adjust_priors(probs, np.array([0.5, 0.5]), est)
+    np.testing.assert_allclose(adjusted.sum(0), 1, atol=1e-5)
+    # Bayes' posterior under the image's 20% prior: 0.5 where the feature is seen, 1/17 elsewhere.
+    np.testing.assert_allclose(adjusted[0][feature], 0.5, atol=0.03)
+    np.testing.assert_allclose(adjusted[0][~feature], 1 / 17, atol=0.01)
+    same = adjust_priors(probs, np.array([0.5, 0.5]), np.array([0.5, 0.5]))
+    np.testing.assert_allclose(same, probs, atol=1e-6)
+
+
+def test_checkpoint_records_the_training_class_prior(checkpoint):
+    _, plan = load_model(checkpoint)
+    assert plan.train_prior is not None and abs(sum(plan.train_prior) - 1) < 1e-6
