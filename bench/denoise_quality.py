@@ -27,7 +27,7 @@ from dlorch.core.engine.denoise import NoHooks, Progress, plan_denoising, train_
 from dlorch.core.engine.denoise_predict import denoise_with_details
 from dlorch.core.engine.device import detect_runtime
 
-DATA = pathlib.Path("/work/shared/data/isbi2012-em/isbi2012_train.npz")
+DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012-em" / "isbi2012_train.npz"
 HERE = pathlib.Path(__file__).resolve().parent
 SIGMA = 25.0
 NOISE_SEED = 2012
@@ -115,6 +115,8 @@ def run(time_budget: float = 600.0, data: pathlib.Path = DATA, verbose: bool = T
         "plan": plan.model_dump(mode="json"),
     }
     report["gain_db"] = report["psnr_denoised"] - report["psnr_noisy"]
+    report["train_samples_per_s"] = result.epochs_done * plan.steps_per_epoch * plan.batch_size / train_s
+    report["predict_mvox_per_s"] = noisy.size / 1e6 / predict_s
     return report
 
 

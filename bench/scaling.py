@@ -1,7 +1,7 @@
 """Blockwise inference scaling: wall time and efficiency for N agents, per-block cost breakdown, queue throughput.
 
 Real processes on this machine: `dlorch up`, N agents with one torch thread each, a zarr volume of
-the ISBI stack predicted blockwise (one 512x512 slice per block) with a model trained once. Then a
+the ISBI stack tiled to 120 x 1024 x 1024 predicted blockwise (one slice per block) with a model trained once. Then a
 near-no-op run: 1,000 blocks of 16x16 voxels, to measure what the queue and ledger cost per block.
 
     python bench/scaling.py [--agents 1 2] [--queue redis|sqlite]
@@ -72,17 +72,16 @@ class Cluster:
                 p.kill()
 
 
-def block_totals(home: Path, parent: dict) -> float:
-    """Sum of the block attempts' own wall time (what the agents spent inside attempts)."""
-    total = 0.0
-    for i in range(parent["blocks"]["total"]):
-        j = json.loads((home / "ledger" / "jobs" / f"{parent['id']}-b{i:05d}.json").read_text())
-        total += sum(a["timings"].get("total_s", 0.0) for a in j["attempts"])
-    return total
-
-
 def measure(root: Path, n: int, queue: str | None, model: Path, volume: Path, block_voxels: int,
             label: str = "") -> dict:
+    """Predict ``volume`` blockwise with ``n`` agents and break the time down per block.
+
+    The agents report per block: model_load, compute, write (the work, on the critical path), read
+    and claim (done by the prefetch thread while the previous block computes), report (the one-way
+    done message) and wait (the compute thread stalled for the next block). The orchestrator adds
+    its ledger flushes. ``critical overhead`` is everything on the agents' timelines that is not
+    model work: n * wall - sum(model_load + compute + write), per block.
+    """
     c = Cluster(root, n, queue, label)
     try:
         job = c.predict(model, volume, block_voxels)
@@ -90,12 +89,15 @@ def measure(root: Path, n: int, queue: str | None, model: Path, volume: Path, bl
         c.close()
     b = job["blocks"]
     wall = b["finished_at"] - b["started_at"]  # the block phase: from the split to the last block
-    per_block = {k: v / b["done"] for k, v in b["timings"].items()}
-    inside = block_totals(c.home, job)
+    t = b["timings"]
+    per_block = {k: v / b["done"] for k, v in t.items() if k != "downloads"}
+    work = sum(t.get(k, 0.0) for k in ("model_load_s", "compute_s", "write_s"))
+    ops = sum(t.get(k, 0.0) for k in ("claim_s", "report_s", "ledger_flush_s"))
     return {"agents": n, "blocks": b["total"], "wall_s": wall, "end_to_end_s": b["finished_at"] - job["created_at"],
             "split_s": job["attempts"][0]["timings"].get("total_s", 0.0), "per_block_s": per_block,
-            "overhead_per_block_ms": 1000 * max(0.0, n * wall - inside) / b["total"],
-            "model_downloads": b["timings"].get("downloads", 0) + job["attempts"][0]["timings"].get("downloads", 0),
+            "critical_overhead_per_block_ms": 1000 * max(0.0, n * wall - work) / b["total"],
+            "orchestration_ops_per_block_ms": 1000 * ops / b["total"],
+            "model_downloads": t.get("downloads", 0) + job["attempts"][0]["timings"].get("downloads", 0),
             "by_node": b["by_node"], "mvox_per_s": b["voxels_done"] / 1e6 / wall}
 
 
@@ -103,7 +105,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--agents", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--queue", choices=["redis", "sqlite"], default="redis" if shutil.which("redis-server") else "sqlite")
-    ap.add_argument("--slices", type=int, default=30)
+    ap.add_argument("--repeat", type=int, default=4, help="copies of the 30-slice ISBI stack along z")
     ap.add_argument("--noop-blocks", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scaling.json")
     args = ap.parse_args()
@@ -130,10 +132,12 @@ def main() -> None:
         plan = plan_segmentation(image[:5], strokes[:5], epochs=1)
         model = train_segmentation(image[:5], strokes[:5], plan, workdir=root / "model", resume_from=None,
                                    hooks=NoHooks()).checkpoint
+        # The ISBI stack tiled to (4 x 30) x 1024 x 1024 (126 Mvoxels); one 1024x1024 slice (1 Mvoxel,
+        # a few tenths of a second on one core) per block.
+        big = np.tile(image, (args.repeat, 2, 2))
         vol = root / "isbi.zarr"
-        zarr.create_array(str(vol), shape=image[: args.slices].shape, chunks=(1, 256, 256), dtype="uint8")[...] = \
-            image[: args.slices]
-        rows = [measure(root, n, queue, model, vol, 512 * 512) for n in args.agents]
+        zarr.create_array(str(vol), shape=big.shape, chunks=(1, 256, 256), dtype="uint8")[...] = big
+        rows = [measure(root, n, queue, model, vol, 1024 * 1024) for n in args.agents]
         t1 = next((r["wall_s"] for r in rows if r["agents"] == 1), None)
         for r in rows:
             r["efficiency"] = t1 / (r["agents"] * r["wall_s"]) if t1 else None
@@ -145,19 +149,23 @@ def main() -> None:
     finally:
         if redis:
             redis.kill()
-    print(f"queue: {args.queue}; volume {image[: args.slices].shape} uint8, one 512x512 slice per block, "
+    print(f"queue: {args.queue}; volume {big.shape} uint8, one 1024x1024 slice per block, "
           f"model {plan.filters} {plan.infer_roi}")
-    hdr = ["agents", "blocks", "wall s", "efficiency", "Mvox/s", "compute", "read", "write", "model load",
-           "overhead ms", "downloads"]
-    print("".join(f"{h:>12}" for h in hdr))
-    for r in rows:
+    hdr = ["agents", "blocks", "wall s", "efficiency", "Mvox/s", "compute", "read*", "write", "model load",
+           "claim*", "report", "wait", "ledger", "crit. ms", "ops ms", "downloads"]
+    print("".join(f"{h:>11}" for h in hdr))
+    for r in [*rows, noop]:
         pb = r["per_block_s"]
-        vals = [r["agents"], r["blocks"], r["wall_s"], r["efficiency"] or 0.0, r["mvox_per_s"], pb.get("compute_s", 0),
-                pb.get("read_s", 0), pb.get("write_s", 0), pb.get("model_load_s", 0), r["overhead_per_block_ms"],
-                r["model_downloads"]]
-        print("".join(f"{v:>12.3f}" if isinstance(v, float) else f"{v!s:>12}" for v in vals))
-    print(f"near-no-op ({noop['blocks']} blocks of 16x16, {noop['agents']} agents): {noop['tasks_per_s']:.1f} tasks/s, "
-          f"overhead {noop['overhead_per_block_ms']:.1f} ms per block (dispatch + claim + finish + ledger)")
+        vals = [r["agents"], r["blocks"], r["wall_s"], r.get("efficiency") or 0.0, r["mvox_per_s"],
+                *(pb.get(k, 0.0) for k in ("compute_s", "read_s", "write_s", "model_load_s", "claim_s", "report_s",
+                                           "wait_s", "ledger_flush_s")),
+                r["critical_overhead_per_block_ms"], r["orchestration_ops_per_block_ms"], r["model_downloads"]]
+        print("".join(f"{v:>11.4f}" if isinstance(v, float) else f"{v!s:>11}" for v in vals))
+    print("per-block columns in seconds; * = done by the prefetch thread while the previous block computes.\n"
+          "crit. ms = (agents x wall - model work) / blocks: all time on the agents' timelines that is not\n"
+          "model_load + compute + write. ops ms = claim + report + ledger flush per block (dispatch, lease, ledger).")
+    print(f"near-no-op (last row: {noop['blocks']} blocks of 16x16, {noop['agents']} agents): "
+          f"{noop['tasks_per_s']:.1f} tasks/s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"queue": args.queue, "rows": rows, "noop": noop}, indent=1))
     print(f"wrote {args.out}")

@@ -26,7 +26,7 @@ class JobStatus(str, Enum):
 
     QUEUED = "queued"  # waiting in the queue for a node; holds the token of its next attempt
     RUNNING = "running"  # a node holds it under a lease it renews by heartbeat
-    WAITING = "waiting"  # split into block tasks (child jobs); ends when they all have
+    WAITING = "waiting"  # split into blocks that nodes pull from the orchestrator; ends when all are done
     SUCCEEDED = "succeeded"  # result accepted from the lease holder; terminal
     FAILED = "failed"  # gave up after max_attempts, or the input can never work; terminal
     CANCELLED = "cancelled"  # stopped by the user; terminal
@@ -52,7 +52,7 @@ class AttemptOutcome(str, Enum):
 
     RUNNING = "running"  # still under lease
     SUCCEEDED = "succeeded"  # produced the job's result
-    SPLIT = "split"  # planned a blockwise job: its blocks are child jobs now
+    SPLIT = "split"  # planned a blockwise job: its blocks are handed out by the orchestrator now
     HANDED_BACK = "handed_back"  # the node stopped (signal, drain, spot notice) and returned the rest
     EXPIRED = "expired"  # the lease ran out: the node vanished or stalled
     ERRORED = "errored"  # the job raised on the node
@@ -66,9 +66,9 @@ class _Strict(BaseModel):
 class JobSpec(_Strict):
     """What a user asks for. Unknown fields are an error, so a typo never silently does nothing."""
 
-    kind: Literal["segment", "denoise", "train", "predict", "block"] = Field(
+    kind: Literal["segment", "denoise", "train", "predict"] = Field(
         description="segment / denoise = train then predict the same image; train = model only; predict = apply a"
-        " model; block = one block of a blockwise prediction (created by the orchestrator)"
+        " model (a .zarr volume into .zarr is cut into blocks that many nodes share)"
     )
     task: Literal["segmentation", "denoising"] = "segmentation"
     target: str | None = Field(None, description="denoising: a second noisy acquisition (n2n) or a clean image (care)")
@@ -78,8 +78,6 @@ class JobSpec(_Strict):
     model: str | None = Field(None, description="store URI of a model checkpoint (predict)")
     output_format: Literal["tif", "zarr", "npy"] = "tif"
     output: str | None = Field(None, description="where a blockwise prediction writes its zarr (URL); default: the store")
-    parent: str | None = Field(None, description="block: the blockwise job it belongs to")
-    block: dict[str, Any] | None = Field(None, description="block: index, core and read regions, normalisation")
     epochs: int | None = Field(None, ge=1, le=100_000, description="override of the automatic epoch count")
     time_budget: float | None = Field(None, gt=0, description="cap on training seconds")
     options: dict[str, Any] = Field(default_factory=dict, description="engine options (e.g. network variant)")
@@ -95,9 +93,7 @@ class JobSpec(_Strict):
             raise BadInput("invalid job spec: field 'task': a denoise job has task 'denoising'")
         if self.task == "segmentation" and self.kind in ("segment", "train") and not self.labels:
             raise BadInput(f"invalid job spec: field 'labels': a {self.kind} job needs --labels LABELS")
-        if self.kind == "block" and not (self.parent and self.block and self.output and self.model):
-            raise BadInput("invalid job spec: a block job needs parent, block, output and model")
-        if self.kind in ("predict", "block") and not self.model:
+        if self.kind == "predict" and not self.model:
             raise BadInput("invalid job spec: field 'model': a predict job needs MODEL (a job id or model URI)")
         return self
 
@@ -161,7 +157,7 @@ class Job(_Strict):
     plan: dict[str, Any] | None = None  # the engine's automatic configuration and its reasons
     metrics: dict[str, float] = Field(default_factory=dict)
     error: str | None = None
-    blocks: dict[str, Any] | None = None  # blockwise progress: total, done, per node, voxels, timings
+    blocks: dict[str, Any] | None = None  # blockwise progress: total, done (and as ranges), per node, voxels, timings
     cancel_requested: bool = False
     events: list[tuple[float, str]] = Field(default_factory=list)
 

@@ -18,6 +18,7 @@ from dlorch.core.store import DataStore
 from dlorch.core.wire import Signer
 from dlorch.nodeagent import hardware
 from dlorch.nodeagent.attempt import Attempt
+from dlorch.nodeagent.blockwise import BlockWorker
 from dlorch.nodeagent.interrupts import SpotNoticePoller, StopFlag
 from dlorch.orchestrator.queue import Queue
 
@@ -37,6 +38,7 @@ class Agent:
         self.store = DataStore(settings.resolved_store())
         self.queue = Queue(settings.resolved_queue(), signer)
         self._hb_queue = Queue(settings.resolved_queue(), signer)  # its own connection, for its thread
+        self._side_queue = Queue(settings.resolved_queue(), signer)  # for the block prefetch thread
         base = workdir or (self.store.local_root or Path.home() / ".dlorch") / "agents" / self.node_id
         self.workdir, self.cache = base / "work", base.parent.parent / "cache"
         self.stop = StopFlag()
@@ -44,6 +46,7 @@ class Agent:
         self.current: tuple[str, int] | None = None
         self._hb_thread: threading.Thread | None = None
         self._hb_done = threading.Event()
+        self.blocks: BlockWorker | None = None  # created on the first blockwise job this node joins
 
     # -- lifecycle --------------------------------------------------------------------------------
     def register(self) -> None:
@@ -56,6 +59,8 @@ class Agent:
     def run(self) -> None:
         """Register, start heartbeating, loop ``step`` until a stop is asked for, then say goodbye."""
         self.register()
+        # Import the engine now, off the loop: a node's first block or epoch should not pay for it.
+        threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._hb_thread.start()
         if self.spot_metadata_url:
@@ -66,6 +71,8 @@ class Agent:
                 pass
         finally:
             self._hb_done.set()
+            if self.blocks is not None:
+                self.blocks.close()
             try:
                 self.queue.request({"type": "bye", "node": self.node_id}, timeout=5)
             except DlorchError:
@@ -87,6 +94,13 @@ class Agent:
         if self.stop.is_set():  # stopping between dequeue and claim: put the message back
             self.queue.jobs.send(msg, priority=int(msg.get("priority", 0)))
             return False
+        if msg.get("kind") == "blocks":  # a blockwise job: pull its blocks until none is left
+            if self.blocks is None:
+                self.blocks = BlockWorker(self.node_id, self.store, self.cache, self.queue, self._side_queue, self.stop)
+            ran = self.blocks.run(msg["job"])
+            if ran:
+                log.info("ran %d blocks (from %s)", ran, msg["job"])
+            return not self.stop.is_set()
         job_id, token = msg["job"], int(msg["token"])
         reply = self._request({"type": "claim", "job": job_id, "token": token, "node": self.node_id})
         if not reply.get("ok"):
@@ -147,6 +161,10 @@ class Agent:
         msg: dict[str, Any] = {"type": "heartbeat", "node": self.node_id}
         if current:
             msg["job"], msg["token"] = current
+        held = self.blocks.holding() if self.blocks is not None else []
+        if held:
+            msg["blocks"] = held
+            msg.setdefault("job", held[0][0])
         try:
             reply = self._hb_queue.request(msg, timeout=max(2.0, self.settings.heartbeat_s * 2))
         except Unreachable as e:
@@ -159,8 +177,18 @@ class Agent:
                 pass
         if reply.get("drain"):
             self.stop.set("drain requested")
+        for job_id, _ in reply.get("blocks_lost") or []:
+            if self.blocks is not None:
+                self.blocks.lost.add(job_id)
         if current and reply.get("lease") is False and self.current == current:
             self.lease_lost.set(f"lease on {current[0]} attempt {current[1]} lost")
+
+
+def _warm_up() -> None:
+    try:
+        import dlorch.core.engine.predict  # noqa: F401  (torch, MONAI, the networks)
+    except Exception as e:  # the job that needs it will report the real error
+        log.debug("engine warm-up failed: %s", e)
 
 
 def _attach_log(path: Path) -> logging.Handler:

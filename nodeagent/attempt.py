@@ -57,7 +57,7 @@ class Attempt:
         t0 = time.perf_counter()
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            body = self._predict_only() if self.job.spec.kind in ("predict", "block") else self._train()
+            body = self._predict_only() if self.job.spec.kind == "predict" else self._train()
         except LeaseLost as e:
             body = {"outcome": "cancelled", "error": f"lease lost: {e}"}
         except BadInput as e:  # the input can never work: no point retrying elsewhere
@@ -105,12 +105,12 @@ class Attempt:
 
     def _predict_only(self) -> dict[str, Any]:
         spec = self.job.spec
-        if spec.kind == "block" or spec.blockwise:
+        if spec.blockwise:
             from dlorch.nodeagent import blockwise
 
             with self.timed("fetch_model_s"):
                 model = self._cached(spec.model, ".ckpt")
-            return blockwise.run_block(self, model) if spec.kind == "block" else blockwise.split(self, model)
+            return blockwise.split(self, model)
         with self.timed("fetch_inputs_s"):
             image = self._read(spec.image, "image")
         with self.timed("fetch_model_s"):
@@ -153,18 +153,7 @@ class Attempt:
 
     # -- data ---------------------------------------------------------------------------------------
     def _cached(self, uri: str, suffix: str = "") -> Path:
-        """Fetch a store object once per node (blobs are content-addressed, so a cache hit is exact)."""
-        name = uri.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-        if "/blobs/" not in uri.replace("\\", "/"):
-            name = f"{hashlib.sha1(uri.encode()).hexdigest()[:12]}-{name}"
-        local = self.cache / name
-        if not local.exists():
-            if not self.store.exists(uri):
-                raise BadInput(f"not found in the store: {uri}")
-            with self.timed("download_s"):
-                self.store.get_file(uri, local)
-            self.timings["downloads"] = self.timings.get("downloads", 0) + 1  # transfers, for the record
-        return local
+        return fetch_cached(self.store, self.cache, uri, self.timings)
 
     def _read(self, uri: str | None, role: str) -> np.ndarray:
         if uri is None:
@@ -199,6 +188,25 @@ class _Hooks:
         self.last_uri = uri
         log.info("epoch %d/%d checkpointed %s", progress.epochs_done, self.epochs_total,
                  " ".join(f"{k}={v:.4g}" for k, v in progress.metrics.items()))
+
+
+def fetch_cached(store: DataStore, cache: Path, uri: str, timings: dict[str, float]) -> Path:
+    """Fetch a store object once per node (blobs are content-addressed, so a cache hit is exact).
+
+    Downloads are counted in ``timings["downloads"]``: a model reaches each node once, not once per block.
+    """
+    name = uri.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    if "/blobs/" not in uri.replace("\\", "/"):
+        name = f"{hashlib.sha1(uri.encode()).hexdigest()[:12]}-{name}"
+    local = cache / name
+    if not local.exists():
+        if not store.exists(uri):
+            raise BadInput(f"not found in the store: {uri}")
+        t0 = time.perf_counter()
+        store.get_file(uri, local)
+        timings["download_s"] = timings.get("download_s", 0.0) + time.perf_counter() - t0
+        timings["downloads"] = timings.get("downloads", 0) + 1
+    return local
 
 
 def _check_checkpoint(path: Path) -> None:

@@ -1,24 +1,36 @@
-"""Blockwise prediction on a node: plan a volume's blocks (the parent job), or run one block.
+"""Blockwise prediction on a node: plan a volume's blocks (the parent job), or run blocks.
 
 A block reads its core plus a halo from the input zarr, predicts, crops the halo and writes its
-core into the output zarr. Blocks are whole zarr chunks, so concurrent writers never share a chunk,
+core into the output zarr. Nodes pull blocks from the orchestrator, which leases them in memory
+(``orchestrator/blockbook.py``). Blocks are whole zarr chunks, so concurrent writers never share a chunk,
 and the same block always writes the same bytes: a block re-run after a kill is harmless.
 """
 
 from __future__ import annotations
 
 import math
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dlorch.core.blocks import plan_blocks
-from dlorch.core.errors import BadInput
+from dlorch.core.blocks import Block, plan_blocks
+from dlorch.core.errors import BadInput, Unreachable
+from dlorch.core.spec import JobSpec
+from dlorch.core.store import DataStore
 from dlorch.core.volumes import create_volume, open_volume
+from dlorch.nodeagent.interrupts import StopFlag
+from dlorch.orchestrator.queue import Queue
 
 if TYPE_CHECKING:
     from dlorch.nodeagent.attempt import Attempt
+
+log = logging.getLogger("dlorch.agent")
 
 # A block of ~4 Mvoxels takes seconds on a CPU core: long enough to amortise dispatch.
 DEFAULT_BLOCK_VOXELS = 4 * 2**20
@@ -64,23 +76,165 @@ def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
             "blocks": [{"index": b.index, "core": b.core, "read": b.read} for b in blocks]}
 
 
-def run_block(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
-    """Predict one block and write its core; returns the finish report."""
-    from dlorch.core.blocks import Block
-    from dlorch.core.engine.intensity import IntensityStats
-    from dlorch.core.engine.predict import predict_probabilities
+@dataclass
+class _Context:
+    """What every block of one blockwise job shares on this node."""
 
-    spec = attempt.job.spec
-    b = Block(spec.block["index"], tuple(map(tuple, spec.block["core"])), tuple(map(tuple, spec.block["read"])))
-    with attempt.timed("read_s"):
-        region = np.asarray(open_volume(spec.image)[b.read_slices()])
-    with attempt.timed("model_load_s"):
-        model = _model(checkpoint)
-    with attempt.timed("compute_s"):
-        stats = IntensityStats.model_validate(spec.block["norm"])
-        probs = predict_probabilities(None, region, stats=stats, model=model)
-        labels = (probs.argmax(0) + 1).astype(np.uint8)[b.crop()]
-    with attempt.timed("write_s"):
-        out = open_volume(spec.output, mode="r+")
-        out[b.core_slices()] = labels
-    return {"outcome": "succeeded", "metrics": {"voxels": b.voxels}}
+    spec: JobSpec
+    output: str
+    stats: Any  # IntensityStats
+    checkpoint: Path
+    source: Any  # the open input array
+    sink: Any = None  # the open output array (opened on first write)
+
+
+@dataclass
+class _Ready:
+    """A leased block whose input is read (or whose read failed), ready to compute."""
+
+    job_id: str
+    block: Block
+    ctx: _Context | None
+    region: np.ndarray | None = None
+    error: str | None = None
+    permanent: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class BlockWorker:
+    """Pulls blocks from the orchestrator and runs them, reading the next while the current computes.
+
+    One thread leases and reads the next block (``next_block`` request, input read with its halo)
+    while this one predicts and writes the current, so IO and orchestration overlap compute. The
+    done report is one-way: if it is lost, the lease runs out and the block is simply run again.
+    """
+
+    def __init__(self, node_id: str, store: DataStore, cache: Path, main: Queue, side: Queue,
+                 stop: StopFlag) -> None:
+        self.node_id, self.store, self.cache = node_id, store, cache
+        self.main, self.side, self.stop = main, side, stop
+        self.contexts: dict[str, _Context] = {}
+        self.models: set[str] = set()  # model URIs this node holds (affinity)
+        self.held: set[tuple[str, int]] = set()  # leased blocks, renewed by the heartbeat
+        self.lost: set[str] = set()  # jobs the orchestrator no longer hands blocks of (cancelled, failed)
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._report_s = 0.0
+
+    def holding(self) -> list[list[Any]]:
+        with self._lock:
+            return [[j, i] for j, i in sorted(self.held)]
+
+    def run(self, job_id: str) -> int:
+        """Run blocks (of ``job_id`` first) until none is left or a stop is asked; returns how many ran."""
+        ran = 0
+        ready = self._prepare(job_id, None)
+        while ready is not None:
+            if self.stop.is_set() or ready.job_id in self.lost:
+                self._release(ready)
+                break
+            upcoming = self._pool.submit(self._prepare, ready.job_id, ready.block.index)
+            self._execute(ready)
+            ran += 1
+            t0 = time.perf_counter()
+            ready = upcoming.result()
+            if ready is not None:
+                ready.timings["wait_s"] = time.perf_counter() - t0  # a stall: the next block was not ready
+        return ran
+
+    # -- the prefetch side ----------------------------------------------------------------------------
+    def _prepare(self, job_id: str | None, after: int | None) -> _Ready | None:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        try:
+            reply = self.side.request({"type": "next_block", "node": self.node_id, "job": job_id, "after": after,
+                                       "models": sorted(self.models), "have": sorted(self.contexts)}, timeout=60)
+        except Unreachable as e:
+            log.warning("%s", e)
+            return None
+        timings["claim_s"] = time.perf_counter() - t0
+        if not reply.get("ok") or not reply.get("block"):
+            return None
+        jid, b = reply["job"], reply["block"]
+        block = Block(b["index"], tuple(map(tuple, b["core"])), tuple(map(tuple, b["read"])))
+        with self._lock:
+            self.held.add((jid, block.index))
+        ready = _Ready(jid, block, None, timings=timings)
+        try:
+            ctx = self.contexts.get(jid) or self._context(jid, reply.get("context"), timings)
+            ready.ctx = ctx
+            t0 = time.perf_counter()
+            ready.region = np.asarray(ctx.source[block.read_slices()])
+            timings["read_s"] = time.perf_counter() - t0
+        except BadInput as e:
+            ready.error, ready.permanent = str(e), True
+        except Exception as e:  # a corrupt chunk, S3 hiccup: retried (elsewhere too) up to the job's limit
+            ready.error = f"reading {block.read}: {type(e).__name__}: {e}"
+        return ready
+
+    def _context(self, job_id: str, raw: dict | None, timings: dict[str, float]) -> _Context:
+        from dlorch.core.engine.intensity import IntensityStats
+        from dlorch.nodeagent.attempt import fetch_cached
+
+        if raw is None:  # we said we had it, but dropped it since: the orchestrator sends it next time
+            raise RuntimeError(f"no context for job {job_id} on this node")
+        spec = JobSpec.model_validate(raw["spec"])
+        checkpoint = fetch_cached(self.store, self.cache, spec.model, timings)
+        ctx = _Context(spec, raw["output"], IntensityStats.model_validate(raw["norm"]), checkpoint,
+                       open_volume(spec.image))
+        if len(self.contexts) >= 8:
+            self.contexts.pop(next(iter(self.contexts)))
+        self.contexts[job_id] = ctx
+        self.models.add(spec.model)
+        return ctx
+
+    # -- the compute side ------------------------------------------------------------------------------
+    def _execute(self, r: _Ready) -> None:
+        from dlorch.core.engine.predict import predict_probabilities
+
+        t = r.timings
+        if r.error is None:
+            try:
+                t0 = time.perf_counter()
+                model = _model(r.ctx.checkpoint)
+                t1 = time.perf_counter()
+                probs = predict_probabilities(None, r.region, stats=r.ctx.stats, model=model)
+                labels = (probs.argmax(0) + 1).astype(np.uint8)[r.block.crop()]
+                t2 = time.perf_counter()
+                if r.ctx.sink is None:
+                    r.ctx.sink = open_volume(r.ctx.output, mode="r+")
+                r.ctx.sink[r.block.core_slices()] = labels
+                t3 = time.perf_counter()
+                t.update(model_load_s=t1 - t0, compute_s=t2 - t1, write_s=t3 - t2)
+            except BadInput as e:
+                r.error, r.permanent = str(e), True
+            except Exception as e:
+                log.exception("block %d of %s raised", r.block.index, r.job_id)
+                r.error = f"{type(e).__name__}: {e}"
+        t["report_s"], self._report_s = self._report_s, 0.0  # the previous report's cost, counted here
+        t["total_s"] = sum(t.get(k, 0.0) for k in ("model_load_s", "compute_s", "write_s", "wait_s", "report_s"))
+        body: dict[str, Any] = {"node": self.node_id, "job": r.job_id, "block": r.block.index, "timings": t}
+        if r.error is None:
+            body["type"] = "block_done"
+        else:
+            body.update(type="block_failed", error=r.error, permanent=r.permanent)
+            log.warning("block %d of %s failed: %s", r.block.index, r.job_id, r.error)
+        self._send(body)
+        with self._lock:
+            self.held.discard((r.job_id, r.block.index))
+
+    def _release(self, r: _Ready) -> None:
+        self._send({"type": "block_release", "node": self.node_id, "job": r.job_id, "block": r.block.index})
+        with self._lock:
+            self.held.discard((r.job_id, r.block.index))
+
+    def _send(self, body: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.main.events.send(body)  # one-way: a lost report only means the block runs again
+        except Unreachable as e:
+            log.warning("block report not sent (%s); it will run again after its lease", e)
+        self._report_s += time.perf_counter() - t0
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

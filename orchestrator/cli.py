@@ -231,12 +231,11 @@ def submit(
 
 
 @app.command()
-def jobs(as_json: bool = typer.Option(False, "--json", help="one JSON document"),
-         blocks: bool = typer.Option(False, "--blocks", help="also list the block tasks of blockwise jobs")) -> None:
-    """List jobs, oldest first, with their node and epochs."""
+def jobs(as_json: bool = typer.Option(False, "--json", help="one JSON document")) -> None:
+    """List jobs, oldest first, with their node and epochs (blocks: `dlorch status JOB`)."""
     from dlorch.orchestrator import views
 
-    all_jobs = [j for j in client().ledger.jobs() if blocks or not j.spec.parent]
+    all_jobs = client().ledger.jobs()
     if as_json:
         typer.echo(json.dumps([j.public() for j in all_jobs], indent=1))
     else:

@@ -96,6 +96,16 @@ class Ledger:
                 out.append(job)
         return sorted(out, key=lambda j: (j.created_at, j.id))
 
+    # -- block plans ------------------------------------------------------------------------------
+    def put_block_plan(self, job_id: str, plan: dict) -> None:
+        """Record a blockwise job's blocks (geometry, normalisation); written once, at the split."""
+        self.store.put(f"blockplans/{job_id}", json.dumps(plan, separators=(",", ":")).encode())
+
+    def block_plan(self, job_id: str) -> dict | None:
+        """A blockwise job's recorded blocks, or None."""
+        got = self.store.get(f"blockplans/{job_id}")
+        return json.loads(got[0]) if got else None
+
     # -- nodes --------------------------------------------------------------------------------
     def put_node(self, node: NodeInfo) -> None:
         """Record a node's registration or heartbeat (the orchestrator is its only writer)."""
@@ -126,7 +136,7 @@ class Ledger:
         got = self.leader()
         if got is not None:
             current, etag = got
-            if current.id != me.id and now - current.heartbeat_at <= lease_s:
+            if current.id != me.id and now - current.heartbeat_at <= lease_s and not _dead_here(current):
                 return False
             try:
                 self.store.put("leader", _dump(me), if_match=etag)
@@ -149,6 +159,22 @@ class Ledger:
                 self.store.put("leader", _dump(gone), if_match=got[1])
             except StaleWrite:
                 pass
+
+
+def _dead_here(leader: Leader) -> bool:
+    """Whether the leader ran on this machine and its process is gone (a crash: no need to wait out its lease)."""
+    import os
+    import socket
+
+    if leader.hostname != socket.gethostname() or leader.pid == os.getpid():
+        return False
+    try:
+        os.kill(leader.pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OSError, AttributeError):
+        return False
+    return False
 
 
 def _dump(model: BaseModel) -> bytes:

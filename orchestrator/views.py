@@ -47,8 +47,9 @@ def job_detail(j: Job) -> None:
         console.print(f"  blocks     {blocks_summary(j, now)}")
         tm = j.blocks.get("timings", {})
         if tm:
-            console.print("  per block  " + "  ".join(f"{k.removesuffix('_s')}={v / max(1, j.blocks['done']):.3f}s"
-                                                  for k, v in sorted(tm.items())))
+            console.print("  per block  " + "  ".join(f"{k.removesuffix('_s')}={v / max(1, j.blocks['done']):.4f}s"
+                                                  for k, v in sorted(tm.items()) if k != "downloads")
+                          + f"  (model downloads: {int(tm.get('downloads', 0))})")
     if j.metrics:
         console.print("  metrics    " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(j.metrics.items())))
     console.print("  attempts:")

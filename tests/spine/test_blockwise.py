@@ -118,3 +118,21 @@ def test_s3_volume_predicted_by_two_agents_into_s3(home, tmp_path, model, s3):
         bad = c.cli("predict", str(model), "s3://no-such-bucket/in.zarr", "-o", "s3://bucket/x.zarr", check=False)
         assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
         assert "no-such-bucket" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_orchestrator_killed_mid_job_resumes_blocks_from_the_ledger(home, tmp_path, model):
+    _volume(tmp_path / "in.zarr")
+    with Cluster(tmp_path, home) as c:
+        c.agent("a1")
+        c.agent("a2")
+        jid = _predict(c, model, tmp_path / "in.zarr", tmp_path / "r.zarr", "--detach").stdout.strip()
+        c.wait_job(jid, lambda j: (j.get("blocks") or {}).get("done", 0) >= 3, 120, what="blocks recorded")
+        c.service.send_signal(signal.SIGKILL)  # block leases and the last second of done marks are lost
+        c.service.wait()
+        c.up()
+        done = c.wait_job(jid, lambda j: j["status"] in ("succeeded", "failed"), 300)
+        assert done["status"] == "succeeded" and done["blocks"]["done"] == done["blocks"]["total"]
+        ref = _predict(c, model, tmp_path / "in.zarr", tmp_path / "ref.zarr")
+        assert ref.returncode == 0
+        np.testing.assert_array_equal(zarr.open_array(done["output"], mode="r")[...],
+                                      zarr.open_array(str(tmp_path / "ref.zarr"), mode="r")[...])
