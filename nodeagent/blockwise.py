@@ -57,7 +57,8 @@ def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
 
     job, spec = attempt.job, attempt.job.spec
     with attempt.timed("model_load_s"):
-        _, plan = _model(checkpoint)
+        model = _model(checkpoint)
+        plan = model[1]
     with attempt.timed("plan_blocks_s"):
         vol = open_volume(spec.image)
         if vol.ndim not in (2, 3):
@@ -69,11 +70,32 @@ def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
         picks = np.unique(np.linspace(0, vol.shape[0] - 1, min(STAT_SLICES, vol.shape[0])).astype(int))
         sample = np.stack([np.asarray(vol[int(z)]) for z in picks]) if vol.ndim == 3 else np.asarray(vol[...])
         stats = intensity_stats(sample)
+    with attempt.timed("estimate_priors_s"):
+        priors = _volume_priors(sample, stats, model)
+    with attempt.timed("plan_blocks_s"):
         output = spec.output or attempt.store.uri(f"jobs/{job.id}/output.zarr")
         create_volume(output, tuple(vol.shape), tuple(vol.chunks), "uint8",
                       attributes={"dlorch_job": job.id, "model": spec.model, "classes": plan.num_classes})
-    return {"outcome": "split", "output": output, "norm": stats.model_dump(), "voxels": math.prod(vol.shape),
+    return {"outcome": "split", "output": output, "norm": stats.model_dump(), "priors": priors,
+            "voxels": math.prod(vol.shape),
             "blocks": [{"index": b.index, "core": b.core, "read": b.read} for b in blocks]}
+
+
+def _volume_priors(sample: np.ndarray, stats: Any, model: Any) -> list[float] | None:
+    """The volume's class priors, estimated once from sample slices (EM, priors.py).
+
+    Every block's posteriors are then corrected alike; estimating per block would make a block's
+    labels depend on what else happens to lie in it, and on the block size.
+    """
+    from dlorch.core.engine.predict import predict_probabilities
+    from dlorch.core.engine.priors import estimate_priors
+
+    if not model[1].train_prior:
+        return None
+    few = sample[np.unique(np.linspace(0, len(sample) - 1, min(4, len(sample))).astype(int))] \
+        if sample.ndim == 3 else sample
+    probs = predict_probabilities(None, few, stats=stats, model=model, priors=None)
+    return [float(v) for v in estimate_priors(probs, np.asarray(model[1].train_prior))]
 
 
 @dataclass
@@ -83,6 +105,7 @@ class _Context:
     spec: JobSpec
     output: str
     stats: Any  # IntensityStats
+    priors: Any  # the volume's class priors (array), or None for the raw posteriors
     checkpoint: Path
     source: Any  # the open input array
     sink: Any = None  # the open output array (opened on first write)
@@ -180,7 +203,8 @@ class BlockWorker:
             raise RuntimeError(f"no context for job {job_id} on this node")
         spec = JobSpec.model_validate(raw["spec"])
         checkpoint = fetch_cached(self.store, self.cache, spec.model, timings)
-        ctx = _Context(spec, raw["output"], IntensityStats.model_validate(raw["norm"]), checkpoint,
+        priors = np.asarray(raw["priors"], dtype=float) if raw.get("priors") else None
+        ctx = _Context(spec, raw["output"], IntensityStats.model_validate(raw["norm"]), priors, checkpoint,
                        open_volume(spec.image))
         if len(self.contexts) >= 8:
             self.contexts.pop(next(iter(self.contexts)))
@@ -198,7 +222,7 @@ class BlockWorker:
                 t0 = time.perf_counter()
                 model = _model(r.ctx.checkpoint)
                 t1 = time.perf_counter()
-                probs = predict_probabilities(None, r.region, stats=r.ctx.stats, model=model)
+                probs = predict_probabilities(None, r.region, stats=r.ctx.stats, model=model, priors=r.ctx.priors)
                 labels = (probs.argmax(0) + 1).astype(np.uint8)[r.block.crop()]
                 t2 = time.perf_counter()
                 if r.ctx.sink is None:

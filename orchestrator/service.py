@@ -249,7 +249,8 @@ class Orchestrator:
         if msg["output"] not in (job.spec.output, f"{self.store_url}/jobs/{job.id}/output.zarr"):
             raise StaleWrite(f"output {msg['output']} is not this job's")
         # The plan first: a WAITING job always has one to rebuild its book from.
-        self.ledger.put_block_plan(job.id, {"blocks": blocks, "norm": msg.get("norm")})
+        plan = {"blocks": blocks, "norm": msg.get("norm"), "priors": msg.get("priors")}
+        self.ledger.put_block_plan(job.id, plan)
 
         def split(job: Job) -> None:
             att = self._holder(job, token, node)
@@ -261,7 +262,7 @@ class Orchestrator:
             job.log(now, f"split into {len(blocks)} blocks by node {node}")
 
         parent = self._update(msg["job"], split, expect=[JobStatus.RUNNING])
-        self._load_book(parent, now, {"blocks": blocks, "norm": msg.get("norm")})
+        self._load_book(parent, now, plan)
         self._send_block_tokens(parent.id, len(blocks), now)
         return {"ok": True, "status": parent.status.value}
 
@@ -281,7 +282,7 @@ class Orchestrator:
         self.books[job.id] = book
         self.block_geometry[job.id] = geometry
         self.block_context[job.id] = {"spec": job.spec.model_dump(mode="json"), "output": job.output,
-                                      "norm": plan.get("norm")}
+                                      "norm": plan.get("norm"), "priors": plan.get("priors")}
         self._tokens_sent.setdefault(job.id, now)  # holders re-adopt their blocks by heartbeat first
         self._flushed_at[job.id] = now
         return book
