@@ -68,3 +68,20 @@ def plan_blocks(shape: tuple[int, ...], chunks: tuple[int, ...], halo: tuple[int
         read = tuple((max(0, a - h), min(n, b + h)) for (a, b), h, n in zip(core, halo, shape))
         blocks.append(Block(i, core, read))
     return blocks
+
+
+def choose_block_voxels(voxels_per_s: float, memory_bytes: int, bytes_per_voxel: float,
+                        seconds: float = 3.0, floor: int = 2**18, ceiling: int = 2**26) -> int:
+    """Core voxels per block: about ``seconds`` of compute, within an eighth of the node's memory.
+
+    A block must take long enough that the queue's per-block cost (milliseconds) is negligible,
+    and short enough that many nodes share a volume and a lost block costs little to redo.
+
+    Args:
+        voxels_per_s: measured throughput of the model on this node.
+        memory_bytes: the node's memory.
+        bytes_per_voxel: working memory per core voxel (input, halo, class probabilities, blending).
+    """
+    want = voxels_per_s * seconds
+    cap = memory_bytes / 8 / max(bytes_per_voxel, 1.0)
+    return int(max(floor, min(want, cap, ceiling)))

@@ -99,8 +99,12 @@ class JobSpec(_Strict):
 
     @property
     def blockwise(self) -> bool:
-        """A prediction of a zarr volume into zarr, cut into block tasks that nodes run in parallel."""
-        return self.kind == "predict" and self.output_format == "zarr" and self.image.rstrip("/").endswith(".zarr")
+        """A segmentation of a zarr volume into zarr, cut into blocks that nodes run in parallel.
+
+        (Denoising a zarr volume runs as one task, tiled in memory by the engine.)
+        """
+        return (self.kind == "predict" and self.task == "segmentation" and self.output_format == "zarr"
+                and self.image.rstrip("/").endswith(".zarr"))
 
     @property
     def trains(self) -> bool:

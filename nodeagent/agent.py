@@ -59,10 +59,11 @@ class Agent:
     def run(self) -> None:
         """Register, start heartbeating, loop ``step`` until a stop is asked for, then say goodbye."""
         self.register()
-        # Import the engine now, off the loop: a node's first block or epoch should not pay for it.
-        threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._hb_thread.start()
+        # Import the engine before taking work, so a node's first block or epoch does not pay for it.
+        # Here, not in a thread beside the attempt: MONAI's package import is not safe to run twice at once.
+        _warm_up()
         if self.spot_metadata_url:
             poller = SpotNoticePoller(self.stop, self.spot_metadata_url, every_s=min(5.0, self.settings.heartbeat_s))
             threading.Thread(target=poller.run, args=(self._hb_done,), name="spot-notice", daemon=True).start()

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dlorch.core.blocks import Block, plan_blocks
+from dlorch.core.blocks import Block, choose_block_voxels, plan_blocks
 from dlorch.core.errors import BadInput, Unreachable
 from dlorch.core.spec import JobSpec
 from dlorch.core.store import DataStore
 from dlorch.core.volumes import create_volume, open_volume
+from dlorch.nodeagent.hardware import total_memory_bytes
 from dlorch.nodeagent.interrupts import StopFlag
 from dlorch.orchestrator.queue import Queue
 
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dlorch.agent")
 
-# A block of ~4 Mvoxels takes seconds on a CPU core: long enough to amortise dispatch.
-DEFAULT_BLOCK_VOXELS = 4 * 2**20
 # Slices read to estimate the volume's intensity statistics (shared by every block).
 STAT_SLICES = 16
 
@@ -65,14 +64,17 @@ def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
             raise BadInput(f"blockwise prediction takes a 2D or 3D volume; {spec.image} has shape {vol.shape}")
         # The network sees one slice at a time: context is needed in-plane only.
         halo = (0,) * (vol.ndim - 2) + tuple(r // 2 for r in plan.infer_roi)
-        target = int(spec.options.get("block_voxels", DEFAULT_BLOCK_VOXELS))
-        blocks = plan_blocks(tuple(vol.shape), tuple(vol.chunks), halo, target)
         picks = np.unique(np.linspace(0, vol.shape[0] - 1, min(STAT_SLICES, vol.shape[0])).astype(int))
         sample = np.stack([np.asarray(vol[int(z)]) for z in picks]) if vol.ndim == 3 else np.asarray(vol[...])
         stats = intensity_stats(sample)
-    with attempt.timed("estimate_priors_s"):
-        priors = _volume_priors(sample, stats, model)
+    with attempt.timed("calibrate_s"):
+        priors, voxels_per_s = _calibrate(sample, stats, model)
     with attempt.timed("plan_blocks_s"):
+        if spec.options.get("block_voxels"):
+            target = int(spec.options["block_voxels"])
+        else:
+            target = choose_block_voxels(voxels_per_s, total_memory_bytes(), 3 * (4 + 12 * plan.num_classes))
+        blocks = plan_blocks(tuple(vol.shape), tuple(vol.chunks), halo, target)
         output = spec.output or attempt.store.uri(f"jobs/{job.id}/output.zarr")
         create_volume(output, tuple(vol.shape), tuple(vol.chunks), "uint8",
                       attributes={"dlorch_job": job.id, "model": spec.model, "classes": plan.num_classes})
@@ -81,21 +83,25 @@ def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
             "blocks": [{"index": b.index, "core": b.core, "read": b.read} for b in blocks]}
 
 
-def _volume_priors(sample: np.ndarray, stats: Any, model: Any) -> list[float] | None:
-    """The volume's class priors, estimated once from sample slices (EM, priors.py).
+def _calibrate(sample: np.ndarray, stats: Any, model: Any) -> tuple[list[float] | None, float]:
+    """Predict a few sample slices: the volume's class priors and this node's voxels per second.
 
-    Every block's posteriors are then corrected alike; estimating per block would make a block's
-    labels depend on what else happens to lie in it, and on the block size.
+    The priors (EM, priors.py) are estimated once for the volume, so every block's posteriors are
+    corrected alike; estimating per block would make a block's labels depend on what else happens
+    to lie in it, and on the block size. The throughput sizes the blocks.
     """
     from dlorch.core.engine.predict import predict_probabilities
     from dlorch.core.engine.priors import estimate_priors
 
-    if not model[1].train_prior:
-        return None
     few = sample[np.unique(np.linspace(0, len(sample) - 1, min(4, len(sample))).astype(int))] \
         if sample.ndim == 3 else sample
+    predict_probabilities(None, few[:1] if few.ndim == 3 else few, stats=stats, model=model, priors=None)  # warm-up
+    t0 = time.perf_counter()
     probs = predict_probabilities(None, few, stats=stats, model=model, priors=None)
-    return [float(v) for v in estimate_priors(probs, np.asarray(model[1].train_prior))]
+    voxels_per_s = few.size / max(time.perf_counter() - t0, 1e-6)
+    if not model[1].train_prior:
+        return None, voxels_per_s
+    return [float(v) for v in estimate_priors(probs, np.asarray(model[1].train_prior))], voxels_per_s
 
 
 @dataclass

@@ -195,7 +195,7 @@ class Orchestrator:
             reply["lease"] = self._renew(msg["job"], int(msg["token"]), msg["node"], now)
         lost = []
         for job_id, index in msg.get("blocks") or []:  # blocks the node holds (computing or prefetched)
-            book = self.books.get(job_id)
+            book = self._book(job_id)
             if book is None or not book.renew(msg["node"], int(index), now, self.settings.lease_s):
                 lost.append([job_id, index])
         if lost:
@@ -297,6 +297,7 @@ class Orchestrator:
     def on_next_block(self, msg: dict) -> Reply:
         """Lease a block to a node: affinity to models it holds, then locality to its last block."""
         now, node = self.clock(), msg["node"]
+        self._book(msg.get("job"))  # the job the node asks about may not be loaded yet after a restart
         book = choose_book(list(self.books.values()), set(msg.get("models") or []), now, msg.get("job"))
         if book is None:
             return {"ok": True, "block": None}
@@ -310,8 +311,24 @@ class Orchestrator:
             reply["context"] = self.block_context[book.job_id]
         return reply
 
+    def _book(self, job_id: str | None) -> BlockBook | None:
+        """A blockwise job's book: in memory, or loaded from the ledger if the job is still WAITING.
+
+        Reports and requests may arrive before the first rescan after a restart (they waited in the queue).
+        """
+        if not job_id:
+            return None
+        book = self.books.get(job_id)
+        if book is None:
+            got = self.ledger.store.get(f"jobs/{job_id}")
+            if got is not None:
+                job = Job.model_validate_json(got[0])
+                if job.status is JobStatus.WAITING:
+                    book = self._load_book(job, self.clock())
+        return book
+
     def on_block_done(self, msg: dict) -> Reply:
-        book = self.books.get(msg["job"])
+        book = self._book(msg["job"])
         if book is None:
             return {"ok": False, "reason": f"job {msg['job']} has no blocks in progress"}
         book.finish(msg["node"], int(msg["block"]), msg.get("timings") or {})
@@ -320,7 +337,7 @@ class Orchestrator:
         return {"ok": True}
 
     def on_block_failed(self, msg: dict) -> Reply:
-        book = self.books.get(msg["job"])
+        book = self._book(msg["job"])
         if book is None:
             return {"ok": False, "reason": f"job {msg['job']} has no blocks in progress"}
         log.info("block %s of %s failed on %s: %s", msg["block"], book.job_id, msg["node"], msg.get("error"))
@@ -329,7 +346,7 @@ class Orchestrator:
         return {"ok": True}
 
     def on_block_release(self, msg: dict) -> Reply:
-        book = self.books.get(msg["job"])
+        book = self._book(msg["job"])
         if book is not None:
             book.release(msg["node"], int(msg["block"]))
         return {"ok": True}

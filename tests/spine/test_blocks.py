@@ -35,3 +35,13 @@ def test_block_size_follows_the_target():
 def test_mismatched_dimensions_are_refused():
     with pytest.raises(ValueError, match="differ in length"):
         plan_blocks((10, 10), (5,), (0, 0), 10)
+
+
+def test_block_voxels_follow_throughput_within_memory():
+    from dlorch.core.blocks import choose_block_voxels
+
+    gib = 2**30
+    slow, fast = choose_block_voxels(1e6, 16 * gib, 10), choose_block_voxels(1e8, 16 * gib, 10)
+    assert slow == 3_000_000 and fast == 2**26 > slow  # ~3 s of compute, up to the ceiling
+    assert choose_block_voxels(2e7, 1 * gib, 100) == gib // 8 // 100  # memory bounds it
+    assert choose_block_voxels(10.0, 16 * gib, 100) == 2**18  # never below the floor
