@@ -178,7 +178,7 @@ class Agent:
                 pass
         if reply.get("drain"):
             self.stop.set("drain requested")
-        for job_id, _ in reply.get("blocks_lost") or []:
+        for job_id in reply.get("jobs_gone") or []:
             if self.blocks is not None:
                 self.blocks.lost.add(job_id)
         if current and reply.get("lease") is False and self.current == current:

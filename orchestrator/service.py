@@ -193,13 +193,15 @@ class Orchestrator:
         reply: Reply = {"ok": True, "drain": bool(node and node.drain), "lease": None, "register": node is None}
         if msg.get("job") and msg.get("token") is not None:
             reply["lease"] = self._renew(msg["job"], int(msg["token"]), msg["node"], now)
-        lost = []
+        gone = set()
         for job_id, index in msg.get("blocks") or []:  # blocks the node holds (computing or prefetched)
             book = self._book(job_id)
-            if book is None or not book.renew(msg["node"], int(index), now, self.settings.lease_s):
-                lost.append([job_id, index])
-        if lost:
-            reply["blocks_lost"] = lost
+            if book is None:
+                gone.add(job_id)  # cancelled, failed or done: the node stops taking its blocks
+            else:  # a block done meanwhile, or re-leased to another node, is not renewed; no harm either way
+                book.renew(msg["node"], int(index), now, self.settings.lease_s)
+        if gone:
+            reply["jobs_gone"] = sorted(gone)
         return reply
 
     def on_progress(self, msg: dict) -> Reply:

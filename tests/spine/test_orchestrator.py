@@ -150,3 +150,86 @@ def test_lost_nodes_fail_a_job_only_after_their_own_limit(orch):
     orch.maintain(orch.clock_())
     job = orch.ledger.get(jid)
     assert job.status is JobStatus.FAILED and "4 nodes in a row" in job.error
+
+
+def _split(o, node, n_blocks):
+    """Submit a blockwise prediction, claim it, and report its split into ``n_blocks`` one-slice blocks."""
+    store = o.store_url
+    spec = {"kind": "predict", "image": "/s/v.zarr", "model": "/s/m.ckpt", "output_format": "zarr"}
+    jid = o.handle({"type": "submit", "spec": spec})["job"]
+    while (msg := o.queue.jobs.receive(timeout=0.5))["kind"] == "blocks":
+        pass  # dispatch messages of an earlier blockwise job
+    assert o.handle({"type": "claim", "job": jid, "token": msg["token"], "node": node})["ok"]
+    blocks = [{"index": i, "core": [[i, i + 1], [0, 8]], "read": [[i, i + 1], [0, 8]]} for i in range(n_blocks)]
+    got = o.handle({"type": "finish", "job": jid, "token": msg["token"], "node": node, "outcome": "split",
+                    "output": f"{store}/jobs/{jid}/output.zarr", "blocks": blocks, "norm": {}, "voxels": 8 * n_blocks})
+    assert got == {"ok": True, "status": "waiting"}
+    return jid
+
+
+def test_blocks_are_leased_in_memory_and_flushed_to_the_ledger(orch):
+    _register(orch, "n1")
+    _register(orch, "n2")
+    jid = _split(orch, "n1", 3)
+    tokens = [orch.queue.jobs.receive(timeout=0.1) for _ in range(4)]
+    assert [t and t["kind"] for t in tokens] == ["blocks"] * 3 + [None]  # one per block (up to 64)
+    a = orch.handle({"type": "next_block", "node": "n1", "job": jid})
+    assert a["block"]["index"] == 0 and a["context"]["spec"]["image"] == "/s/v.zarr"
+    b = orch.handle({"type": "next_block", "node": "n2", "job": jid, "have": [jid]})
+    assert b["block"]["index"] == 1 and "context" not in b  # the node said it has the job's context
+    orch.handle({"type": "block_done", "node": "n1", "job": jid, "block": 0, "timings": {"compute_s": 1.0}})
+    # A heartbeat naming a block that is done meanwhile is no reason to stop taking the job's blocks.
+    hb = orch.handle({"type": "heartbeat", "node": "n1", "blocks": [[jid, 0]]})
+    assert "jobs_gone" not in hb
+    assert orch.ledger.get(jid).blocks["done"] == 0  # not written yet: done marks are flushed about once a second
+    orch.clock_.t += 2
+    orch.maintain(orch.clock_())
+    assert orch.ledger.get(jid).blocks["done_ranges"] == [[0, 1]]
+    # n2 goes silent: its lease runs out and block 1 is handed out again.
+    orch.clock_.t += 20
+    orch.maintain(orch.clock_())
+    c = orch.handle({"type": "next_block", "node": "n1", "job": jid, "after": 0})
+    assert c["block"]["index"] == 1
+    orch.handle({"type": "block_done", "node": "n1", "job": jid, "block": 1, "timings": {}})
+    d = orch.handle({"type": "next_block", "node": "n1", "job": jid})
+    orch.handle({"type": "block_done", "node": "n1", "job": jid, "block": d["block"]["index"], "timings": {}})
+    job = orch.ledger.get(jid)
+    assert job.status is JobStatus.SUCCEEDED and job.blocks["by_node"] == {"n1": 3}
+    assert orch.handle({"type": "next_block", "node": "n2", "job": jid}) == {"ok": True, "block": None}
+    assert orch.handle({"type": "heartbeat", "node": "n2", "blocks": [[jid, 1]]})["jobs_gone"] == [jid]
+
+
+def test_a_restarted_orchestrator_rebuilds_blocks_from_the_ledger(orch, tmp_path):
+    _register(orch, "n1")
+    jid = _split(orch, "n1", 4)
+    for _ in range(2):
+        got = orch.handle({"type": "next_block", "node": "n1", "job": jid})
+        orch.handle({"type": "block_done", "node": "n1", "job": jid, "block": got["block"]["index"], "timings": {}})
+    orch.clock_.t += 2
+    orch.maintain(orch.clock_())  # flushed: blocks 0 and 1 done
+    held = orch.handle({"type": "next_block", "node": "n1", "job": jid})["block"]["index"]
+    # A new orchestrator on the same ledger (the old one crashed: its memory is gone).
+    fresh = Orchestrator(orch.settings, orch.ledger, orch.queue, clock=orch.clock_)
+    fresh.ledger.release_leadership(orch.me)
+    fresh.lead()
+    fresh.handle({"type": "heartbeat", "node": "n1", "blocks": [[jid, held]]})  # the holder re-adopts its block
+    other = fresh.handle({"type": "next_block", "node": "n2", "job": jid})["block"]["index"]
+    assert other not in (0, 1, held)
+    fresh.handle({"type": "block_done", "node": "n1", "job": jid, "block": held, "timings": {}})
+    fresh.handle({"type": "block_done", "node": "n2", "job": jid, "block": other, "timings": {}})
+    assert fresh.ledger.get(jid).status is JobStatus.SUCCEEDED
+
+
+def test_a_block_out_of_tries_fails_the_job_and_cancel_stops_handing_out(orch):
+    _register(orch, "n1")
+    jid = _split(orch, "n1", 3)
+    for _ in range(2):  # max_attempts = 2
+        got = orch.handle({"type": "next_block", "node": "n1", "job": jid})
+        assert got["block"]["index"] == 0
+        orch.handle({"type": "block_failed", "node": "n1", "job": jid, "block": 0, "error": "bad chunk"})
+    job = orch.ledger.get(jid)
+    assert job.status is JobStatus.FAILED and job.error == "block 0: bad chunk"
+    assert orch.handle({"type": "next_block", "node": "n1", "job": jid})["block"] is None
+    jid2 = _split(orch, "n1", 3)
+    orch.handle({"type": "cancel", "job": jid2})
+    assert orch.handle({"type": "next_block", "node": "n1", "job": jid2})["block"] is None
