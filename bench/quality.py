@@ -162,10 +162,12 @@ def main(argv: list[str] | None = None) -> dict:
             r = run_segmentation(budget, args.epochs, args.data)
             print_segmentation(r)
             runs.append({"task": "segment", "budget_s": budget, **r})
+            _save(args.out, runs)
         if "denoise" in args.tasks:
             r = denoise_quality.run(budget, args.data / "isbi2012_train.npz")
             denoise_quality.print_table(r)
             runs.append({"task": "denoise", "budget_s": budget, **r})
+            _save(args.out, runs)
     print("\nsummary (targets at 600 s on this CPU: mean IoU >= 0.78, denoising gain >= +6 dB)")
     print(f"  {'task':<8} {'budget s':>9} {'train s':>8} {'epochs':>7}  result")
     for r in runs:
@@ -173,10 +175,15 @@ def main(argv: list[str] | None = None) -> dict:
                 f"pixel error {r['pixel_error']:.3f}" if r["task"] == "segment" else
                 f"PSNR {r['psnr_noisy']:.2f} -> {r['psnr_denoised']:.2f} dB, gain {r['gain_db']:+.2f} dB")
         print(f"  {r['task']:<8} {r['budget_s']:>9.0f} {r['train_seconds']:>8.1f} {r['epochs_done']:>7}  {what}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"runs": runs}, indent=2))
+    _save(args.out, runs)
     print(f"wrote {args.out}")
     return {"runs": runs}
+
+
+def _save(path: pathlib.Path, runs: list[dict]) -> None:
+    """Write the runs so far (a long benchmark keeps what it measured if it is stopped)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": runs}, indent=2))
 
 
 if __name__ == "__main__":

@@ -101,6 +101,32 @@ def measure(root: Path, n: int, queue: str | None, model: Path, volume: Path, bl
             "by_node": b["by_node"], "mvox_per_s": b["voxels_done"] / 1e6 / wall}
 
 
+BARE = """
+import sys, time, numpy as np, torch, zarr
+torch.set_num_threads(1)
+from dlorch.core.engine.intensity import intensity_stats
+from dlorch.core.engine.predict import load_model, predict_probabilities
+model = load_model(__import__("pathlib").Path(sys.argv[1]))
+vol = zarr.open_array(sys.argv[2], mode="r")
+zs = range(int(sys.argv[3]), int(sys.argv[4]))
+stats = intensity_stats(np.asarray(vol[0]))
+predict_probabilities(None, np.asarray(vol[0]), stats=stats, model=model, priors=None)  # warm-up
+t0 = time.perf_counter()
+for z in zs:
+    predict_probabilities(None, np.asarray(vol[z]), stats=stats, model=model, priors=None).argmax(0)
+print(time.perf_counter() - t0)
+"""
+
+
+def bare_parallel(n: int, model: Path, volume: Path, slices: int) -> float:
+    """The machine's own ceiling: n plain processes (one torch thread each, no dlorch) each predicting
+    ``slices`` slices at once; returns the slowest one's seconds (equal work per process)."""
+    procs = [subprocess.Popen([sys.executable, "-c", BARE, str(model), str(volume), str(i * slices),
+                               str((i + 1) * slices)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "DLORCH_THREADS": "1"}) for i in range(n)]
+    return max(float(p.communicate()[0].strip().splitlines()[-1]) for p in procs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--agents", type=int, nargs="+", default=[1, 2])
@@ -139,8 +165,13 @@ def main() -> None:
         zarr.create_array(str(vol), shape=big.shape, chunks=(1, 256, 256), dtype="uint8")[...] = big
         rows = [measure(root, n, queue, model, vol, 1024 * 1024) for n in args.agents]
         t1 = next((r["wall_s"] for r in rows if r["agents"] == 1), None)
+        per = min(20, big.shape[0] // max(args.agents))
+        bare = {n: bare_parallel(n, model, vol, per) for n in sorted(set([1, *args.agents]))}
         for r in rows:
             r["efficiency"] = t1 / (r["agents"] * r["wall_s"]) if t1 else None
+            # The same work in n bare processes: how well this machine itself runs n jobs at once.
+            r["machine_efficiency"] = bare[1] / bare[r["agents"]]
+            r["efficiency_vs_machine"] = r["efficiency"] / r["machine_efficiency"] if r["efficiency"] else None
         noop_vol = root / "noop.zarr"
         zarr.create_array(str(noop_vol), shape=(args.noop_blocks, 16, 16), chunks=(1, 16, 16), dtype="uint8")[...] = \
             np.random.default_rng(0).integers(0, 255, (args.noop_blocks, 16, 16), dtype=np.uint8)
@@ -164,6 +195,10 @@ def main() -> None:
     print("per-block columns in seconds; * = done by the prefetch thread while the previous block computes.\n"
           "crit. ms = (agents x wall - model work) / blocks: all time on the agents' timelines that is not\n"
           "model_load + compute + write. ops ms = claim + report + ledger flush per block (dispatch, lease, ledger).")
+    for r in rows:
+        print(f"{r['agents']} agents: efficiency {r['efficiency']:.3f}; the same model work in {r['agents']} bare "
+              f"processes (no dlorch) scales {r['machine_efficiency']:.3f} on this machine, so dlorch keeps "
+              f"{r['efficiency_vs_machine']:.3f} of what the hardware allows")
     print(f"near-no-op (last row: {noop['blocks']} blocks of 16x16, {noop['agents']} agents): "
           f"{noop['tasks_per_s']:.1f} tasks/s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
