@@ -91,6 +91,9 @@ def run_segmentation(time_budget: float | None, epochs: int | None = None, data:
         t0 = time.perf_counter()
         pred = predict_segmentation(result.checkpoint, image)
         predict_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pred_tta = predict_segmentation(result.checkpoint, image, tta=True)
+        predict_tta_s = time.perf_counter() - t0
         # Diagnostics, not timed: the network's raw argmax and the class priors behind the correction.
         raw = predict_probabilities(result.checkpoint, image, priors=None)
         train_prior = load_model(result.checkpoint)[1].train_prior
@@ -99,8 +102,10 @@ def run_segmentation(time_budget: float | None, epochs: int | None = None, data:
     total_s = time.perf_counter() - t_start
 
     scores = score(pred[EVAL_SLICES], truth[EVAL_SLICES])
+    tta = score(pred_tta[EVAL_SLICES], truth[EVAL_SLICES])
     return {
         **scores,
+        "tta": {**tta, "predict_seconds": predict_tta_s},
         "plan_seconds": plan_s,
         "train_seconds": train_s,
         "predict_seconds": predict_s,
@@ -130,6 +135,9 @@ def print_segmentation(r: dict) -> None:
         ("IoU cell", f"{r['iou_cell']:.4f}"),
         ("mean IoU", f"{r['mean_iou']:.4f}"),
         ("pixel error", f"{r['pixel_error']:.4f}"),
+        ("mean IoU with --tta", f"{r['tta']['mean_iou']:.4f}  (membrane {r['tta']['iou_membrane']:.4f}, "
+                                f"cell {r['tta']['iou_cell']:.4f}, pixel error {r['tta']['pixel_error']:.4f}, "
+                                f"{r['tta']['predict_seconds']:.1f} s)"),
         ("mean IoU, no prior fix",
          f"{r['raw_argmax_mean_iou']:.4f}  (priors: train {_fmt(r['train_prior'])}, image {_fmt(r['estimated_image_prior'])})"),
         ("plan seconds", f"{r['plan_seconds']:.1f}"),
@@ -172,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  {'task':<8} {'budget s':>9} {'train s':>8} {'epochs':>7}  result")
     for r in runs:
         what = (f"mean IoU {r['mean_iou']:.3f} (membrane {r['iou_membrane']:.3f}, cell {r['iou_cell']:.3f}), "
-                f"pixel error {r['pixel_error']:.3f}" if r["task"] == "segment" else
+                f"pixel error {r['pixel_error']:.3f}; with --tta {r['tta']['mean_iou']:.3f}" if r["task"] == "segment" else
                 f"PSNR {r['psnr_noisy']:.2f} -> {r['psnr_denoised']:.2f} dB, gain {r['gain_db']:+.2f} dB")
         print(f"  {r['task']:<8} {r['budget_s']:>9.0f} {r['train_seconds']:>8.1f} {r['epochs_done']:>7}  {what}")
     _save(args.out, runs)

@@ -228,7 +228,8 @@ class BlockWorker:
                 t0 = time.perf_counter()
                 model = _model(r.ctx.checkpoint)
                 t1 = time.perf_counter()
-                probs = predict_probabilities(None, r.region, stats=r.ctx.stats, model=model, priors=r.ctx.priors)
+                probs = predict_probabilities(None, r.region, stats=r.ctx.stats, model=model, priors=r.ctx.priors,
+                                              tta=bool(r.ctx.spec.options.get("tta")))
                 labels = (probs.argmax(0) + 1).astype(np.uint8)[r.block.crop()]
                 t2 = time.perf_counter()
                 if r.ctx.sink is None:

@@ -46,4 +46,7 @@ def task_of(spec: JobSpec) -> Task:
             plan = apply_variant(plan, spec.options["variant"])
         return plan
 
-    return Task("labels", s.SegmentationPlan.model_validate, plan_seg, s.train_segmentation, s.predict_segmentation)
+    def predict_seg(checkpoint, image, spec=spec):
+        return s.predict_segmentation(checkpoint, image, tta=bool(spec.options.get("tta")))
+
+    return Task("labels", s.SegmentationPlan.model_validate, plan_seg, s.train_segmentation, predict_seg)

@@ -109,6 +109,7 @@ def segment(
     time_budget: Optional[float] = typer.Option(None, "--time-budget", min=1, help="cap training seconds"),
     priority: int = typer.Option(0, "--priority", help="higher runs first"),
     candidates: int = typer.Option(1, "--candidates", min=1, help="train N candidate models in parallel, keep the best"),
+    tta: bool = typer.Option(False, "--tta", help="test-time augmentation: average 8 flips/rotations (8x predict time)"),
     detach: bool = typer.Option(False, "--detach", help="print only the job id and return"),
 ) -> None:
     """Train on sparse labels and segment the image (one job; with --candidates, N jobs and the best predicts)."""
@@ -116,11 +117,13 @@ def segment(
 
     fmt = output_format(out)
     spec = _training_spec("segment", str(image), labels, epochs, time_budget, priority) | {"output_format": fmt}
+    if tta:
+        spec["options"] = {"tta": True}
     if candidates > 1:
         best = _run_candidates({**spec, "kind": "train"}, candidates, detach)
         if best is not None:
             predict_spec = {"kind": "predict", "image": spec["image"], "model": best.model, "priority": priority,
-                            "output_format": fmt}
+                            "output_format": fmt, "options": {"tta": True} if tta else {}}
             _run_job(predict_spec, detach=False, out=out)
         return
     _run_job(spec, detach, out=out)
@@ -189,6 +192,7 @@ def predict(
     priority: int = typer.Option(0, "--priority"),
     block_voxels: Optional[int] = typer.Option(None, "--block-voxels", min=1,
                                                help="blockwise: voxels per block (default: ~3 s of compute, measured)"),
+    tta: bool = typer.Option(False, "--tta", help="test-time augmentation: average 8 flips/rotations (8x predict time)"),
     detach: bool = typer.Option(False, "--detach", help="print only the job id and return"),
 ) -> None:
     """Segment an image with a trained model."""
@@ -201,8 +205,11 @@ def predict(
             "priority": priority, "output_format": fmt}
     if "://" in out:  # a URL (s3://bucket/out.zarr): blocks write there directly
         spec["output"] = out
-    if block_voxels:
-        spec["options"] = {"block_voxels": block_voxels}
+    options: dict[str, Any] = {"block_voxels": block_voxels} if block_voxels else {}
+    if tta:
+        options["tta"] = True
+    if options:
+        spec["options"] = options
     _run_job(spec, detach, out=None if "://" in out else Path(out), c=c)
 
 

@@ -75,3 +75,23 @@ def test_prior_shift_is_estimated_and_undone():
 def test_checkpoint_records_the_training_class_prior(checkpoint):
     _, plan = load_model(checkpoint)
     assert plan.train_prior is not None and abs(sum(plan.train_prior) - 1) < 1e-6
+
+
+def test_test_time_augmentation_is_equivariant_and_differs_from_plain(checkpoint, tiny_data):
+    image = tiny_data[0][:1]  # one square slice that fits one window
+    assert image.shape[-1] == image.shape[-2]
+    tta = predict_probabilities(checkpoint, image, priors=None, tta=True)
+    plain = predict_probabilities(checkpoint, image, priors=None)
+    assert tta.shape == plain.shape and np.allclose(tta.sum(0), 1.0, atol=1e-5)
+    assert not np.allclose(tta, plain, atol=1e-4)  # it did average something
+    # The 8 flips/rotations form a group: TTA of a rotated (or mirrored) image is the rotated TTA output.
+    from dlorch.core.engine.intensity import intensity_stats
+
+    stats = intensity_stats(image)
+    base = predict_probabilities(checkpoint, image, stats=stats, priors=None, tta=True)
+    for transform in (lambda a: np.rot90(a, 1, axes=(-2, -1)), lambda a: a[..., ::-1]):
+        moved = predict_probabilities(checkpoint, np.ascontiguousarray(transform(image)), stats=stats,
+                                      priors=None, tta=True)
+        np.testing.assert_allclose(moved, transform(base), atol=1e-5)
+    seg = predict_segmentation(checkpoint, image, tta=True)
+    assert seg.shape == image.shape and set(np.unique(seg)) <= {1, 2}
