@@ -303,6 +303,10 @@ class Orchestrator:
         book = choose_book(list(self.books.values()), set(msg.get("models") or []), now, msg.get("job"))
         if book is None:
             return {"ok": True, "block": None}
+        if any(j.status is JobStatus.QUEUED and j.spec.priority > book.priority for j in self.active.values()):
+            # A more urgent job waits in the queue: send the node back to it (this job's dispatch
+            # messages, re-sent by maintenance if need be, bring nodes back afterwards).
+            return {"ok": True, "block": None}
         near = msg.get("after") if msg.get("job") == book.job_id else None
         index = book.pick(node, now, self.settings.lease_s, near=near)
         if index is None:

@@ -233,3 +233,15 @@ def test_a_block_out_of_tries_fails_the_job_and_cancel_stops_handing_out(orch):
     jid2 = _split(orch, "n1", 3)
     orch.handle({"type": "cancel", "job": jid2})
     assert orch.handle({"type": "next_block", "node": "n1", "job": jid2})["block"] is None
+
+
+def test_a_more_urgent_queued_job_sends_block_workers_back_to_the_queue(orch):
+    _register(orch, "n1")
+    jid = _split(orch, "n1", 4)
+    assert orch.handle({"type": "next_block", "node": "n1", "job": jid})["block"]["index"] == 0
+    urgent = _submit(orch, epochs=1, priority=5)
+    assert orch.handle({"type": "next_block", "node": "n1", "job": jid})["block"] is None
+    while (msg := orch.queue.jobs.receive(timeout=0.5))["job"] != urgent:
+        pass
+    assert orch.handle({"type": "claim", "job": urgent, "token": msg["token"], "node": "n1"})["ok"]
+    assert orch.handle({"type": "next_block", "node": "n2", "job": jid})["block"]["index"] == 1
