@@ -113,6 +113,10 @@ def test_segment_with_nothing_running_then_predict(home, tmp_path):
     job = job_json(jid, env)
     assert job["status"] == "succeeded" and job["model"]
     assert {"fetch_inputs_s", "train_s", "predict_s", "upload_output_s"} <= set(job["attempts"][0]["timings"])
-    dlorch("predict", jid, str(img), "-o", str(tmp_path / "again.npy"), env=env)
+    # segment predicts with test-time augmentation by default; predict does when asked.
+    dlorch("predict", jid, str(img), "-o", str(tmp_path / "again.npy"), "--tta", env=env)
     np.testing.assert_array_equal(np.load(tmp_path / "again.npy"), seg)
+    dlorch("predict", jid, str(img), "-o", str(tmp_path / "plain.npy"), env=env)
+    plain = np.load(tmp_path / "plain.npy")
+    assert plain.shape == seg.shape and (plain != seg).any()
     assert "succeeded" in dlorch("logs", jid, env=env).stdout
