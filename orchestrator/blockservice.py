@@ -1,0 +1,212 @@
+"""The orchestrator's blockwise protocol: split a job into blocks, lease them to nodes, fold their reports.
+
+A mixin of ``Orchestrator`` (service.py), which supplies the ledger, the queue, the settings,
+the clock and ``_update`` / ``_holder``. Block leases live in memory (blockbook.py, pure); the
+done set is flushed to the parent job's record about once a second, and a lost flush only
+means an idempotent block is computed again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from dlorch.core.blocks import Block
+from dlorch.core.errors import StaleWrite
+from dlorch.core.spec import AttemptOutcome, Job, JobStatus
+from dlorch.orchestrator.blockbook import BlockBook, choose_book
+
+log = logging.getLogger("dlorch.orchestrator")
+
+Reply = dict[str, Any]
+
+
+class BlockHandlers:
+    """Block requests and reports, and the block part of maintenance."""
+
+    FLUSH_BLOCKS_EVERY_S = 1.0  # how often a blockwise job's done set is written to the ledger
+    BLOCK_TOKENS = 64  # dispatch messages per blockwise job: up to this many nodes join it from the queue
+
+    def _init_blocks(self) -> None:
+        # Blockwise jobs (WAITING): block leases in memory, the done set flushed to the ledger (blockbook.py).
+        self.books: dict[str, BlockBook] = {}
+        self.block_geometry: dict[str, list[dict]] = {}
+        self.block_context: dict[str, dict] = {}
+        self._tokens_sent: dict[str, float] = {}
+        self._flushed_at: dict[str, float] = {}
+
+    def _split(self, msg: dict) -> Reply:
+        """A planner attempt cut a blockwise job into blocks: record the plan, then hand blocks out."""
+        now, token, node = self.clock(), int(msg["token"]), msg["node"]
+        blocks = msg["blocks"]
+        job = self.ledger.get(msg["job"])
+        self._holder(job, token, node)
+        if msg["output"] not in (job.spec.output, f"{self.store_url}/jobs/{job.id}/output.zarr"):
+            raise StaleWrite(f"output {msg['output']} is not this job's")
+        # The plan first: a WAITING job always has one to rebuild its book from.
+        plan = {"blocks": blocks, "norm": msg.get("norm"), "priors": msg.get("priors")}
+        self.ledger.put_block_plan(job.id, plan)
+
+        def split(job: Job) -> None:
+            att = self._holder(job, token, node)
+            att.outcome, att.ended_at, att.lease_expires_at = AttemptOutcome.SPLIT, now, None
+            att.timings.update(msg.get("timings") or {})
+            job.status, job.output, job.updated_at = JobStatus.WAITING, msg["output"], now
+            job.blocks = {"total": len(blocks), "done": 0, "by_node": {}, "voxels_total": msg.get("voxels", 0),
+                          "voxels_done": 0, "started_at": now, "timings": {}, "done_ranges": [], "errors": {}}
+            job.log(now, f"split into {len(blocks)} blocks by node {node}")
+
+        parent = self._update(msg["job"], split, expect=[JobStatus.RUNNING])
+        self._load_book(parent, now, plan)
+        self._send_block_tokens(parent.id, len(blocks), now)
+        return {"ok": True, "status": parent.status.value}
+
+    def _load_book(self, job: Job, now: float, plan: dict | None = None) -> BlockBook | None:
+        """Build the in-memory book of a WAITING job from its plan and recorded progress."""
+        plan = plan or self.ledger.block_plan(job.id)
+        if plan is None:
+            log.warning("blockwise job %s has no block plan; failing it", job.id)
+            self._fail_parent(job.id, "its block plan is missing from the ledger; submit it again", now)
+            return None
+        geometry = plan["blocks"]
+        voxels = [Block(b["index"], b["core"], b["read"]).voxels for b in geometry]
+        book = BlockBook.restore(job.id, job.spec.model or "", voxels, job.blocks or {},
+                                 job.spec.max_attempts or self.settings.max_attempts, job.spec.priority,
+                                 job.created_at)
+        self.books[job.id] = book
+        self.block_geometry[job.id] = geometry
+        self.block_context[job.id] = {"spec": job.spec.model_dump(mode="json"), "output": job.output,
+                                      "norm": plan.get("norm"), "priors": plan.get("priors")}
+        self._tokens_sent.setdefault(job.id, now)  # holders re-adopt their blocks by heartbeat first
+        self._flushed_at[job.id] = now
+        return book
+
+    def _send_block_tokens(self, job_id: str, waiting: int, now: float) -> None:
+        """Put dispatch messages for a blockwise job in the queue; a node that takes one pulls blocks."""
+        book = self.books[job_id]
+        for _ in range(min(waiting, self.BLOCK_TOKENS)):
+            self.queue.jobs.send({"job": job_id, "token": 0, "kind": "blocks"}, priority=book.priority)
+        self._tokens_sent[job_id] = now
+
+    def on_next_block(self, msg: dict) -> Reply:
+        """Lease a block to a node: affinity to models it holds, then locality to its last block."""
+        now, node = self.clock(), msg["node"]
+        self._book(msg.get("job"))  # the job the node asks about may not be loaded yet after a restart
+        book = choose_book(list(self.books.values()), set(msg.get("models") or []), now, msg.get("job"))
+        if book is None:
+            return {"ok": True, "block": None}
+        if any(j.status is JobStatus.QUEUED and j.spec.priority > book.priority for j in self.active.values()):
+            # A more urgent job waits in the queue: send the node back to it (this job's dispatch
+            # messages, re-sent by maintenance if need be, bring nodes back afterwards).
+            return {"ok": True, "block": None}
+        near = msg.get("after") if msg.get("job") == book.job_id else None
+        index = book.pick(node, now, self.settings.lease_s, near=near)
+        if index is None:
+            return {"ok": True, "block": None}
+        g = self.block_geometry[book.job_id][index]
+        reply: Reply = {"ok": True, "job": book.job_id, "block": {"index": index, "core": g["core"], "read": g["read"]}}
+        if book.job_id not in (msg.get("have") or []):
+            reply["context"] = self.block_context[book.job_id]
+        return reply
+
+    def _book(self, job_id: str | None) -> BlockBook | None:
+        """A blockwise job's book: in memory, or loaded from the ledger if the job is still WAITING.
+
+        Reports and requests may arrive before the first rescan after a restart (they waited in the queue).
+        """
+        if not job_id:
+            return None
+        book = self.books.get(job_id)
+        if book is None:
+            got = self.ledger.store.get(f"jobs/{job_id}")
+            if got is not None:
+                job = Job.model_validate_json(got[0])
+                if job.status is JobStatus.WAITING:
+                    book = self._load_book(job, self.clock())
+        return book
+
+    def on_block_done(self, msg: dict) -> Reply:
+        book = self._book(msg["job"])
+        if book is None:
+            return {"ok": False, "reason": f"job {msg['job']} has no blocks in progress"}
+        book.finish(msg["node"], int(msg["block"]), msg.get("timings") or {})
+        if book.complete:
+            self._flush_book(book, self.clock())
+        return {"ok": True}
+
+    def on_block_failed(self, msg: dict) -> Reply:
+        book = self._book(msg["job"])
+        if book is None:
+            return {"ok": False, "reason": f"job {msg['job']} has no blocks in progress"}
+        log.info("block %s of %s failed on %s: %s", msg["block"], book.job_id, msg["node"], msg.get("error"))
+        if book.error(msg["node"], int(msg["block"]), msg.get("error") or "unknown error", bool(msg.get("permanent"))):
+            self._flush_book(book, self.clock())
+        return {"ok": True}
+
+    def on_block_release(self, msg: dict) -> Reply:
+        book = self._book(msg["job"])
+        if book is not None:
+            book.release(msg["node"], int(msg["block"]))
+        return {"ok": True}
+
+    def _maintain_blocks(self, now: float) -> None:
+        """Expire block leases, flush done sets, and re-dispatch blockwise jobs that no node works on."""
+        for book in list(self.books.values()):
+            if now >= self.grace_until:
+                gone = book.expire(now)
+                if gone:
+                    log.info("block leases of %s expired (%d blocks); handing them out again", book.job_id, len(gone))
+            if book.dirty and now - self._flushed_at.get(book.job_id, 0.0) >= self.FLUSH_BLOCKS_EVERY_S:
+                self._flush_book(book, now)
+            if book.job_id not in self.books or book.leases or not book.has_waiting(now):
+                continue
+            if now - self._tokens_sent.get(book.job_id, float("-inf")) < self.REQUEUE_MIN_AGE_S:
+                continue
+            if any(m.get("job") == book.job_id for m in self.queue.jobs.items()):
+                self._tokens_sent[book.job_id] = now
+                continue
+            log.info("blockwise job %s has waiting blocks and no node on it; dispatched again", book.job_id)
+            self._send_block_tokens(book.job_id, len(book.waiting(now)), now)
+
+    def _flush_book(self, book: BlockBook, now: float) -> None:
+        """Write a book's progress to its parent record; end the parent when all blocks are done or one failed."""
+
+        def apply(job: Job) -> None:
+            job.blocks = {**(job.blocks or {}), **book.summary()}
+            if book.failed:
+                job.status, job.error = JobStatus.FAILED, book.failed
+                job.log(now, f"failed: {book.failed}")
+            elif book.complete:
+                job.status = JobStatus.SUCCEEDED
+                job.blocks["finished_at"] = now
+                job.log(now, f"all {book.total} blocks done")
+            job.updated_at = now
+
+        t0 = time.perf_counter()
+        try:
+            job = self._update(book.job_id, apply, expect=[JobStatus.WAITING])
+        except StaleWrite as e:  # cancelled meanwhile
+            log.info("%s", e)
+            self._drop_book(book.job_id)
+            return
+        book.dirty = False
+        book.timings["ledger_flush_s"] = book.timings.get("ledger_flush_s", 0.0) + time.perf_counter() - t0
+        self._flushed_at[book.job_id] = now
+        if job.status.is_terminal():
+            self._drop_book(book.job_id)
+
+    def _fail_parent(self, job_id: str, error: str, now: float) -> None:
+        def fail(job: Job) -> None:
+            job.status, job.error, job.updated_at = JobStatus.FAILED, error, now
+            job.log(now, f"failed: {error}")
+
+        try:
+            self._update(job_id, fail, expect=[JobStatus.WAITING])
+        except StaleWrite:
+            pass
+        self._drop_book(job_id)
+
+    def _drop_book(self, job_id: str) -> None:
+        for d in (self.books, self.block_geometry, self.block_context, self._tokens_sent, self._flushed_at):
+            d.pop(job_id, None)
