@@ -7,7 +7,12 @@ the seconds spent planning, training and predicting. Prints a table and writes J
 Then the same for denoising (``denoise_quality.run``): Gaussian noise sigma 25 on the ISBI
 stack, Noise2Void from the noisy stack alone, PSNR of the noisy input and of the output.
 
-    python bench/quality.py [--budgets 600 1200] [--tasks segment denoise] [--out bench/results/quality.json]
+``--references`` adds, per budget, what the same engine reaches when told more: segmentation
+trained on every pixel of slices 0-4 (dense labels of the painted slices) and CARE denoising
+trained with the clean stack as target. They bound what the strokes / the noisy stack alone
+can be expected to give; they are references, not results.
+
+    python bench/quality.py [--budgets 600 1200] [--tasks segment denoise] [--references] [--out bench/results/quality.json]
 """
 
 from __future__ import annotations
@@ -70,12 +75,21 @@ def _fmt(values: list[float] | None) -> str:
     return "-" if values is None else "/".join(f"{v:.3f}" for v in values)
 
 
-def run_segmentation(time_budget: float | None, epochs: int | None = None, data: pathlib.Path = DATA) -> dict:
-    """Train on the strokes within ``time_budget`` seconds, predict the stack, score slices 5-29."""
+def run_segmentation(
+    time_budget: float | None, epochs: int | None = None, data: pathlib.Path = DATA, labels: str = "strokes"
+) -> dict:
+    """Train within ``time_budget`` seconds, predict the stack, score slices 5-29.
+
+    ``labels`` is "strokes" (the painted strokes: the benchmark) or "dense" (every pixel of the
+    same slices 0-4 labelled: a reference for what full labels of those slices reach).
+    """
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     train = np.load(data / "isbi2012_train.npz")
     image, truth = train["image"], train["labels"]
     strokes = np.load(data / "isbi2012_sparse_strokes.npz")["labels"]
+    if labels == "dense":
+        painted = strokes.reshape(strokes.shape[0], -1).any(1)
+        strokes = np.where(painted[:, None, None], truth, 0).astype(strokes.dtype)
 
     t_start = time.perf_counter()
     plan = plan_segmentation(image, strokes, epochs=epochs, time_budget=time_budget)
@@ -105,6 +119,8 @@ def run_segmentation(time_budget: float | None, epochs: int | None = None, data:
     tta = score(pred_tta[EVAL_SLICES], truth[EVAL_SLICES])
     return {
         **scores,
+        "labels": labels,
+        "labelled_pixels": int((strokes > 0).sum()),
         "tta": {**tta, "predict_seconds": predict_tta_s},
         "plan_seconds": plan_s,
         "train_seconds": train_s,
@@ -147,7 +163,9 @@ def print_segmentation(r: dict) -> None:
         ("total seconds", f"{r['total_seconds']:.1f}"),
     ]
     width = max(len(k) for k, _ in rows)
-    print(f"\nISBI 2012, sparse strokes on slices 0-4, scored on slices 5-29 (budget {r['time_budget_s']} s)")
+    what = "sparse strokes" if r.get("labels", "strokes") == "strokes" else "dense labels (reference)"
+    print(f"\nISBI 2012, {what} on slices 0-4 ({r.get('labelled_pixels', 0):,} pixels), scored on slices 5-29 "
+          f"(budget {r['time_budget_s']} s)")
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
 
@@ -158,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="training time budgets in seconds, one run per task each (e.g. 600 1200)")
     ap.add_argument("--tasks", nargs="+", choices=["segment", "denoise"], default=["segment", "denoise"])
     ap.add_argument("--epochs", type=int, default=None, help="override the automatic epoch count (segmentation)")
+    ap.add_argument("--references", action="store_true",
+                    help="also train on dense labels of slices 0-4 and CARE on the clean stack (upper references)")
     ap.add_argument("--data", type=pathlib.Path, default=DATA)
     ap.add_argument("--out", type=pathlib.Path, default=HERE / "results" / "quality.json")
     args = ap.parse_args(argv)
@@ -167,22 +187,26 @@ def main(argv: list[str] | None = None) -> dict:
     runs: list[dict] = []
     for budget in args.budgets:
         if "segment" in args.tasks:
-            r = run_segmentation(budget, args.epochs, args.data)
-            print_segmentation(r)
-            runs.append({"task": "segment", "budget_s": budget, **r})
-            _save(args.out, runs)
+            for labels in ("strokes", "dense") if args.references else ("strokes",):
+                r = run_segmentation(budget, args.epochs, args.data, labels=labels)
+                print_segmentation(r)
+                runs.append({"task": "segment", "budget_s": budget, **r})
+                _save(args.out, runs)
         if "denoise" in args.tasks:
-            r = denoise_quality.run(budget, args.data / "isbi2012_train.npz")
-            denoise_quality.print_table(r)
-            runs.append({"task": "denoise", "budget_s": budget, **r})
-            _save(args.out, runs)
+            for supervised in (False, True) if args.references else (False,):
+                r = denoise_quality.run(budget, args.data / "isbi2012_train.npz", supervised=supervised)
+                denoise_quality.print_table(r)
+                runs.append({"task": "denoise", "budget_s": budget, **r})
+                _save(args.out, runs)
     print("\nsummary (targets at 600 s on this CPU: mean IoU >= 0.78, denoising gain >= +6 dB)")
-    print(f"  {'task':<8} {'budget s':>9} {'train s':>8} {'epochs':>7}  result")
+    print(f"  {'task':<8} {'trained on':<14} {'budget s':>9} {'train s':>8} {'epochs':>7}  result")
     for r in runs:
+        source = r.get("labels") or ("clean (ref)" if r.get("mode") == "care" else "noisy alone")
+        source = "dense (ref)" if source == "dense" else source
         what = (f"mean IoU {r['mean_iou']:.3f} (membrane {r['iou_membrane']:.3f}, cell {r['iou_cell']:.3f}), "
                 f"pixel error {r['pixel_error']:.3f}; with --tta {r['tta']['mean_iou']:.3f}" if r["task"] == "segment" else
                 f"PSNR {r['psnr_noisy']:.2f} -> {r['psnr_denoised']:.2f} dB, gain {r['gain_db']:+.2f} dB")
-        print(f"  {r['task']:<8} {r['budget_s']:>9.0f} {r['train_seconds']:>8.1f} {r['epochs_done']:>7}  {what}")
+        print(f"  {r['task']:<8} {source:<14} {r['budget_s']:>9.0f} {r['train_seconds']:>8.1f} {r['epochs_done']:>7}  {what}")
     _save(args.out, runs)
     print(f"wrote {args.out}")
     return {"runs": runs}
