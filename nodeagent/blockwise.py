@@ -62,10 +62,19 @@ def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
         vol = open_volume(spec.image)
         if vol.ndim not in (2, 3):
             raise BadInput(f"blockwise prediction takes a 2D or 3D volume; {spec.image} has shape {vol.shape}")
-        # The network sees one slice at a time: context is needed in-plane only.
-        halo = (0,) * (vol.ndim - 2) + tuple(r // 2 for r in plan.infer_roi)
-        picks = np.unique(np.linspace(0, vol.shape[0] - 1, min(STAT_SLICES, vol.shape[0])).astype(int))
-        sample = np.stack([np.asarray(vol[int(z)]) for z in picks]) if vol.ndim == 3 else np.asarray(vol[...])
+        # Half a prediction window of context on each side, along the axes the network sees: in-plane
+        # for a 2D network (one slice at a time), along Z as well for a 3D one.
+        roi = plan.infer_roi[-vol.ndim :]
+        halo = (0,) * (vol.ndim - len(roi)) + tuple(r // 2 for r in roi)
+        if vol.ndim == 3 and plan.spatial_dims == 3:  # a 3D network needs neighbouring slices: a central slab
+            box = [min(n, 2 * r) for n, r in zip(vol.shape, plan.infer_roi)]
+            box[0] = min(vol.shape[0], plan.infer_roi[0])
+            sample = np.asarray(vol[tuple(slice((n - b) // 2, (n - b) // 2 + b) for n, b in zip(vol.shape, box))])
+        elif vol.ndim == 3:
+            picks = np.unique(np.linspace(0, vol.shape[0] - 1, min(STAT_SLICES, vol.shape[0])).astype(int))
+            sample = np.stack([np.asarray(vol[int(z)]) for z in picks])
+        else:
+            sample = np.asarray(vol[...])
         stats = intensity_stats(sample)
     with attempt.timed("calibrate_s"):
         priors, voxels_per_s = _calibrate(sample, stats, model)
@@ -93,9 +102,14 @@ def _calibrate(sample: np.ndarray, stats: Any, model: Any) -> tuple[list[float] 
     from dlorch.core.engine.predict import predict_probabilities
     from dlorch.core.engine.priors import estimate_priors
 
-    few = sample[np.unique(np.linspace(0, len(sample) - 1, min(4, len(sample))).astype(int))] \
-        if sample.ndim == 3 else sample
-    predict_probabilities(None, few[:1] if few.ndim == 3 else few, stats=stats, model=model, priors=None)  # warm-up
+    if model[1].spatial_dims == 3:  # the slab as it is: a 3D network needs its slices contiguous
+        few = sample
+    else:
+        few = sample[np.unique(np.linspace(0, len(sample) - 1, min(4, len(sample))).astype(int))] \
+            if sample.ndim == 3 else sample
+    warm = few[:, : model[1].infer_roi[-2], : model[1].infer_roi[-1]] if model[1].spatial_dims == 3 else \
+        (few[:1] if few.ndim == 3 else few)
+    predict_probabilities(None, warm, stats=stats, model=model, priors=None)  # warm-up
     t0 = time.perf_counter()
     probs = predict_probabilities(None, few, stats=stats, model=model, priors=None)
     voxels_per_s = few.size / max(time.perf_counter() - t0, 1e-6)

@@ -328,6 +328,7 @@ def evaluate(
 
 # -- helpers ------------------------------------------------------------------------------------------
 def _training_spec(kind: str, image: str, labels: str, epochs, time_budget, priority) -> dict[str, Any]:
+    from dlorch.core.engine.inputs import check_labels
     from dlorch.core.imageio import read_image, split_key
 
     c = client()
@@ -335,9 +336,10 @@ def _training_spec(kind: str, image: str, labels: str, epochs, time_budget, prio
     lpath, lkey = split_key(labels)
     img = read_image(ipath, ikey, role="image")
     lab = read_image(lpath, lkey, role="labels")
-    if img.shape != lab.shape:
-        raise BadInput(f"labels shape {lab.shape} differs from image shape {img.shape}; "
-                       "paint labels on the same grid as the image")
+    try:  # the engine's own checks, here so that a bad label map fails before it is uploaded and queued
+        check_labels(img, lab)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
     return {"kind": kind, "image": upload(c, image, "image", img), "labels": upload(c, labels, "labels", lab),
             "epochs": epochs, "time_budget": time_budget, "priority": priority}
 

@@ -1,4 +1,5 @@
-"""Batched data augmentation for 2D patches: flips, 90° rotations, small affine, elastic, intensity.
+"""Batched data augmentation: flips, 90° rotations, small affine, elastic, intensity (2D); flips,
+in-plane 90° rotations and intensity (3D).
 
 Written here rather than with MONAI's dictionary transforms because those work one sample
 at a time on the CPU; this version warps a whole batch with a single ``grid_sample`` on the
@@ -42,14 +43,16 @@ def augment_batch(
     """Augment a batch of 2D image patches and their sparse labels identically.
 
     Args:
-        x: (B, 1, H, W) float images.
-        y: (B, 1, H, W) integer labels, 0 = unlabelled.
+        x: (B, 1, H, W) float images, or (B, 1, D, H, W) volumes.
+        y: labels of the same shape, integers, 0 = unlabelled.
         cfg: augmentation strengths.
         gen: CPU generator that draws all random numbers (seeded by the caller for determinism).
 
     Returns:
         The augmented (x, y), on the device and with the dtypes they came with.
     """
+    if x.dim() == 5:
+        return _augment_volumes(x, y, cfg, gen)
     b, _, h, w = x.shape
     # 90° rotations of a non-square patch would stretch it, so those get flips only.
     quarter_turns = torch.randint(0, 4, (b,), generator=gen) if cfg.rot90 and h == w else torch.zeros(b)
@@ -86,3 +89,35 @@ def augment_batch(
     noise = torch.randn(x_out.shape, generator=gen) * noise_std
     x_out = x_out * scale.to(x.device) + shift.to(x.device) + noise.to(x.device)
     return x_out.to(x.dtype), y_out.round().to(y.dtype)
+
+
+def _augment_volumes(
+    x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """3D: flips of every axis and 90° turns in-plane (exact, no resampling), then intensity.
+
+    In-plane only for the turns, so an anisotropic axis is never rotated into the plane. No
+    affine or elastic warp in 3D: a 3D ``grid_sample`` of a batch costs as much as a training
+    step on a CPU, and the flips and turns already give 16 exact variants.
+    """
+    b, _, _, h, w = x.shape
+    turns = torch.randint(0, 4, (b,), generator=gen) if cfg.rot90 and h == w else torch.zeros(b, dtype=torch.long)
+    flips = torch.rand(b, 3, generator=gen) < 0.5 if cfg.flips else torch.zeros(b, 3, dtype=torch.bool)
+    xs, ys = [], []
+    for i in range(b):
+        xi, yi = x[i], y[i]
+        axes = [d for d, f in zip((-3, -2, -1), flips[i].tolist()) if f]
+        if axes:
+            xi, yi = torch.flip(xi, axes), torch.flip(yi, axes)
+        k = int(turns[i])
+        if k:
+            xi, yi = torch.rot90(xi, k, (-2, -1)), torch.rot90(yi, k, (-2, -1))
+        xs.append(xi)
+        ys.append(yi)
+    x_out, y_out = torch.stack(xs).float(), torch.stack(ys)
+    scale = _uniform(gen, b, 1 - cfg.intensity_scale, 1 + cfg.intensity_scale).view(b, 1, 1, 1, 1)
+    shift = _uniform(gen, b, -cfg.intensity_shift, cfg.intensity_shift).view(b, 1, 1, 1, 1)
+    noise_std = _uniform(gen, b, 0, cfg.noise_std).view(b, 1, 1, 1, 1)
+    noise = torch.randn(x_out.shape, generator=gen) * noise_std
+    x_out = x_out * scale.to(x.device) + shift.to(x.device) + noise.to(x.device)
+    return x_out.contiguous().to(x.dtype), y_out.contiguous()

@@ -31,7 +31,7 @@ def measure_seconds(
 
     Args:
         filters: network widths.
-        patch: 2D patch size.
+        patch: patch size, 2D (Y, X) or 3D (Z, Y, X).
         batch: batch size.
         num_classes: output channels.
         runtime: where to measure.
@@ -44,7 +44,7 @@ def measure_seconds(
     apply_threads(runtime)
     torch.manual_seed(0)
     device = runtime.device
-    net = build_unet(2, 1, num_classes, filters, input_scale=input_scale).to(device)
+    net = build_unet(len(patch), 1, num_classes, filters, input_scale=input_scale).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     x = torch.randn(batch, 1, *patch, device=device)
     y = torch.randint(0, num_classes + 1, (batch, 1, *patch), device=device)

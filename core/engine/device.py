@@ -15,6 +15,7 @@ class Runtime:
     accelerator: str  # "cuda" or "cpu" (Lightning's accelerator names)
     precision: str  # Lightning precision flag
     cpu_threads: int  # threads torch may use; only applied on CPU
+    memory_bytes: int = 0  # memory of the device that holds the activations (GPU memory or RAM); 0 = unknown
 
     @property
     def device(self) -> torch.device:
@@ -39,12 +40,21 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def ram_bytes() -> int:
+    """Physical memory of this machine (0 where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
 def detect_runtime() -> Runtime:
     """Pick CUDA with bf16 (or fp16) autocast when available, else the CPU in float32."""
     if torch.cuda.is_available():
         precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-        return Runtime("cuda", precision, usable_cpus())
-    return Runtime("cpu", "32-true", usable_cpus())
+        memory = int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+        return Runtime("cuda", precision, usable_cpus(), memory)
+    return Runtime("cpu", "32-true", usable_cpus(), ram_bytes())
 
 
 def apply_threads(runtime: Runtime) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from dlorch.core.engine.augment import augment_batch
 from dlorch.core.engine.losses import sparse_ce_dice_loss
-from dlorch.core.engine.network import build_unet
+from dlorch.core.engine.network import build_unet, memory_format
 from dlorch.core.engine.plan import SegmentationPlan
 
 # Key of the engine's own section in a Lightning checkpoint; prediction needs only this.
@@ -41,7 +41,7 @@ class SegmentationModule(pl.LightningModule):
         super().__init__()
         self.plan = plan
         self.net = build_unet(plan.spatial_dims, 1, plan.num_classes, plan.filters, plan.norm, plan.input_scale)
-        self.net = self.net.to(memory_format=torch.channels_last)
+        self.net = self.net.to(memory_format=memory_format(plan.spatial_dims + 2))
         # Set by the run-control callback: share of the time budget used, and whether the
         # budget ran out so the rest of the epoch is skipped.
         self.time_fraction = 0.0
@@ -64,7 +64,7 @@ class SegmentationModule(pl.LightningModule):
         self._live: dict[str, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.contiguous(memory_format=torch.channels_last))
+        return self.net(x.contiguous(memory_format=memory_format(x.dim())))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.net.parameters(), lr=self.plan.lr, weight_decay=self.plan.weight_decay)

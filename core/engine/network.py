@@ -9,6 +9,11 @@ import torch.nn.functional as F
 from monai.networks.nets import DynUNet
 
 
+def memory_format(ndim: int) -> torch.memory_format:
+    """Channels-last layout for a batch tensor of ``ndim`` axes (4: 2D images, 5: volumes)."""
+    return torch.channels_last_3d if ndim == 5 else torch.channels_last
+
+
 class Rescaled(torch.nn.Module):
     """Runs a network on a 2x average-pooled image and upsamples its logits back.
 

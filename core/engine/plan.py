@@ -31,14 +31,33 @@ class DeviceDefaults(BaseModel):
     infer_roi: int
     budget_s: float  # training seconds when the user gives neither epochs nor a budget
     epoch_s: float  # target length of one epoch: bounds how late a stop request is honoured
+    patch3d: int  # cube side of a 3D patch (volumes that are close to isotropic)
+    batch3d: int
+    infer_roi3d: int
 
 
 DEFAULTS = {
     # A 2-core CPU trains ~1500 steps in its 5.5 minute default: narrow but 5 levels deep,
     # because telling membranes from organelle outlines needs context more than width.
-    "cpu": DeviceDefaults(patch=128, batch=8, filters=[16, 24, 48, 96, 192], infer_roi=512, budget_s=330, epoch_s=20),
-    "cuda": DeviceDefaults(patch=256, batch=16, filters=[32, 64, 128, 256, 320], infer_roi=1024, budget_s=1800, epoch_s=30),
+    "cpu": DeviceDefaults(patch=128, batch=8, filters=[16, 24, 48, 96, 192], infer_roi=512, budget_s=330, epoch_s=20,
+                          patch3d=64, batch3d=2, infer_roi3d=96),
+    "cuda": DeviceDefaults(patch=256, batch=16, filters=[32, 64, 128, 256, 320], infer_roi=1024, budget_s=1800,
+                           epoch_s=30, patch3d=128, batch3d=2, infer_roi3d=192),
 }
+# The cuda batches above are for a GPU of this much memory; a larger one gets proportionally
+# more patches per step (powers of two, at most MAX_BATCH), a smaller one fewer.
+REFERENCE_GPU_BYTES = 16 * 2**30
+MAX_BATCH = 64
+# Share of the device memory the activations of one training step may take (the rest: weights,
+# optimiser state, cuDNN workspaces, the data, other processes on a shared node).
+ACTIVATION_MEMORY_SHARE = 0.25
+# Activation tensors kept for the backward pass per voxel and level width: two convolutions x
+# (input, normalised, activated) on the way down, upsampling, concatenation and two more on the way up.
+ACTIVATIONS_PER_LEVEL = 14
+# A volume is segmented in 3D when it has enough slices and a slice step is worth at most this
+# many in-plane pixels (nnU-Net treats a spacing ratio above 3 as anisotropic); else per slice in 2D.
+MAX_ANISOTROPY_3D = 3.0
+MIN_SLICES_3D = 16
 # Steps the data "wants": past this the held-out score no longer improves on sparse strokes,
 # so a fast GPU stops here instead of filling its budget.
 WANTED_STEPS = 4000
@@ -56,7 +75,8 @@ class SegmentationPlan(BaseModel):
     """Everything training needs besides the data; JSON-serialisable and stored in checkpoints."""
 
     version: int = 1
-    spatial_dims: int = 2  # a (Z, Y, X) stack is segmented slice by slice
+    spatial_dims: int = 2  # 2: a (Z, Y, X) stack is segmented slice by slice; 3: as a volume
+    anisotropy: float | None = None  # in-plane pixels one slice step is worth (anisotropy()); None for 2D images
     image_shape: list[int]
     num_classes: int  # K: labels are 1..K, predictions too
     class_pixels: list[int]  # painted pixels per class 1..K
@@ -123,33 +143,99 @@ def stroke_survival(labels: np.ndarray) -> float:
     return float(min(shares)) if shares else 0.0
 
 
-class Geometry(BaseModel):
-    """Input scale, patch and network shape chosen for an image."""
+def anisotropy(stack: np.ndarray, max_slices: int = 16, crop: int = 256) -> float:
+    """How many in-plane pixels one slice step is worth, measured from the data.
 
+    Voxel sizes are often missing or wrong in a file's metadata; the image itself says how
+    alike neighbouring slices are. This is the in-plane distance at which pixels differ as much
+    (mean squared difference) as the same pixel on adjacent slices does: about 1 for an
+    isotropic volume, large for serial sections cut thicker than their pixels. Noise adds the
+    same amount to both sides, so it does not bias the distance, only compresses it a little.
+
+    Args:
+        stack: (Z, Y, X) image, Z >= 2.
+        max_slices: adjacent slice pairs sampled (evenly spread).
+        crop: side of the central crop used per slice.
+
+    Returns:
+        The distance in pixels (>= 1), or ``inf`` where even ``min(Y, X) / 4`` pixels apart
+        are more alike than adjacent slices.
+    """
+    z, y, x = stack.shape
+    if z < 2:
+        return math.inf
+    y0, x0 = max(0, (y - crop) // 2), max(0, (x - crop) // 2)
+    picks = np.unique(np.linspace(0, z - 2, min(max_slices, z - 1)).round().astype(int))
+    a = np.asarray(stack[picks, y0 : y0 + crop, x0 : x0 + crop], dtype=np.float64)
+    b = np.asarray(stack[picks + 1, y0 : y0 + crop, x0 : x0 + crop], dtype=np.float64)
+    dz = float(np.mean((b - a) ** 2))
+
+    def dxy(k: int) -> float:
+        return 0.5 * float(np.mean((a[:, k:] - a[:, :-k]) ** 2) + np.mean((a[:, :, k:] - a[:, :, :-k]) ** 2))
+
+    prev_k, prev = 1, dxy(1)
+    if dz <= prev:
+        return 1.0
+    k = 2
+    while k <= max(1, min(a.shape[1:]) // 4):
+        cur = dxy(k)
+        if cur >= dz:  # interpolate on log2(distance) between the two measured distances
+            t = (dz - prev) / max(cur - prev, 1e-12)
+            return float(2 ** (math.log2(prev_k) + t * (math.log2(k) - math.log2(prev_k))))
+        prev_k, prev, k = k, cur, k * 2
+    return math.inf
+
+
+class Geometry(BaseModel):
+    """Dimensionality, input scale, patch and network shape chosen for an image."""
+
+    spatial_dims: int = 2
     input_scale: int
     patch: list[int]
     filters: list[int]
     reasons: list[str]
 
 
-def choose_geometry(yx: tuple[int, int], accelerator: str, survival: float) -> Geometry:
-    """Pick the input scale, the patch (in image pixels) and the network widths.
+def choose_geometry(
+    yx: tuple[int, int], accelerator: str, survival: float, *, depth: int = 1, aniso: float = math.inf
+) -> Geometry:
+    """Pick 2D or 3D, the input scale, the patch (in image pixels) and the network widths.
 
-    Half resolution when the image is large and the strokes are thick enough to survive a 2x
-    downsampling: the network then sees four times the area for the same cost, and context
+    3D when the stack has at least ``MIN_SLICES_3D`` slices and is close to isotropic (a slice
+    step worth at most ``MAX_ANISOTROPY_3D`` pixels): the network then sees context across
+    slices. Serial sections, time series and thin stacks are segmented slice by slice in 2D.
+
+    In 2D, half resolution when the image is large and the strokes are thick enough to survive
+    a 2x downsampling: the network then sees four times the area for the same cost, and context
     (a membrane vs a dark organelle) mattered more than the last pixel of detail on the
     ISBI strokes. Thin scribbles or small images keep full resolution.
     """
     d = DEFAULTS[accelerator]
+    if depth >= MIN_SLICES_3D and aniso <= MAX_ANISOTROPY_3D:
+        patch = choose_patch((depth, *yx), d.patch3d)
+        filters = choose_filters(patch, d.filters)
+        return Geometry(
+            spatial_dims=3, input_scale=1, patch=patch, filters=filters,
+            reasons=[
+                f"3D: {depth} slices, a slice step is worth {aniso:.1f} in-plane pixels (<= {MAX_ANISOTROPY_3D:g})",
+                f"patch {patch[0]}x{patch[1]}x{patch[2]} voxels",
+                f"DynUNet 3D widths {filters}: {len(filters) - 1} downsamplings keep a bottleneck of >= 8 voxels",
+            ],
+        )
     scale = 2 if min(yx) >= HALF_RES_MIN_SIZE and survival >= HALF_RES_MIN_SURVIVAL else 1
-    reasons = [
+    reasons = []
+    if depth > 1:
+        why = (f"a slice step is worth {aniso:.1f} in-plane pixels (> {MAX_ANISOTROPY_3D:g})" if depth >= MIN_SLICES_3D
+               else f"{depth} slices (< {MIN_SLICES_3D})")
+        reasons.append(f"2D, slice by slice: {why}")
+    reasons.append(
         f"input scale {scale}: "
         + (
             f"strokes are thick ({survival:.0%} of the thinnest class survive a 3x3 erosion) and the image is large"
             if scale == 2
             else f"stroke survival {survival:.0%} / image {yx[0]}x{yx[1]} -> full resolution"
         )
-    ]
+    )
     patch = choose_patch(yx, d.patch * scale, multiple=16 * scale)
     reasons.append(
         f"patch {patch[0]}x{patch[1]} image pixels"
@@ -158,6 +244,41 @@ def choose_geometry(yx: tuple[int, int], accelerator: str, survival: float) -> G
     filters = choose_filters([p // scale for p in patch], d.filters)
     reasons.append(f"DynUNet widths {filters}: {len(filters) - 1} downsamplings keep a bottleneck of >= 8 px")
     return Geometry(input_scale=scale, patch=patch, filters=filters, reasons=reasons)
+
+
+def sample_bytes(patch: list[int], filters: list[int], input_scale: int = 1, value_bytes: int = 4) -> float:
+    """Estimated activation memory of one training sample: every level's width times its voxels."""
+    voxels = math.prod(max(1, p // input_scale) for p in patch)
+    shrink = 2 ** len(patch)
+    return ACTIVATIONS_PER_LEVEL * value_bytes * voxels * sum(f / shrink**level for level, f in enumerate(filters))
+
+
+def choose_batch(default: int, patch: list[int], filters: list[int], input_scale: int, runtime: Runtime) -> tuple[int, str]:
+    """Patches per step from the device's memory.
+
+    A GPU gets the default batch scaled by its memory against ``REFERENCE_GPU_BYTES`` (a power
+    of two, at most ``MAX_BATCH``); a CPU keeps the default, which its compute already limits.
+    Either way the batch's estimated activations must fit ``ACTIVATION_MEMORY_SHARE`` of the
+    device memory. Unknown memory keeps the default.
+
+    Returns:
+        (batch, the reason in words).
+    """
+    if runtime.memory_bytes <= 0:
+        return default, f"batch {default} ({runtime.accelerator} default; device memory unknown)"
+    gib = runtime.memory_bytes / 2**30
+    wanted = default
+    if runtime.accelerator == "cuda":
+        scaled = default * runtime.memory_bytes / REFERENCE_GPU_BYTES
+        wanted = int(min(MAX_BATCH, 2 ** math.floor(math.log2(max(1.0, scaled)))))
+    value_bytes = 2 if runtime.precision in ("bf16-mixed", "16-mixed") else 4
+    per_sample = sample_bytes(patch, filters, input_scale, value_bytes)
+    fit = max(1, int(ACTIVATION_MEMORY_SHARE * runtime.memory_bytes // per_sample))
+    batch = max(1, min(wanted, fit))
+    why = f"batch {batch}: {gib:.0f} GiB {runtime.accelerator} memory, ~{per_sample / 2**20:.0f} MiB of activations per patch"
+    if batch < wanted:
+        why += f" (memory fits {fit})"
+    return batch, why
 
 
 def derive_plan(
@@ -174,6 +295,7 @@ def derive_plan(
     epochs: int | None = None,
     time_budget: float | None = None,
     seed: int = 0,
+    anisotropy_value: float | None = None,
 ) -> SegmentationPlan:
     """Pure planning rules; see ``plan_segmentation`` for the meaning of the overrides.
 
@@ -190,19 +312,22 @@ def derive_plan(
         epochs: user override of the epoch count.
         time_budget: user cap on training seconds.
         seed: seed of every random draw in training.
+        anisotropy_value: the stack's measured anisotropy (recorded in the plan).
 
     Returns:
         The plan.
     """
     d = DEFAULTS[runtime.accelerator]
     reasons = [f"device {runtime.accelerator} ({runtime.cpu_threads} CPU threads), precision {runtime.precision}"]
-    yx = tuple(image_shape[-2:])
+    dims = geometry.spatial_dims
+    grid = tuple(image_shape[-dims:])
     patch, filters = geometry.patch, geometry.filters
     reasons.extend(geometry.reasons)
-    batch = d.batch
-    reasons.append(f"batch {batch} with classes drawn in equal shares, centred on painted pixels")
-    infer_roi = [min(d.infer_roi, _round_up(max(int(s), 16), 16)) for s in yx]
-    reasons.append(f"prediction window {infer_roi[0]}x{infer_roi[1]}, gaussian blending, overlap 0.25")
+    batch, why = choose_batch(d.batch3d if dims == 3 else d.batch, patch, filters, geometry.input_scale, runtime)
+    reasons.append(f"{why}; classes drawn in equal shares, centred on painted pixels")
+    roi_side = d.infer_roi3d if dims == 3 else d.infer_roi
+    infer_roi = [min(roi_side, _round_up(max(int(s), 16), 16)) for s in grid]
+    reasons.append(f"prediction window {'x'.join(map(str, infer_roi))}, gaussian blending, overlap 0.25")
     reasons.append(
         f"{len(class_pixels)} classes, painted pixels {class_pixels}; {val_strokes} whole strokes "
         f"(~{VAL_FRACTION:.0%} per class) held back for validation"
@@ -212,7 +337,7 @@ def derive_plan(
     step_s = step_seconds if step_seconds and step_seconds > 0 else None
     # An epoch is the checkpoint and stop-request interval: about epoch_s seconds, but on a
     # tiny image no more steps than it takes to cover every pixel about 4 times.
-    cover = math.ceil(4 * math.prod(image_shape) / (batch * patch[0] * patch[1]))
+    cover = math.ceil(4 * math.prod(image_shape) / (batch * math.prod(patch)))
     by_time = round(d.epoch_s / step_s) if step_s else 100
     steps_per_epoch = int(np.clip(min(by_time, cover), 10, 250))
     if step_s:
@@ -254,6 +379,8 @@ def derive_plan(
         epochs=n_epochs,
         steps_per_epoch=steps_per_epoch,
         time_budget_s=budget,
+        spatial_dims=dims,
+        anisotropy=anisotropy_value,
         patch_size=patch,
         batch_size=batch,
         filters=filters,
@@ -261,7 +388,7 @@ def derive_plan(
         lr=PEAK_LR,
         val_fraction=VAL_FRACTION,
         intensity=intensity,
-        augment=AugmentConfig(rot90=patch[0] == patch[1]),
+        augment=AugmentConfig(rot90=patch[-1] == patch[-2]),
         infer_roi=infer_roi,
         seed=seed,
         planned_on=runtime.accelerator,
@@ -276,7 +403,7 @@ def plan_segmentation(
     """Plan sparse-label segmentation training for an image and its painted strokes.
 
     Args:
-        image: (Y, X) image or (Z, Y, X) stack of 2D slices.
+        image: (Y, X) image or (Z, Y, X) stack (a volume when close to isotropic, else 2D slices).
         labels: same shape, 0 = unlabelled, 1..K = classes.
         epochs: replaces the automatic epoch count.
         time_budget: caps total training seconds (across resumes); never lengthens training
@@ -297,15 +424,19 @@ def plan_segmentation(
     counts = np.bincount(lab.reshape(-1), minlength=k + 1)[1:].tolist()
     stats = intensity_stats(stack)
     split = split_strokes(lab, VAL_FRACTION, seed=0)
-    geometry = choose_geometry(stack.shape[-2:], runtime.accelerator, stroke_survival(lab))
+    aniso = anisotropy(stack) if stack.shape[0] >= MIN_SLICES_3D else None
+    geometry = choose_geometry(stack.shape[-2:], runtime.accelerator, stroke_survival(lab),
+                               depth=stack.shape[0], aniso=math.inf if aniso is None else aniso)
     patch = geometry.patch
     # Tiles are counted the way ValTiles cuts them: cells of half a patch holding a val pixel.
-    z, y, x = np.nonzero(split.val)
-    cells = len(set(zip(z.tolist(), (y // (patch[0] // 2)).tolist(), (x // (patch[1] // 2)).tolist())))
+    cells = len(set(zip(*(c // max(1, p // 2) for c, p in zip(np.nonzero(split.val), [1] * (3 - len(patch)) + patch)))))
+    batch, _ = choose_batch(DEFAULTS[runtime.accelerator].batch3d if geometry.spatial_dims == 3
+                            else DEFAULTS[runtime.accelerator].batch, patch, geometry.filters,
+                            geometry.input_scale, runtime)
     # Training picks the faster thread count every epoch (threads.py); plan with the faster too.
     timings = [
         measure_seconds(
-            geometry.filters, patch, DEFAULTS[runtime.accelerator].batch, k, replace(runtime, cpu_threads=n),
+            geometry.filters, patch, batch, k, replace(runtime, cpu_threads=n),
             input_scale=geometry.input_scale,
         )
         for n in thread_candidates(runtime)
@@ -323,4 +454,5 @@ def plan_segmentation(
         eval_seconds=eval_s,
         epochs=epochs,
         time_budget=time_budget,
+        anisotropy_value=aniso if aniso is not None and math.isfinite(aniso) else None,
     )

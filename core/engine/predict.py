@@ -12,7 +12,7 @@ from dlorch.core.engine.device import apply_threads, detect_runtime
 from dlorch.core.engine.inputs import as_stack
 from dlorch.core.engine.intensity import IntensityStats, normalize
 from dlorch.core.engine.module import CKPT_KEY
-from dlorch.core.engine.network import build_unet
+from dlorch.core.engine.network import build_unet, memory_format
 from dlorch.core.engine.plan import SegmentationPlan
 from dlorch.core.engine.priors import adjust_priors, estimate_priors
 
@@ -63,6 +63,7 @@ def predict_probabilities(checkpoint: pathlib.Path | None, image: np.ndarray, *,
             volume predicted blockwise); None returns the network's raw posteriors.
         tta: test-time augmentation: average the posteriors over the 8 in-plane flips and 90-degree
             rotations of every window (8x the compute; smoother, less orientation-biased boundaries).
+            In-plane only, so it also holds for anisotropic volumes.
 
     Returns:
         float32 array (K, *image.shape); channel c holds the probability of class c + 1.
@@ -72,29 +73,36 @@ def predict_probabilities(checkpoint: pathlib.Path | None, image: np.ndarray, *,
     runtime = detect_runtime()
     apply_threads(runtime)
     device = runtime.device
-    net = net.to(device).to(memory_format=torch.channels_last)
+    layout = memory_format(plan.spatial_dims + 2)
+    net = net.to(device).to(memory_format=layout)
     norm = normalize(stack, stats)
     # The window may not exceed the image by more than the network's size multiple: it is
     # padded up to the window, and the network needs sizes divisible by 2**downsamplings.
     multiple = 2 ** (len(plan.filters) - 1) * plan.input_scale
-    roi = [min(r, -(-s // multiple) * multiple) for r, s in zip(plan.infer_roi, stack.shape[-2:])]
+    grid = stack.shape[-plan.spatial_dims :]
+    roi = [min(r, -(-s // multiple) * multiple) for r, s in zip(plan.infer_roi, grid)]
     out = np.empty((plan.num_classes, *stack.shape), dtype=np.float32)
     dtype = runtime.autocast_dtype
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            return torch.softmax(net(x.contiguous(memory_format=torch.channels_last)).float(), dim=1)
+            return torch.softmax(net(x.contiguous(memory_format=layout)).float(), dim=1)
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         return dihedral_mean(forward, x) if tta else forward(x)
 
+    def windows(x: torch.Tensor) -> torch.Tensor:
+        return sliding_window_inference(
+            x, roi, plan.infer_batch, predictor, overlap=plan.infer_overlap, mode="gaussian", padding_mode="replicate"
+        )
+
     with torch.inference_mode():
-        for z0 in range(0, stack.shape[0], plan.infer_batch):
-            x = torch.from_numpy(norm[z0 : z0 + plan.infer_batch, None]).to(device)
-            probs = sliding_window_inference(
-                x, roi, plan.infer_batch, predictor, overlap=plan.infer_overlap, mode="gaussian", padding_mode="replicate"
-            )
-            out[:, z0 : z0 + x.shape[0]] = probs.float().cpu().numpy().transpose(1, 0, 2, 3)
+        if plan.spatial_dims == 3:  # the stack is one volume: (1, 1, Z, Y, X)
+            out[:] = windows(torch.from_numpy(norm[None, None]).to(device))[0].float().cpu().numpy()
+        else:  # slices predicted in batches: (B, 1, Y, X)
+            for z0 in range(0, stack.shape[0], plan.infer_batch):
+                x = torch.from_numpy(norm[z0 : z0 + plan.infer_batch, None]).to(device)
+                out[:, z0 : z0 + x.shape[0]] = windows(x).float().cpu().numpy().transpose(1, 0, 2, 3)
     if priors is not None and plan.train_prior:
         train_prior = np.asarray(plan.train_prior)
         target = estimate_priors(out, train_prior) if isinstance(priors, str) else np.asarray(priors, dtype=float)

@@ -20,20 +20,22 @@ _MAX_CENTRES_PER_CLASS = 1_000_000
 MAX_VAL_TILES = 256
 
 
-def _pad_widths(patch: tuple[int, int]) -> tuple[int, int]:
-    # Half a patch for the crop plus a quarter for the centre jitter.
-    return tuple(p // 2 + p // 4 + 1 for p in patch)
+def _pad_widths(patch: tuple[int, ...]) -> tuple[int, int, int]:
+    """Padding of the (Z, Y, X) axes: half a patch for the crop plus a quarter for the centre
+    jitter; none along Z for 2D patches, which take one slice."""
+    full = (1,) * (3 - len(patch)) + tuple(patch)
+    return tuple(0 if p == 1 else p // 2 + p // 4 + 1 for p in full)
 
 
-def _pad(volume: np.ndarray, pads: tuple[int, int], mode: str) -> np.ndarray:
-    widths = ((0, 0), (pads[0], pads[0]), (pads[1], pads[1]))
+def _pad(volume: np.ndarray, pads: tuple[int, ...], mode: str) -> np.ndarray:
+    widths = [(p, p) for p in pads]
     if mode == "constant":
         return np.pad(volume, widths, mode="constant")
     return np.pad(volume, widths, mode="symmetric")
 
 
 class TrainPatches(Dataset):
-    """One item = one training batch of 2D patches, centred near painted pixels of a random class.
+    """One item = one training batch of 2D or 3D patches, centred near painted pixels of a random class.
 
     Classes are drawn in equal shares per batch, so a rare class is seen as often as a common one.
     """
@@ -52,7 +54,7 @@ class TrainPatches(Dataset):
         Args:
             image: (Z, Y, X) normalised float32 image.
             labels: (Z, Y, X) uint8 training labels, 0 = unlabelled.
-            patch: (py, px) patch size.
+            patch: (py, px) 2D patch, or (pz, py, px) for a 3D network.
             batch_size: patches per batch.
             steps_per_epoch: batches per epoch (the dataset length).
             seed: base seed.
@@ -83,17 +85,20 @@ class TrainPatches(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         k = len(self.centres)
         classes = rng.permutation(np.resize(np.arange(k), self.batch_size))
-        py, px = self.patch
-        xs = np.empty((self.batch_size, 1, py, px), dtype=np.float32)
-        ys = np.empty((self.batch_size, 1, py, px), dtype=np.uint8)
+        py, px = self.patch[-2:]
+        pz = self.patch[0] if len(self.patch) == 3 else 1
+        xs = np.empty((self.batch_size, 1, *self.patch), dtype=np.float32)
+        ys = np.empty((self.batch_size, 1, *self.patch), dtype=np.uint8)
         for i, c in enumerate(classes):
             flat = self.centres[c][rng.integers(len(self.centres[c]))]
             z, y, x = np.unravel_index(flat, self.shape)
             # Jitter keeps the painted pixel off the exact centre so the border context varies.
-            y0 = y + self.pads[0] - py // 2 + rng.integers(-(py // 4), py // 4 + 1)
-            x0 = x + self.pads[1] - px // 2 + rng.integers(-(px // 4), px // 4 + 1)
-            xs[i, 0] = self.image[z, y0 : y0 + py, x0 : x0 + px]
-            ys[i, 0] = self.labels[z, y0 : y0 + py, x0 : x0 + px]
+            y0 = y + self.pads[1] - py // 2 + rng.integers(-(py // 4), py // 4 + 1)
+            x0 = x + self.pads[2] - px // 2 + rng.integers(-(px // 4), px // 4 + 1)
+            z0 = z + self.pads[0] - pz // 2 + (rng.integers(-(pz // 4), pz // 4 + 1) if pz > 1 else 0)
+            window = (slice(z0, z0 + pz), slice(y0, y0 + py), slice(x0, x0 + px))
+            xs[i, 0] = self.image[window].reshape(self.patch)
+            ys[i, 0] = self.labels[window].reshape(self.patch)
         return torch.from_numpy(xs), torch.from_numpy(ys)
 
 
@@ -105,36 +110,37 @@ class ValTiles(Dataset):
     scored pixel has at least a quarter patch of context and none is counted twice.
     """
 
-    def __init__(self, image: np.ndarray, val_labels: np.ndarray, patch: tuple[int, int], batch_size: int, seed: int):
+    def __init__(self, image: np.ndarray, val_labels: np.ndarray, patch: tuple[int, ...], batch_size: int, seed: int):
         """Build the tiles.
 
         Args:
             image: (Z, Y, X) normalised float32 image.
             val_labels: (Z, Y, X) uint8 held-back labels, 0 elsewhere.
-            patch: (py, px) tile size.
+            patch: (py, px) tile size, or (pz, py, px) for a 3D network (cells are then 3D too).
             batch_size: tiles per batch.
             seed: seed of the subsample taken when there are too many tiles.
         """
-        py, px = (int(p) for p in patch)
-        cy, cx = max(1, py // 2), max(1, px // 2)
-        pads = _pad_widths((py, px))
+        shape = tuple(int(p) for p in patch)
+        full = (1,) * (3 - len(shape)) + shape  # a 2D tile is one slice deep
+        cell = tuple(max(1, p // 2) if p > 1 else 1 for p in full)
+        pads = _pad_widths(shape)
         image_p = _pad(image.astype(np.float32, copy=False), pads, "symmetric")
-        cells = []
-        for z in np.nonzero(val_labels.reshape(val_labels.shape[0], -1).any(1))[0]:
-            ys, xs = np.nonzero(val_labels[z])
-            for gy, gx in sorted(set(zip((ys // cy).tolist(), (xs // cx).tolist()))):
-                cells.append((int(z), gy, gx))
+        idx = np.nonzero(val_labels)
+        cells = sorted(set(zip(*((i // c).tolist() for i, c in zip(idx, cell)))))
         if len(cells) > MAX_VAL_TILES:
             keep = np.random.default_rng(seed).choice(len(cells), MAX_VAL_TILES, replace=False)
             cells = [cells[i] for i in sorted(keep)]
-        self.x = np.zeros((len(cells), 1, py, px), dtype=np.float32)
-        self.y = np.zeros((len(cells), 1, py, px), dtype=np.uint8)
-        oy, ox = (py - cy) // 2, (px - cx) // 2
-        for i, (z, gy, gx) in enumerate(cells):
-            y0, x0 = gy * cy - oy, gx * cx - ox
-            self.x[i, 0] = image_p[z, y0 + pads[0] : y0 + pads[0] + py, x0 + pads[1] : x0 + pads[1] + px]
-            cell = val_labels[z, gy * cy : (gy + 1) * cy, gx * cx : (gx + 1) * cx]
-            self.y[i, 0, oy : oy + cell.shape[0], ox : ox + cell.shape[1]] = cell
+        self.x = np.zeros((len(cells), 1, *shape), dtype=np.float32)
+        self.y = np.zeros((len(cells), 1, *shape), dtype=np.uint8)
+        offset = tuple((p - c) // 2 for p, c in zip(full, cell))
+        for i, g in enumerate(cells):
+            start = [gi * c - o for gi, c, o in zip(g, cell, offset)]
+            window = tuple(slice(a + pad, a + pad + p) for a, pad, p in zip(start, pads, full))
+            self.x[i, 0] = image_p[window].reshape(shape)
+            own = val_labels[tuple(slice(gi * c, (gi + 1) * c) for gi, c in zip(g, cell))]
+            tile = np.zeros(full, dtype=np.uint8)
+            tile[tuple(slice(o, o + n) for o, n in zip(offset, own.shape))] = own
+            self.y[i, 0] = tile.reshape(shape)
         self.batch_size = batch_size
 
     def __len__(self) -> int:

@@ -9,6 +9,8 @@ from dlorch.core.engine.device import Runtime
 from dlorch.core.engine.intensity import intensity_stats
 from dlorch.core.engine.plan import (
     SegmentationPlan,
+    anisotropy,
+    choose_batch,
     choose_filters,
     choose_geometry,
     choose_patch,
@@ -108,3 +110,46 @@ def test_planning_a_2d_image():
     image, labels = make_data((1, 64, 64))
     plan = plan_segmentation(image[0], labels[0], epochs=1)
     assert plan.image_shape == [1, 64, 64]
+
+
+def _smooth_volume(shape=(64, 64, 64), scale=4.0, seed=0):
+    """An isotropic random texture: white noise low-passed by a Gaussian of ``scale`` voxels."""
+    noise = np.random.default_rng(seed).normal(size=shape)
+    freqs = np.meshgrid(*(np.fft.fftfreq(n) for n in shape), indexing="ij")
+    gain = np.exp(-2 * (np.pi * scale) ** 2 * sum(f**2 for f in freqs))
+    return np.fft.ifftn(np.fft.fftn(noise) * gain).real.astype(np.float32)
+
+
+def test_anisotropy_is_measured_from_the_data():
+    vol = _smooth_volume()
+    assert anisotropy(vol) < 1.5  # neighbouring slices as alike as neighbouring pixels
+    sections = vol[::6]  # every 6th slice: serial sections cut six pixels thick
+    assert 4 < anisotropy(sections) < 9
+    assert anisotropy(np.random.default_rng(1).normal(size=(20, 64, 64))) == 1.0  # white noise: no structure
+    assert anisotropy(vol[:1]) == float("inf")
+
+
+def test_a_near_isotropic_volume_gets_3d_and_an_anisotropic_stack_gets_2d():
+    iso = choose_geometry((256, 256), "cpu", 0.6, depth=64, aniso=1.2)
+    assert iso.spatial_dims == 3 and iso.input_scale == 1 and len(iso.patch) == 3
+    assert iso.patch == [64, 64, 64] and len(iso.filters) == 4
+    sections = choose_geometry((256, 256), "cpu", 0.6, depth=64, aniso=8.0)
+    assert sections.spatial_dims == 2 and len(sections.patch) == 2
+    assert any("slice by slice" in r and "8.0" in r for r in sections.reasons)
+    thin = choose_geometry((256, 256), "cpu", 0.6, depth=5, aniso=1.0)
+    assert thin.spatial_dims == 2
+    plan = _derive(image_shape=(64, 256, 256), geometry=iso)
+    assert plan.spatial_dims == 3 and len(plan.infer_roi) == 3 and plan.batch_size == 2
+
+
+def test_a_gpu_with_more_memory_gets_a_larger_batch():
+    geometry = choose_geometry((512, 512), "cuda", 0.6)
+    small = _derive(runtime=Runtime("cuda", "bf16-mixed", 8, 16 * 2**30), geometry=geometry)
+    large = _derive(runtime=Runtime("cuda", "bf16-mixed", 8, 80 * 2**30), geometry=geometry)
+    tiny = _derive(runtime=Runtime("cuda", "bf16-mixed", 8, 4 * 2**30), geometry=geometry)
+    assert tiny.batch_size < small.batch_size < large.batch_size
+    assert any("80 GiB" in r for r in large.reasons)
+    # A CPU keeps its default unless its memory cannot hold the batch's activations.
+    assert _derive(runtime=Runtime("cpu", "32-true", 2, 24 * 2**30)).batch_size == 8
+    batch, why = choose_batch(8, [128, 128, 128], [32, 64, 128, 256], 1, Runtime("cpu", "32-true", 2, 2 * 2**30))
+    assert batch < 8 and "memory fits" in why

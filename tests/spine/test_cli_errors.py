@@ -34,6 +34,20 @@ def test_labels_of_another_shape(env, tmp_path):
                            str(tmp_path / "o.tif"), env=env, check=False), "labels shape (2, 32, 32)", "(2, 64, 64)")
 
 
+def test_unpainted_labels_fail_before_a_job_is_queued(env, tmp_path):
+    img, _ = synthetic_pair(tmp_path)
+    np.save(tmp_path / "empty.npy", np.zeros((2, 64, 64), np.uint8))
+    cp = dlorch("segment", str(img), "--labels", str(tmp_path / "empty.npy"), "-o", str(tmp_path / "o.tif"),
+                env=env, check=False)
+    _one_line_error(cp, "no labelled pixels", "paint strokes")
+    assert "job" not in cp.stdout  # refused at submission: nothing was uploaded or queued
+    one_class = np.zeros((2, 64, 64), np.uint8)
+    one_class[0, :4, :4] = 1
+    np.save(tmp_path / "one.npy", one_class)
+    _one_line_error(dlorch("train", "segment", str(img), "--labels", str(tmp_path / "one.npy"), env=env, check=False),
+                    "only class 1")
+
+
 def test_spec_with_unknown_field(env, tmp_path):
     img, lab = synthetic_pair(tmp_path)
     spec = tmp_path / "spec.json"
