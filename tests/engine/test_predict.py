@@ -133,3 +133,13 @@ def test_a_volume_trains_and_predicts_in_3d_and_tiles_like_a_whole_pass(tmp_path
     flipped = predict_probabilities(None, image[:, :, ::-1].copy(), model=(net, plan), priors=None, tta=True)
     np.testing.assert_allclose(flipped[:, :, :, ::-1], predict_probabilities(None, image, model=(net, plan),
                                                                               priors=None, tta=True), atol=1e-5)
+
+
+def test_a_runaway_prior_estimate_is_not_used():
+    from dlorch.core.engine.priors import estimate_priors
+
+    rng = np.random.default_rng(1)
+    # Overconfident in the rarer class everywhere: EM would push its share to the bound.
+    probs = np.stack([rng.uniform(0.2, 0.5, 100_000), np.zeros(100_000)]).astype(np.float32)
+    probs[1] = 1 - probs[0]
+    np.testing.assert_allclose(estimate_priors(probs, np.array([0.9, 0.1])), [0.9, 0.1])

@@ -43,7 +43,10 @@ def test_3d_volume_segment_end_to_end(home, tmp_path):
     seg = tifffile.imread(out)
     assert seg.shape == image.shape and seg.dtype == np.uint8
     assert (seg == truth).mean() > 0.8  # a real model, not a constant
-    assert job_json(cp.stdout.strip().splitlines()[-1])["plan"]["reasons"]
+    plan = job_json(cp.stdout.strip().splitlines()[-1])["plan"]
+    assert plan["reasons"]
+    # The tubes wander slowly along Z: the volume is near isotropic, so it is segmented in 3D.
+    assert plan["spatial_dims"] == 3 and len(plan["patch_size"]) == 3
 
 
 def test_3d_volume_denoise_end_to_end_keeps_floats(home, tmp_path):
