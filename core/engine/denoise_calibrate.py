@@ -17,7 +17,7 @@ import torch
 
 from dlorch.core.engine.blindspot import masked_mse
 from dlorch.core.engine.device import Runtime, apply_threads
-from dlorch.core.engine.network import build_unet
+from dlorch.core.engine.network import build_unet, memory_format
 
 
 def measure_step_seconds(
@@ -34,7 +34,7 @@ def measure_step_seconds(
 
     Args:
         filters: DynUNet widths.
-        patch: 2D patch size.
+        patch: patch size, 2D (Y, X) or 3D (Z, Y, X).
         batch: batch size.
         norm: MONAI norm name.
         runtime: where to measure.
@@ -50,9 +50,10 @@ def measure_step_seconds(
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(0)
     device = runtime.device
-    net = build_unet(2, 1, 1, filters, norm).to(device).to(memory_format=torch.channels_last)
+    layout = memory_format(len(patch) + 2)
+    net = build_unet(len(patch), 1, 1, filters, norm).to(device).to(memory_format=layout)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    x = torch.randn(batch, 1, *patch, device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 1, *patch, device=device).contiguous(memory_format=layout)
     weight = (torch.rand(batch, 1, *patch, device=device) < 0.02).float()
     dtype = runtime.autocast_dtype
 

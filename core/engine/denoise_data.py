@@ -55,14 +55,14 @@ def split_holdout(stack: np.ndarray, val_slices: list[int], val_rows: int) -> tu
     return stack, None
 
 
-def pad_to(stack: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Mirror-pad the Y, X axes of a stack up to at least ``size`` (a no-op when large enough)."""
-    pads = [(0, 0)] + [(0, max(0, s - d)) for s, d in zip(size, stack.shape[-2:])]
+def pad_to(stack: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """Mirror-pad the last ``len(size)`` axes of a (Z, Y, X) stack up to at least ``size`` (a no-op when large enough)."""
+    pads = [(0, 0)] * (3 - len(size)) + [(0, max(0, s - d)) for s, d in zip(size, stack.shape[-len(size):])]
     return stack if not any(p for _, p in pads) else np.pad(stack, pads, mode="symmetric")
 
 
 def dihedral(patch: np.ndarray, quarter_turns: int, flip: bool) -> np.ndarray:
-    """One of the 8 flips/90° rotations of a 2D patch (last two axes)."""
+    """One of the 8 flips/90° rotations of a patch in its last two axes (in-plane for a 3D patch)."""
     out = patch[..., ::-1] if flip else patch
     return np.rot90(out, quarter_turns, axes=(-2, -1))
 
@@ -126,21 +126,27 @@ class TrainBatches(Dataset):
         if not 0 <= index < self.steps:
             raise IndexError(index)
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        h, w = self.patch
+        h, w = self.patch[-2:]
+        d = self.patch[0] if len(self.patch) == 3 else 1
         z, ys, xs = self.inputs.shape
-        zi = rng.integers(0, z, self.batch)
+        zi = rng.integers(0, z - d + 1, self.batch)
         yi = rng.integers(0, ys - h + 1, self.batch)
         xi = rng.integers(0, xs - w + 1, self.batch)
         # 90° turns of a non-square patch would change its shape; those get flips only.
         turns = rng.integers(0, 4, self.batch) if h == w else np.zeros(self.batch, int)
         flips = rng.integers(0, 2, self.batch).astype(bool)
         swaps = rng.integers(0, 2, self.batch).astype(bool) if self.swap else np.zeros(self.batch, bool)
+        deep = rng.integers(0, 2, self.batch).astype(bool) if d > 1 else np.zeros(self.batch, bool)
         ins, tgts = [], []
         for k in range(self.batch):
-            window = (zi[k], slice(yi[k], yi[k] + h), slice(xi[k], xi[k] + w))
+            # A 2D patch is one slice (an integer index drops the axis); a 3D one a slab, also flipped along Z.
+            zs = slice(zi[k], zi[k] + d) if d > 1 else zi[k]
+            window = (zs, slice(yi[k], yi[k] + h), slice(xi[k], xi[k] + w))
             a = dihedral(self.inputs[window], turns[k], flips[k])
+            a = a[::-1] if deep[k] else a
             if self.targets is not None:
                 b = dihedral(self.targets[window], turns[k], flips[k])
+                b = b[::-1] if deep[k] else b
                 a, b = (b, a) if swaps[k] else (a, b)
                 tgts.append(b)
             ins.append(a)
@@ -176,23 +182,25 @@ class ValTiles(Dataset):
         if inputs is None:
             return
         z, ys, xs = inputs.shape
-        tile = tuple(min(p, max(GRID, GRID * (d // GRID))) for p, d in zip(patch, (ys, xs)))
-        inputs = pad_to(inputs, tile)
-        targets = None if targets is None else pad_to(targets, tile)
+        full = (1,) * (3 - len(patch)) + tuple(patch)  # a 2D tile is one slice deep
+        tile = tuple(p if p == 1 else min(p, max(GRID, GRID * (n // GRID))) for p, n in zip(full, (z, ys, xs)))
+        inputs = pad_to(inputs, tile[-len(patch):])
+        targets = None if targets is None else pad_to(targets, tile[-len(patch):])
         corners = [
             (k, y, x)
-            for k in range(z)
-            for y in range(0, max(1, inputs.shape[1] - tile[0] + 1), tile[0])
-            for x in range(0, max(1, inputs.shape[2] - tile[1] + 1), tile[1])
+            for k in range(0, max(1, inputs.shape[0] - tile[0] + 1), tile[0])
+            for y in range(0, max(1, inputs.shape[1] - tile[1] + 1), tile[1])
+            for x in range(0, max(1, inputs.shape[2] - tile[2] + 1), tile[2])
         ]
         pick = np.linspace(0, len(corners) - 1, min(MAX_VAL_TILES, len(corners))).round().astype(int)
         chosen = [corners[i] for i in sorted(set(pick.tolist()))]
         gen = torch.Generator().manual_seed(seed + 7919)
+        shape = tile[-len(patch):]
         for start in range(0, len(chosen), batch):
             part = chosen[start : start + batch]
-            windows = [(k, slice(y, y + tile[0]), slice(x, x + tile[1])) for k, y, x in part]
-            ins = np.stack([inputs[w] for w in windows])
-            tgts = None if targets is None else np.stack([targets[w] for w in windows])
+            windows = [(slice(k, k + tile[0]), slice(y, y + tile[1]), slice(x, x + tile[2])) for k, y, x in part]
+            ins = np.stack([inputs[w].reshape(shape) for w in windows])
+            tgts = None if targets is None else np.stack([targets[w].reshape(shape) for w in windows])
             self.batches.append(make_batch(ins, tgts, n2v, gen))
 
     def __len__(self) -> int:

@@ -9,7 +9,7 @@ import torch
 
 from dlorch.core.engine.blindspot import masked_mse
 from dlorch.core.engine.denoise_plan import DenoisingPlan
-from dlorch.core.engine.network import build_unet
+from dlorch.core.engine.network import build_unet, memory_format
 
 # Key of the engine's own section in a Lightning checkpoint; prediction needs only this.
 CKPT_KEY = "dlorch_denoise"
@@ -35,7 +35,7 @@ class DenoisingModule(pl.LightningModule):
     def __init__(self, plan: DenoisingPlan) -> None:
         super().__init__()
         self.plan = plan
-        self.net = build_denoiser(plan).to(memory_format=torch.channels_last)
+        self.net = build_denoiser(plan).to(memory_format=memory_format(plan.spatial_dims + 2))
         # Set by the run-control callback: share of the time budget used, and whether the
         # budget ran out so the rest of the epoch is skipped.
         self.time_fraction = 0.0
@@ -50,7 +50,7 @@ class DenoisingModule(pl.LightningModule):
         self._val_n = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.contiguous(memory_format=torch.channels_last))
+        return self.net(x.contiguous(memory_format=memory_format(x.dim())))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.net.parameters(), lr=self.plan.lr, weight_decay=self.plan.weight_decay)

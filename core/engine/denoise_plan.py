@@ -18,6 +18,7 @@ from dlorch.core.engine.denoise_calibrate import measure_step_seconds
 from dlorch.core.engine.denoise_data import GRID, MAX_VAL_TILES, choose_holdout
 from dlorch.core.engine.denoise_inputs import check_denoising_inputs, mean_std
 from dlorch.core.engine.device import Runtime, detect_runtime
+from dlorch.core.engine.plan import MAX_ANISOTROPY_3D, MIN_SLICES_3D, anisotropy
 
 
 class DenoiseDefaults(BaseModel):
@@ -31,6 +32,9 @@ class DenoiseDefaults(BaseModel):
     budget_s: float  # training seconds when the user gives neither epochs nor a budget
     epoch_s: float  # target length of one epoch: bounds how late a stop request is honoured
     wanted_steps: int  # past this many steps a denoiser barely improves; a fast GPU stops there
+    patch3d: int  # cube side of a 3D patch (volumes close to isotropic)
+    batch3d: int
+    infer_roi3d: int
 
 
 DEFAULTS = {
@@ -46,6 +50,9 @@ DEFAULTS = {
         budget_s=600,
         epoch_s=20,
         wanted_steps=6000,
+        patch3d=32,
+        batch3d=4,
+        infer_roi3d=64,
     ),
     "cuda": DenoiseDefaults(
         patch=128,
@@ -56,12 +63,17 @@ DEFAULTS = {
         budget_s=1800,
         epoch_s=30,
         wanted_steps=20000,
+        patch3d=64,
+        batch3d=8,
+        infer_roi3d=128,
     ),
 }
 # Blind spot: one masked pixel per 7x7 cell (~2%, the top of the usual 0.2-2% range: more
 # signal per step, which is what a CPU lacks) replaced by a random pixel of its 5x5 window.
 BLINDSPOT_CELL = 7
 BLINDSPOT_RADIUS = 2
+# In 3D one voxel per 4x4x4 cell (~1.6%), from its 5x5x5 window.
+BLINDSPOT_CELL_3D = 4
 # Epochs are planned for this multiple of the budget: the step time is the fastest one
 # measured, but validation and checkpoint writes add a little; the time cap ends training
 # when the machine is slower (the lr anneals by time share too).
@@ -73,7 +85,7 @@ class DenoisingPlan(BaseModel):
 
     version: int = 1
     mode: Literal["n2v", "n2n", "care"]  # n2v: noisy image alone; n2n: two noisy acquisitions; care: clean target
-    spatial_dims: int = 2  # a (Z, Y, X) stack is denoised slice by slice
+    spatial_dims: int = 2  # 2: a (Z, Y, X) stack is denoised slice by slice; 3: as a volume
     image_shape: list[int]  # (Z, Y, X) of the training stack
     epochs: int
     steps_per_epoch: int
@@ -127,6 +139,7 @@ def derive_denoising_plan(
     epochs: int | None = None,
     time_budget: float | None = None,
     seed: int = 0,
+    spatial_dims: int = 2,
 ) -> DenoisingPlan:
     """Pure planning rules; see ``plan_denoising`` for the meaning of the overrides.
 
@@ -141,17 +154,21 @@ def derive_denoising_plan(
         epochs: user override of the epoch count.
         time_budget: user cap on training seconds.
         seed: seed of every random draw in training.
+        spatial_dims: 3 to denoise the stack as a volume (see ``plan_denoising``), else 2.
 
     Returns:
         The plan.
     """
     d = DEFAULTS[runtime.accelerator]
     z, y, x = image_shape
+    dims = spatial_dims
     reasons = [f"device {runtime.accelerator} ({runtime.cpu_threads} CPU threads), precision {runtime.precision}"]
     what = {"n2v": "Noise2Void (noisy image alone)", "n2n": "Noise2Noise (two noisy acquisitions)",
             "care": "CARE (clean target)"}[mode]
-    reasons.append(f"mode {mode}: {what}; {z} slice(s) of {y}x{x}, denoised slice by slice in 2D")
-    val_slices, val_rows = choose_holdout((z, y, x))
+    how = "as a volume in 3D" if dims == 3 else "slice by slice in 2D"
+    reasons.append(f"mode {mode}: {what}; {z} slice(s) of {y}x{x}, denoised {how}")
+    # A volume keeps its slices together (a held-out slice would cut it): a band of rows instead.
+    val_slices, val_rows = choose_holdout((1, y, x) if dims == 3 else (z, y, x))
     if val_slices:
         reasons.append(
             f"validation: slices {val_slices} held out ({len(val_slices)} of {z}); best weights by their loss"
@@ -160,20 +177,26 @@ def derive_denoising_plan(
         reasons.append(f"validation: bottom {val_rows} rows of every slice held out; best weights by their loss")
     else:
         reasons.append("validation: image too small to hold anything out; the latest weights are kept")
-    patch = choose_patch((y - val_rows, x), d.patch)
+    region = (z, y - val_rows, x) if dims == 3 else (y - val_rows, x)
+    default_side = d.patch3d if dims == 3 else d.patch
+    patch = choose_patch(region, default_side)
     reasons.append(
-        f"patch {patch[0]}x{patch[1]}: "
-        + ("device default" if patch == [d.patch, d.patch] else f"training region {y - val_rows}x{x} is small")
-        + "; augmented by flips" + (" and 90° rotations" if patch[0] == patch[1] else " (non-square: no rotations)")
+        f"patch {'x'.join(map(str, patch))}: "
+        + ("device default" if patch == [default_side] * dims else f"training region {'x'.join(map(str, region))} is small")
+        + "; augmented by flips" + (" and 90° rotations" if patch[-1] == patch[-2] else " (non-square: no rotations)")
+        + (" in-plane" if dims == 3 else "")
     )
     filters = choose_filters(patch, d.filters)
     reasons.append(f"DynUNet widths {filters}, batch norm: {len(filters) - 1} downsamplings, bottleneck >= 8 px")
-    reasons.append(f"batch {d.batch} patches per step ({runtime.accelerator} default)")
+    batch = d.batch3d if dims == 3 else d.batch
+    reasons.append(f"batch {batch} patches per step ({runtime.accelerator} default)")
     if mode == "n2v":
-        cell, radius = BLINDSPOT_CELL, BLINDSPOT_RADIUS
+        cell, radius = (BLINDSPOT_CELL_3D if dims == 3 else BLINDSPOT_CELL), BLINDSPOT_RADIUS
+        box = "x".join([str(cell)] * dims)
+        window = "x".join([str(2 * radius + 1)] * dims)
         reasons.append(
-            f"blind spot: 1 pixel per {cell}x{cell} cell masked ({mask_density(cell):.2%}), replaced by a random "
-            f"other pixel of its {2 * radius + 1}x{2 * radius + 1} window; loss on masked pixels only"
+            f"blind spot: 1 pixel per {box} cell masked ({mask_density(cell, dims):.2%}), replaced by a random "
+            f"other pixel of its {window} window; loss on masked pixels only"
         )
         reasons.append(
             "prediction: Gaussian posterior mean of the blind-spot output and the noisy pixel, noise level "
@@ -187,14 +210,15 @@ def derive_denoising_plan(
         f"normalisation: input (x - {input_stats[0]:.4g}) / {input_stats[1]:.4g}, output un-normalised with "
         f"target mean {target_stats[0]:.4g} / std {target_stats[1]:.4g}; no clipping"
     )
-    infer_roi = [min(d.infer_roi, GRID * math.ceil(s / GRID)) for s in (y, x)]
-    reasons.append(f"prediction window {infer_roi[0]}x{infer_roi[1]}, gaussian blending, overlap 0.25")
+    roi_side = d.infer_roi3d if dims == 3 else d.infer_roi
+    infer_roi = [min(roi_side, GRID * math.ceil(s / GRID)) for s in ((z, y, x) if dims == 3 else (y, x))]
+    reasons.append(f"prediction window {'x'.join(map(str, infer_roi))}, gaussian blending, overlap 0.25")
 
     step_s = step_seconds if step_seconds and step_seconds > 0 else None
     # An epoch is the checkpoint and stop-request interval: about epoch_s seconds, but on a
     # tiny image no more steps than it takes to see every pixel about 8 times.
     train_px = max(1, (z - len(val_slices)) * (y - val_rows) * x)
-    cover = math.ceil(8 * train_px / (d.batch * patch[0] * patch[1]))
+    cover = math.ceil(8 * train_px / (batch * math.prod(patch)))
     by_time = round(d.epoch_s / step_s) if step_s else 50
     steps_per_epoch = int(np.clip(min(by_time, cover), 5, 250))
     if step_s:
@@ -204,9 +228,12 @@ def derive_denoising_plan(
         )
     else:
         reasons.append(f"step time not measured -> {steps_per_epoch} steps/epoch")
-    val_tiles = min(MAX_VAL_TILES, len(val_slices) * max(1, (y // patch[0]) * (x // patch[1])) if val_slices
-                    else (max(1, x // patch[1]) * z if val_rows else 0))
-    epoch_s = steps_per_epoch * (step_s or 0.0) + math.ceil(val_tiles / d.batch) * (eval_seconds or 0.0)
+    if dims == 3:
+        val_tiles = min(MAX_VAL_TILES, max(1, x // patch[-1]) * max(1, z // patch[0])) if val_rows else 0
+    else:
+        val_tiles = min(MAX_VAL_TILES, len(val_slices) * max(1, (y // patch[0]) * (x // patch[1])) if val_slices
+                        else (max(1, x // patch[1]) * z if val_rows else 0))
+    epoch_s = steps_per_epoch * (step_s or 0.0) + math.ceil(val_tiles / batch) * (eval_seconds or 0.0)
     if epochs is not None:
         n_epochs, budget = int(epochs), time_budget
         reasons.append(f"epochs {n_epochs}: user override")
@@ -230,12 +257,13 @@ def derive_denoising_plan(
     reasons.append(f"AdamW lr {d.lr:g}, 3% warm-up then cosine to 2%")
     return DenoisingPlan(
         mode=mode,
+        spatial_dims=dims,
         image_shape=[z, y, x],
         epochs=n_epochs,
         steps_per_epoch=steps_per_epoch,
         time_budget_s=budget,
         patch_size=patch,
-        batch_size=d.batch,
+        batch_size=batch,
         filters=filters,
         lr=d.lr,
         blindspot_cell=cell,
@@ -295,9 +323,15 @@ def plan_denoising(
         input_stats, target_stats = mean_std(stack), mean_std(target_stack)
     runtime = detect_runtime()
     d = DEFAULTS[runtime.accelerator]
-    val_slices, val_rows = choose_holdout(stack.shape)
-    patch = choose_patch((stack.shape[1] - val_rows, stack.shape[2]), d.patch)
-    step_s, eval_s = measure_step_seconds(choose_filters(patch, d.filters), patch, d.batch, "batch", runtime)
+    z, y, x = stack.shape
+    # A volume close to isotropic is denoised in 3D (the same rule as segmentation's).
+    aniso = anisotropy(stack) if z >= MIN_SLICES_3D else math.inf
+    dims = 3 if aniso <= MAX_ANISOTROPY_3D else 2
+    val_slices, val_rows = choose_holdout((1, y, x) if dims == 3 else stack.shape)
+    region = (z, y - val_rows, x) if dims == 3 else (y - val_rows, x)
+    patch = choose_patch(region, d.patch3d if dims == 3 else d.patch)
+    step_s, eval_s = measure_step_seconds(choose_filters(patch, d.filters), patch, d.batch3d if dims == 3 else d.batch,
+                                          "batch", runtime)
     return derive_denoising_plan(
         image_shape=stack.shape,
         mode=mode,
@@ -308,4 +342,5 @@ def plan_denoising(
         eval_seconds=eval_s,
         epochs=epochs,
         time_budget=time_budget,
+        spatial_dims=dims,
     )

@@ -14,6 +14,7 @@ from dlorch.core.engine.denoise_plan import DenoisingPlan
 from dlorch.core.engine.denoise_posterior import estimate_noise_var, posterior_mean
 from dlorch.core.engine.device import apply_threads, detect_runtime
 from dlorch.core.engine.inputs import as_stack
+from dlorch.core.engine.network import memory_format
 
 
 def load_denoiser(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, DenoisingPlan]:
@@ -60,7 +61,8 @@ def network_output(
     Args:
         model: network and plan from ``load_denoiser``.
         stack: (Z, Y, X) image of any real dtype.
-        roi: prediction window (Y, X) instead of the plan's (tests use it to force tiling).
+        roi: prediction window (Y, X), or (Z, Y, X) for a 3D plan, instead of the plan's (tests use
+            it to force tiling).
 
     Returns:
         float32 (Z, Y, X), normalised like the plan's target.
@@ -69,27 +71,32 @@ def network_output(
     runtime = detect_runtime()
     apply_threads(runtime)
     device = runtime.device
-    net = net.to(device).to(memory_format=torch.channels_last)
+    layout = memory_format(plan.spatial_dims + 2)
+    net = net.to(device).to(memory_format=layout)
     # The window may exceed the image by at most the network's size multiple: the image is
     # padded up to the window, and the U-Net needs sizes divisible by 2**downsamplings.
     multiple = 2 ** (len(plan.filters) - 1)
-    sizes = zip(roi or plan.infer_roi, stack.shape[-2:])
+    sizes = zip(roi or plan.infer_roi, stack.shape[-plan.spatial_dims :])
     window = [max(multiple, min(r, -(-s // multiple) * multiple)) for r, s in sizes]
     out = np.empty(stack.shape, dtype=np.float32)
     dtype = runtime.autocast_dtype
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            return net(x.contiguous(memory_format=torch.channels_last)).float()
+            return net(x.contiguous(memory_format=layout)).float()
+
+    def windows(x: torch.Tensor) -> torch.Tensor:
+        return sliding_window_inference(
+            x, window, plan.infer_batch, predictor, overlap=plan.infer_overlap, mode="gaussian", padding_mode="reflect",
+        )
 
     with torch.inference_mode():
-        for z0 in range(0, stack.shape[0], plan.infer_batch):
-            x = torch.from_numpy(normalise_input(stack[z0 : z0 + plan.infer_batch], plan)[:, None]).to(device)
-            pred = sliding_window_inference(
-                x, window, plan.infer_batch, predictor,
-                overlap=plan.infer_overlap, mode="gaussian", padding_mode="reflect",
-            )
-            out[z0 : z0 + x.shape[0]] = pred[:, 0].float().cpu().numpy()
+        if plan.spatial_dims == 3:  # the stack is one volume: (1, 1, Z, Y, X)
+            out[:] = windows(torch.from_numpy(normalise_input(stack, plan)[None, None]).to(device))[0, 0].cpu().numpy()
+        else:
+            for z0 in range(0, stack.shape[0], plan.infer_batch):
+                x = torch.from_numpy(normalise_input(stack[z0 : z0 + plan.infer_batch], plan)[:, None]).to(device)
+                out[z0 : z0 + x.shape[0]] = windows(x)[:, 0].float().cpu().numpy()
     return out
 
 
