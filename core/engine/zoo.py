@@ -1,15 +1,16 @@
 """Candidate models for the same data: named variations of the automatic plan, one job each.
 
 The bootstrapping wizard trains several candidates in parallel and lets the user pick. Each
-variant changes one thing that matters on sparse strokes (depth and width, loss, context) so
-that their segmentations differ in informative ways; everything else stays automatic.
+variant changes one thing that matters on sparse strokes (depth and width, loss, context,
+2D or 3D) so that their segmentations differ in informative ways; everything else stays automatic.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from dlorch.core.engine.plan import SegmentationPlan
+from dlorch.core.engine.augment import AugmentConfig
+from dlorch.core.engine.plan import DEFAULTS, MIN_SLICES_3D, SegmentationPlan, choose_filters, choose_patch
 
 
 def _deep(plan: SegmentationPlan) -> SegmentationPlan:
@@ -38,11 +39,39 @@ def _wide_context(plan: SegmentationPlan) -> SegmentationPlan:
                                    "reasons": [*plan.reasons, f"variant wide-context: patch {patch}, batch {batch}"]})
 
 
+def _other_geometry(plan: SegmentationPlan) -> SegmentationPlan:
+    # The geometry the automatic plan did not choose: a 3D U-Net for a stack segmented in 2D
+    # (context across slices, useful when the measured anisotropy was borderline), a 2D one
+    # slice by slice for a volume planned in 3D, and for a thin stack the other input scale
+    # (full resolution for a half-resolution plan and back).
+    d = DEFAULTS[plan.planned_on]
+    z, y, x = plan.image_shape
+    if plan.spatial_dims == 2 and z >= MIN_SLICES_3D:
+        dims, scale, patch = 3, 1, choose_patch((z, y, x), d.patch3d)
+        batch, roi_side, what = d.batch3d, d.infer_roi3d, "3D U-Net"
+    elif plan.spatial_dims == 3:
+        dims, scale, patch = 2, 1, choose_patch((y, x), d.patch)
+        batch, roi_side, what = d.batch, d.infer_roi, "2D U-Net, slice by slice"
+    else:
+        scale = 1 if plan.input_scale == 2 else 2
+        dims, patch = 2, choose_patch((y, x), d.patch * scale, multiple=16 * scale)
+        batch, roi_side = d.batch, d.infer_roi
+        what = "2D U-Net at full resolution" if scale == 1 else "2D U-Net at half resolution"
+    filters = choose_filters([p // scale for p in patch], d.filters)
+    roi = [min(roi_side, -(-s // 16) * 16) for s in ((z, y, x) if dims == 3 else (y, x))]
+    return plan.model_copy(update={
+        "spatial_dims": dims, "input_scale": scale, "patch_size": patch, "filters": filters, "batch_size": batch,
+        "infer_roi": roi, "augment": AugmentConfig(rot90=patch[-1] == patch[-2]),
+        "reasons": [*plan.reasons, f"variant other-geometry: {what}, patch {patch}, widths {filters}, batch {batch}"],
+    })
+
+
 VARIANTS: dict[str, Callable[[SegmentationPlan], SegmentationPlan]] = {
     "unet-deep": _deep,
     "unet-shallow-wide": _shallow_wide,
     "ce-only": _ce_only,
     "wide-context": _wide_context,
+    "other-geometry": _other_geometry,
 }
 
 

@@ -153,3 +153,18 @@ def test_a_gpu_with_more_memory_gets_a_larger_batch():
     assert _derive(runtime=Runtime("cpu", "32-true", 2, 24 * 2**30)).batch_size == 8
     batch, why = choose_batch(8, [128, 128, 128], [32, 64, 128, 256], 1, Runtime("cpu", "32-true", 2, 2 * 2**30))
     assert batch < 8 and "memory fits" in why
+
+
+def test_the_other_geometry_candidate_swaps_2d_and_3d():
+    from dlorch.core.engine.zoo import apply_variant, candidate_names
+
+    assert candidate_names(5)[-1] == "other-geometry"
+    stack_2d = _derive(image_shape=(64, 256, 256))  # a stack the automatic plan segments in 2D, half resolution
+    as_3d = apply_variant(stack_2d, "other-geometry")
+    assert as_3d.spatial_dims == 3 and len(as_3d.patch_size) == 3 and as_3d.input_scale == 1
+    assert len(as_3d.infer_roi) == 3 and "3D U-Net" in as_3d.reasons[-1]
+    back = apply_variant(as_3d, "other-geometry")
+    assert back.spatial_dims == 2 and len(back.patch_size) == 2
+    thin = apply_variant(_derive(image_shape=(5, 512, 512)), "other-geometry")
+    assert thin.spatial_dims == 2 and thin.input_scale == 1 and "full resolution" in thin.reasons[-1]
+    SegmentationPlan.model_validate(json.loads(as_3d.model_dump_json()))

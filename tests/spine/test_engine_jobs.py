@@ -32,7 +32,7 @@ def test_candidates_train_side_by_side_and_report_a_table(home, tmp_path):
         assert variant in cp.stdout
     assert "best:" in cp.stderr
     bad = dlorch("train", "segment", str(img), "--labels", str(lab), "--candidates", "9", check=False)
-    assert bad.returncode != 0 and "--candidates takes 1 to 4" in bad.stderr
+    assert bad.returncode != 0 and "--candidates takes 1 to 5" in bad.stderr
 
 
 def test_3d_volume_segment_end_to_end(home, tmp_path):
