@@ -19,7 +19,7 @@ from dlorch.core.engine.device import Runtime, detect_runtime, thread_candidates
 from dlorch.core.engine.holdout import split_strokes
 from dlorch.core.engine.inputs import check_labels
 from dlorch.core.engine.intensity import IntensityStats, intensity_stats
-from dlorch.core.engine.sampling import MAX_VAL_TILES
+from dlorch.core.engine.sampling import max_val_tiles
 
 
 class DeviceDefaults(BaseModel):
@@ -448,7 +448,7 @@ def plan_segmentation(
         intensity=stats,
         runtime=runtime,
         geometry=geometry,
-        val_tiles=min(cells, MAX_VAL_TILES),
+        val_tiles=min(cells, max_val_tiles(patch)),
         val_strokes=split.val_strokes,
         step_seconds=step_s,
         eval_seconds=eval_s,

@@ -16,8 +16,16 @@ from torch.utils.data import Dataset
 # Above this many painted pixels per class, a seeded subsample of centres is kept: as good
 # for sampling and it bounds memory on densely labelled volumes.
 _MAX_CENTRES_PER_CLASS = 1_000_000
-# Cap on validation tiles so validation stays a small fraction of an epoch.
+# Cap on validation tiles so validation stays a small fraction of an epoch: 256 tiles of a 2D
+# patch, and for bigger (3D) tiles as many as hold the same number of voxels as 256 tiles of
+# 256x256 (a 64^3 tile counts 64^3 voxels: 64 of them, not 256).
 MAX_VAL_TILES = 256
+MAX_VAL_VOXELS = 256 * 256 * 256
+
+
+def max_val_tiles(patch: tuple[int, ...] | list[int]) -> int:
+    """How many validation tiles of this patch size are kept at most."""
+    return int(max(1, min(MAX_VAL_TILES, MAX_VAL_VOXELS // max(1, int(np.prod(patch))))))
 
 
 def _pad_widths(patch: tuple[int, ...]) -> tuple[int, int, int]:
@@ -127,8 +135,9 @@ class ValTiles(Dataset):
         image_p = _pad(image.astype(np.float32, copy=False), pads, "symmetric")
         idx = np.nonzero(val_labels)
         cells = sorted(set(zip(*((i // c).tolist() for i, c in zip(idx, cell)))))
-        if len(cells) > MAX_VAL_TILES:
-            keep = np.random.default_rng(seed).choice(len(cells), MAX_VAL_TILES, replace=False)
+        cap = max_val_tiles(shape)
+        if len(cells) > cap:
+            keep = np.random.default_rng(seed).choice(len(cells), cap, replace=False)
             cells = [cells[i] for i in sorted(keep)]
         self.x = np.zeros((len(cells), 1, *shape), dtype=np.float32)
         self.y = np.zeros((len(cells), 1, *shape), dtype=np.uint8)

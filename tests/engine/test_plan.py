@@ -168,3 +168,11 @@ def test_the_other_geometry_candidate_swaps_2d_and_3d():
     thin = apply_variant(_derive(image_shape=(5, 512, 512)), "other-geometry")
     assert thin.spatial_dims == 2 and thin.input_scale == 1 and "full resolution" in thin.reasons[-1]
     SegmentationPlan.model_validate(json.loads(as_3d.model_dump_json()))
+
+
+def test_validation_of_a_volume_keeps_fewer_bigger_tiles():
+    from dlorch.core.engine.sampling import max_val_tiles
+
+    assert max_val_tiles([256, 256]) == 256  # 2D plans as before
+    assert max_val_tiles([64, 64, 64]) == 64  # the same voxels in 3D tiles
+    assert max_val_tiles([512, 512, 512]) == 1
