@@ -82,11 +82,14 @@ def label_components_2d(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return out, int(compact.max()) + 1
 
 
-def label_strokes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def label_strokes(labels: np.ndarray, link_slices: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Split a (Z, Y, X) class map into strokes: connected components of one class in one slice.
 
     Args:
         labels: (Z, Y, X) integer map, 0 = unlabelled.
+        link_slices: also join components of one class that touch across adjacent slices (the
+            same Y, X painted on slice z and z + 1): for a volume seen in 3D, a stroke painted
+            through several slices is one stroke, and must not sit on both sides of a split.
 
     Returns:
         (stroke_ids, stroke_class): int32 map with 0 where unlabelled and 1..S per stroke, and
@@ -104,4 +107,23 @@ def label_strokes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             stroke_ids[z][inside] = comp[inside] + (next_id - 1)
             classes.extend([int(c)] * count)
             next_id += count
-    return stroke_ids, np.asarray(classes, dtype=np.int64)
+    stroke_class = np.asarray(classes, dtype=np.int64)
+    if not link_slices or labels.shape[0] < 2:
+        return stroke_ids, stroke_class
+    touch = (labels[:-1] > 0) & (labels[:-1] == labels[1:])
+    pairs = np.unique(np.stack([stroke_ids[:-1][touch], stroke_ids[1:][touch]], axis=1), axis=0)
+    parent = np.arange(len(stroke_class))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in pairs.tolist():
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    roots = np.array([root(i) for i in range(len(parent))])
+    kept, new_ids = np.unique(roots, return_inverse=True)  # root 0 (unlabelled) stays 0
+    return new_ids[stroke_ids].astype(np.int32), stroke_class[kept]

@@ -25,7 +25,7 @@ class StrokeSplit:
     train_strokes: int
 
 
-def split_strokes(labels: np.ndarray, val_fraction: float, seed: int) -> StrokeSplit:
+def split_strokes(labels: np.ndarray, val_fraction: float, seed: int, link_slices: bool = False) -> StrokeSplit:
     """Hold back whole strokes of every class as validation.
 
     A class with fewer than 3 strokes stays entirely in training (holding one back would
@@ -36,12 +36,13 @@ def split_strokes(labels: np.ndarray, val_fraction: float, seed: int) -> StrokeS
         labels: (Z, Y, X) integer map, 0 = unlabelled.
         val_fraction: share of each class's labelled pixels to hold back (0 disables validation).
         seed: seed of the random draw.
+        link_slices: strokes continue across slices (a volume trained in 3D); see ``label_strokes``.
 
     Returns:
         The split; ``val`` is all zeros when nothing could be held back.
     """
     labels = np.asarray(labels, dtype=np.uint8)
-    stroke_ids, stroke_class = label_strokes(labels)
+    stroke_ids, stroke_class = label_strokes(labels, link_slices)
     sizes = np.bincount(stroke_ids.reshape(-1), minlength=len(stroke_class))
     rng = np.random.default_rng(seed)
     held = np.zeros(len(stroke_class), dtype=bool)

@@ -423,10 +423,10 @@ def plan_segmentation(
     runtime = detect_runtime()
     counts = np.bincount(lab.reshape(-1), minlength=k + 1)[1:].tolist()
     stats = intensity_stats(stack)
-    split = split_strokes(lab, VAL_FRACTION, seed=0)
     aniso = anisotropy(stack) if stack.shape[0] >= MIN_SLICES_3D else None
     geometry = choose_geometry(stack.shape[-2:], runtime.accelerator, stroke_survival(lab),
                                depth=stack.shape[0], aniso=math.inf if aniso is None else aniso)
+    split = split_strokes(lab, VAL_FRACTION, seed=0, link_slices=geometry.spatial_dims == 3)
     patch = geometry.patch
     # Tiles are counted the way ValTiles cuts them: cells of half a patch holding a val pixel.
     cells = len(set(zip(*(c // max(1, p // 2) for c, p in zip(np.nonzero(split.val), [1] * (3 - len(patch)) + patch)))))

@@ -201,7 +201,7 @@ def train_segmentation(
     apply_threads(runtime)
     pl.seed_everything(plan.seed, verbose=False)
     norm = normalize(stack)
-    split = split_strokes(lab, plan.val_fraction, seed=plan.seed)
+    split = split_strokes(lab, plan.val_fraction, seed=plan.seed, link_slices=plan.spatial_dims == 3)
     patch = tuple(plan.patch_size)
     train_data = TrainPatches(norm, split.train, patch, plan.batch_size, plan.steps_per_epoch, plan.seed)
     val_data = ValTiles(norm, split.val, patch, plan.batch_size, plan.seed)

@@ -85,3 +85,23 @@ def test_a_class_with_few_strokes_is_not_held_back():
         labels[0, 10 + 4 * i : 12 + 4 * i, 10:14] = 2
     split = split_strokes(labels, 0.3, seed=0)
     assert (split.val == 1).sum() == 0 and (split.val == 2).sum() > 0
+
+
+def test_in_a_volume_a_stroke_through_several_slices_is_one_stroke():
+    labels = np.zeros((4, 32, 32), np.uint8)
+    labels[0:3, 4:8, 4:8] = 1  # one stroke painted through slices 0-2
+    labels[3, 4:8, 4:8] = 2  # another class right below: not the same stroke
+    labels[1, 20:24, 20:24] = 1  # and a separate one
+    per_slice, _ = label_strokes(labels)
+    linked, classes = label_strokes(labels, link_slices=True)
+    assert len(np.unique(per_slice[per_slice > 0])) == 5
+    assert len(np.unique(linked[linked > 0])) == 3 and sorted(classes[1:].tolist()) == [1, 1, 2]
+    assert len(np.unique(linked[0:3, 4:8, 4:8])) == 1
+    for i in range(4):  # more strokes of class 1, so that the draw can hold some back
+        labels[2, 12 + 4 * i : 14 + 4 * i, 26:30] = 1
+    cut = {True: 0, False: 0}
+    for seed in range(20):
+        for link in (True, False):
+            part = split_strokes(labels, 0.3, seed=seed, link_slices=link).val[0:3, 4:8, 4:8] > 0
+            cut[link] += int(part.any() and not part.all())
+    assert cut[True] == 0 and cut[False] > 0  # slice by slice, the draw does cut it
