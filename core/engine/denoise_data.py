@@ -184,8 +184,9 @@ class ValTiles(Dataset):
         z, ys, xs = inputs.shape
         full = (1,) * (3 - len(patch)) + tuple(patch)  # a 2D tile is one slice deep
         tile = tuple(p if p == 1 else min(p, max(GRID, GRID * (n // GRID))) for p, n in zip(full, (z, ys, xs)))
-        inputs = pad_to(inputs, tile[-len(patch):])
-        targets = None if targets is None else pad_to(targets, tile[-len(patch):])
+        shape = tile[-len(patch):]
+        inputs = pad_to(inputs, shape)
+        targets = None if targets is None else pad_to(targets, shape)
         corners = [
             (k, y, x)
             for k in range(0, max(1, inputs.shape[0] - tile[0] + 1), tile[0])
@@ -195,7 +196,6 @@ class ValTiles(Dataset):
         pick = np.linspace(0, len(corners) - 1, min(MAX_VAL_TILES, len(corners))).round().astype(int)
         chosen = [corners[i] for i in sorted(set(pick.tolist()))]
         gen = torch.Generator().manual_seed(seed + 7919)
-        shape = tile[-len(patch):]
         for start in range(0, len(chosen), batch):
             part = chosen[start : start + batch]
             windows = [(slice(k, k + tile[0]), slice(y, y + tile[1]), slice(x, x + tile[2])) for k, y, x in part]

@@ -116,7 +116,24 @@ class DenoisingPlan(BaseModel):
     reasons: list[str]
 
 
-def choose_patch(extent_yx: tuple[int, int], default: int) -> list[int]:
+def denoising_geometry(
+    shape: tuple[int, int, int], d: DenoiseDefaults, dims: int
+) -> tuple[list[int], int, tuple[int, ...], list[int], int]:
+    """Hold-out, training region, patch and batch of a (Z, Y, X) stack denoised in ``dims`` D.
+
+    A volume keeps its slices together (a held-out slice would cut it): a band of rows instead.
+
+    Returns:
+        (val_slices, val_rows, training region, patch, batch).
+    """
+    z, y, x = shape
+    val_slices, val_rows = choose_holdout((1, y, x) if dims == 3 else (z, y, x))
+    region = (z, y - val_rows, x) if dims == 3 else (y - val_rows, x)
+    patch = choose_patch(region, d.patch3d if dims == 3 else d.patch)
+    return val_slices, val_rows, region, patch, d.batch3d if dims == 3 else d.batch
+
+
+def choose_patch(extent_yx: tuple[int, ...], default: int) -> list[int]:
     """Patch per axis: the device default, or the training extent rounded down to 16 (at least 16)."""
     return [max(GRID, min(default, GRID * (int(d) // GRID))) for d in extent_yx]
 
@@ -167,8 +184,7 @@ def derive_denoising_plan(
             "care": "CARE (clean target)"}[mode]
     how = "as a volume in 3D" if dims == 3 else "slice by slice in 2D"
     reasons.append(f"mode {mode}: {what}; {z} slice(s) of {y}x{x}, denoised {how}")
-    # A volume keeps its slices together (a held-out slice would cut it): a band of rows instead.
-    val_slices, val_rows = choose_holdout((1, y, x) if dims == 3 else (z, y, x))
+    val_slices, val_rows, region, patch, batch = denoising_geometry((z, y, x), d, dims)
     if val_slices:
         reasons.append(
             f"validation: slices {val_slices} held out ({len(val_slices)} of {z}); best weights by their loss"
@@ -177,9 +193,7 @@ def derive_denoising_plan(
         reasons.append(f"validation: bottom {val_rows} rows of every slice held out; best weights by their loss")
     else:
         reasons.append("validation: image too small to hold anything out; the latest weights are kept")
-    region = (z, y - val_rows, x) if dims == 3 else (y - val_rows, x)
     default_side = d.patch3d if dims == 3 else d.patch
-    patch = choose_patch(region, default_side)
     reasons.append(
         f"patch {'x'.join(map(str, patch))}: "
         + ("device default" if patch == [default_side] * dims else f"training region {'x'.join(map(str, region))} is small")
@@ -188,7 +202,6 @@ def derive_denoising_plan(
     )
     filters = choose_filters(patch, d.filters)
     reasons.append(f"DynUNet widths {filters}, batch norm: {len(filters) - 1} downsamplings, bottleneck >= 8 px")
-    batch = d.batch3d if dims == 3 else d.batch
     reasons.append(f"batch {batch} patches per step ({runtime.accelerator} default)")
     if mode == "n2v":
         cell, radius = (BLINDSPOT_CELL_3D if dims == 3 else BLINDSPOT_CELL), BLINDSPOT_RADIUS
@@ -323,15 +336,12 @@ def plan_denoising(
         input_stats, target_stats = mean_std(stack), mean_std(target_stack)
     runtime = detect_runtime()
     d = DEFAULTS[runtime.accelerator]
-    z, y, x = stack.shape
+    z = stack.shape[0]
     # A volume close to isotropic is denoised in 3D (the same rule as segmentation's).
     aniso = anisotropy(stack) if z >= MIN_SLICES_3D else math.inf
     dims = 3 if aniso <= MAX_ANISOTROPY_3D else 2
-    val_slices, val_rows = choose_holdout((1, y, x) if dims == 3 else stack.shape)
-    region = (z, y - val_rows, x) if dims == 3 else (y - val_rows, x)
-    patch = choose_patch(region, d.patch3d if dims == 3 else d.patch)
-    step_s, eval_s = measure_step_seconds(choose_filters(patch, d.filters), patch, d.batch3d if dims == 3 else d.batch,
-                                          "batch", runtime)
+    _, _, _, patch, batch = denoising_geometry(stack.shape, d, dims)
+    step_s, eval_s = measure_step_seconds(choose_filters(patch, d.filters), patch, batch, "batch", runtime)
     return derive_denoising_plan(
         image_shape=stack.shape,
         mode=mode,

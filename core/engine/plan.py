@@ -19,7 +19,7 @@ from dlorch.core.engine.device import Runtime, detect_runtime, thread_candidates
 from dlorch.core.engine.holdout import split_strokes
 from dlorch.core.engine.inputs import check_labels
 from dlorch.core.engine.intensity import IntensityStats, intensity_stats
-from dlorch.core.engine.sampling import max_val_tiles
+from dlorch.core.engine.sampling import max_val_tiles, val_cells
 
 
 class DeviceDefaults(BaseModel):
@@ -246,6 +246,17 @@ def choose_geometry(
     return Geometry(input_scale=scale, patch=patch, filters=filters, reasons=reasons)
 
 
+def default_batch(geometry: Geometry, accelerator: str) -> int:
+    """The device's starting batch for this geometry (``choose_batch`` then fits it to memory)."""
+    d = DEFAULTS[accelerator]
+    return d.batch3d if geometry.spatial_dims == 3 else d.batch
+
+
+def infer_window(grid: tuple[int, ...], side: int) -> list[int]:
+    """Prediction window per axis: ``side``, or the extent rounded up to 16 where that is smaller."""
+    return [min(side, _round_up(max(int(s), 16), 16)) for s in grid]
+
+
 def sample_bytes(patch: list[int], filters: list[int], input_scale: int = 1, value_bytes: int = 4) -> float:
     """Estimated activation memory of one training sample: every level's width times its voxels."""
     voxels = math.prod(max(1, p // input_scale) for p in patch)
@@ -323,10 +334,10 @@ def derive_plan(
     grid = tuple(image_shape[-dims:])
     patch, filters = geometry.patch, geometry.filters
     reasons.extend(geometry.reasons)
-    batch, why = choose_batch(d.batch3d if dims == 3 else d.batch, patch, filters, geometry.input_scale, runtime)
+    batch, why = choose_batch(default_batch(geometry, runtime.accelerator), patch, filters, geometry.input_scale,
+                              runtime)
     reasons.append(f"{why}; classes drawn in equal shares, centred on painted pixels")
-    roi_side = d.infer_roi3d if dims == 3 else d.infer_roi
-    infer_roi = [min(roi_side, _round_up(max(int(s), 16), 16)) for s in grid]
+    infer_roi = infer_window(grid, d.infer_roi3d if dims == 3 else d.infer_roi)
     reasons.append(f"prediction window {'x'.join(map(str, infer_roi))}, gaussian blending, overlap 0.25")
     reasons.append(
         f"{len(class_pixels)} classes, painted pixels {class_pixels}; {val_strokes} whole strokes "
@@ -429,9 +440,8 @@ def plan_segmentation(
     split = split_strokes(lab, VAL_FRACTION, seed=0, link_slices=geometry.spatial_dims == 3)
     patch = geometry.patch
     # Tiles are counted the way ValTiles cuts them: cells of half a patch holding a val pixel.
-    cells = len(set(zip(*(c // max(1, p // 2) for c, p in zip(np.nonzero(split.val), [1] * (3 - len(patch)) + patch)))))
-    batch, _ = choose_batch(DEFAULTS[runtime.accelerator].batch3d if geometry.spatial_dims == 3
-                            else DEFAULTS[runtime.accelerator].batch, patch, geometry.filters,
+    cells = len(val_cells(split.val, patch))
+    batch, _ = choose_batch(default_batch(geometry, runtime.accelerator), patch, geometry.filters,
                             geometry.input_scale, runtime)
     # Training picks the faster thread count every epoch (threads.py); plan with the faster too.
     timings = [

@@ -28,6 +28,18 @@ def max_val_tiles(patch: tuple[int, ...] | list[int]) -> int:
     return int(max(1, min(MAX_VAL_TILES, MAX_VAL_VOXELS // max(1, int(np.prod(patch))))))
 
 
+def _cell_size(patch: tuple[int, ...]) -> tuple[int, int, int]:
+    """Validation cell of the (Z, Y, X) axes: half a patch, one slice deep for a 2D patch."""
+    full = (1,) * (3 - len(patch)) + tuple(int(p) for p in patch)
+    return tuple(max(1, p // 2) if p > 1 else 1 for p in full)
+
+
+def val_cells(val_labels: np.ndarray, patch: tuple[int, ...] | list[int]) -> list[tuple[int, ...]]:
+    """The cells (grid indices, sorted) holding held-back labels: one validation tile each."""
+    cell = _cell_size(tuple(patch))
+    return sorted(set(zip(*((i // c).tolist() for i, c in zip(np.nonzero(val_labels), cell)))))
+
+
 def _pad_widths(patch: tuple[int, ...]) -> tuple[int, int, int]:
     """Padding of the (Z, Y, X) axes: half a patch for the crop plus a quarter for the centre
     jitter; none along Z for 2D patches, which take one slice."""
@@ -130,11 +142,10 @@ class ValTiles(Dataset):
         """
         shape = tuple(int(p) for p in patch)
         full = (1,) * (3 - len(shape)) + shape  # a 2D tile is one slice deep
-        cell = tuple(max(1, p // 2) if p > 1 else 1 for p in full)
+        cell = _cell_size(shape)
         pads = _pad_widths(shape)
         image_p = _pad(image.astype(np.float32, copy=False), pads, "symmetric")
-        idx = np.nonzero(val_labels)
-        cells = sorted(set(zip(*((i // c).tolist() for i, c in zip(idx, cell)))))
+        cells = val_cells(val_labels, shape)
         cap = max_val_tiles(shape)
         if len(cells) > cap:
             keep = np.random.default_rng(seed).choice(len(cells), cap, replace=False)

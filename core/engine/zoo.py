@@ -10,7 +10,17 @@ from __future__ import annotations
 from typing import Callable
 
 from dlorch.core.engine.augment import AugmentConfig
-from dlorch.core.engine.plan import DEFAULTS, MIN_SLICES_3D, SegmentationPlan, choose_filters, choose_patch
+from dlorch.core.engine.plan import (
+    DEFAULTS,
+    MIN_SLICES_3D,
+    Geometry,
+    SegmentationPlan,
+    choose_filters,
+    choose_geometry,
+    choose_patch,
+    default_batch,
+    infer_window,
+)
 
 
 def _deep(plan: SegmentationPlan) -> SegmentationPlan:
@@ -47,18 +57,18 @@ def _other_geometry(plan: SegmentationPlan) -> SegmentationPlan:
     d = DEFAULTS[plan.planned_on]
     z, y, x = plan.image_shape
     if plan.spatial_dims == 2 and z >= MIN_SLICES_3D:
-        dims, scale, patch = 3, 1, choose_patch((z, y, x), d.patch3d)
-        batch, roi_side, what = d.batch3d, d.infer_roi3d, "3D U-Net"
-    elif plan.spatial_dims == 3:
-        dims, scale, patch = 2, 1, choose_patch((y, x), d.patch)
-        batch, roi_side, what = d.batch, d.infer_roi, "2D U-Net, slice by slice"
+        geometry, what = choose_geometry((y, x), plan.planned_on, 0.0, depth=z, aniso=1.0), "3D U-Net"
+    elif plan.spatial_dims == 3:  # no stroke survival: full resolution
+        geometry, what = choose_geometry((y, x), plan.planned_on, 0.0), "2D U-Net, slice by slice"
     else:
         scale = 1 if plan.input_scale == 2 else 2
-        dims, patch = 2, choose_patch((y, x), d.patch * scale, multiple=16 * scale)
-        batch, roi_side = d.batch, d.infer_roi
+        patch = choose_patch((y, x), d.patch * scale, multiple=16 * scale)
+        geometry = Geometry(input_scale=scale, patch=patch, filters=choose_filters([p // scale for p in patch], d.filters),
+                            reasons=[])
         what = "2D U-Net at full resolution" if scale == 1 else "2D U-Net at half resolution"
-    filters = choose_filters([p // scale for p in patch], d.filters)
-    roi = [min(roi_side, -(-s // 16) * 16) for s in ((z, y, x) if dims == 3 else (y, x))]
+    dims, scale, patch, filters = geometry.spatial_dims, geometry.input_scale, geometry.patch, geometry.filters
+    batch = default_batch(geometry, plan.planned_on)
+    roi = infer_window((z, y, x)[-dims:], d.infer_roi3d if dims == 3 else d.infer_roi)
     return plan.model_copy(update={
         "spatial_dims": dims, "input_scale": scale, "patch_size": patch, "filters": filters, "batch_size": batch,
         "infer_roi": roi, "augment": AugmentConfig(rot90=patch[-1] == patch[-2]),
