@@ -49,7 +49,7 @@ def block_shape(shape: tuple[int, ...], chunks: tuple[int, ...], target_voxels: 
 
 
 def plan_blocks(shape: tuple[int, ...], chunks: tuple[int, ...], halo: tuple[int, ...],
-                target_voxels: int) -> list[Block]:
+                target_voxels: int, windows: "WindowGrid | None" = None) -> list[Block]:
     """Cut a volume into chunk-aligned blocks with halos.
 
     Args:
@@ -57,6 +57,8 @@ def plan_blocks(shape: tuple[int, ...], chunks: tuple[int, ...], halo: tuple[int
         chunks: its zarr chunk shape (blocks are whole multiples of it).
         halo: context each block reads beyond its core, per axis (the model's receptive need).
         target_voxels: wanted core size, chosen so that a block takes seconds (amortises dispatch).
+        windows: the whole volume's prediction windows; when given, a block reads exactly the
+            windows that touch its core (along the grid's axes) instead of a fixed halo.
     """
     if not (len(shape) == len(chunks) == len(halo)):
         raise ValueError(f"shape {shape}, chunks {chunks} and halo {halo} differ in length")
@@ -66,6 +68,8 @@ def plan_blocks(shape: tuple[int, ...], chunks: tuple[int, ...], halo: tuple[int
     for i, starts in enumerate(itertools.product(*ranges)):
         core = tuple((s, min(s + b, n)) for s, b, n in zip(starts, size, shape))
         read = tuple((max(0, a - h), min(n, b + h)) for (a, b), h, n in zip(core, halo, shape))
+        if windows is not None:
+            read = windows.read_region(core)
         blocks.append(Block(i, core, read))
     return blocks
 
@@ -85,3 +89,49 @@ def choose_block_voxels(voxels_per_s: float, memory_bytes: int, bytes_per_voxel:
     want = voxels_per_s * seconds
     cap = memory_bytes / 8 / max(bytes_per_voxel, 1.0)
     return int(max(floor, min(want, cap, ceiling)))
+
+
+def window_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Starts of the prediction windows along one axis: a stride of ``roi * (1 - overlap)``, the last flush."""
+    if size <= roi:
+        return [0]
+    step = max(1, int(roi * (1 - overlap)))
+    n = -(-(size - roi) // step) + 1
+    return sorted({min(i * step, size - roi) for i in range(n)})
+
+
+@dataclass(frozen=True)
+class WindowGrid:
+    """The sliding windows of one whole volume, along the axes a network sees (the last ``len(roi)``).
+
+    Anchored to the volume, not to the part of it at hand: a block predicted on its own runs the
+    very windows the whole-volume pass runs over its core, and blends them with the same weights in
+    the same order, so blockwise output equals single-pass output (``core/engine/tiling.py``).
+    """
+
+    shape: tuple[int, ...]  # the whole volume's extent along the windowed axes
+    roi: tuple[int, ...]  # window size; may exceed a short axis, which is then padded
+    overlap: float
+
+    def starts(self, axis: int) -> list[int]:
+        return window_starts(self.shape[axis], self.roi[axis], self.overlap)
+
+    def extent(self, axis: int, start: int) -> tuple[int, int]:
+        """Where a window lies in the volume (clipped: a window longer than its axis is padded)."""
+        return start, min(start + self.roi[axis], self.shape[axis])
+
+    def span(self, axis: int, a: int, b: int) -> tuple[int, int]:
+        """The input a core ``[a, b)`` needs along ``axis``: the union of the windows that touch it."""
+        touching = [self.extent(axis, s) for s in self.starts(axis) if s < b and s + self.roi[axis] > a]
+        return min(lo for lo, _ in touching), max(hi for _, hi in touching)
+
+    def inside(self, lo: tuple[int, ...], hi: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Starts of the windows lying wholly in the region ``[lo, hi)``, in the whole pass's order."""
+        per_axis = [[s for s in self.starts(ax) if s >= lo[ax] and self.extent(ax, s)[1] <= hi[ax]]
+                    for ax in range(len(self.shape))]
+        return list(itertools.product(*per_axis))
+
+    def read_region(self, core: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+        """Read region of a block core of a volume whose last axes are this grid's (others: the core)."""
+        lead = len(core) - len(self.shape)
+        return tuple(core[:lead]) + tuple(self.span(ax, a, b) for ax, (a, b) in enumerate(core[lead:]))

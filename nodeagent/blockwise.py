@@ -53,6 +53,7 @@ def _model(path: Path):
 def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
     """Plan the blocks of a volume, create the output array, and return the ``split`` report."""
     from dlorch.core.engine.intensity import intensity_stats
+    from dlorch.core.engine.predict import prediction_grid
 
     job, spec = attempt.job, attempt.job.spec
     with attempt.timed("model_load_s"):
@@ -62,10 +63,10 @@ def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
         vol = open_volume(spec.image)
         if vol.ndim not in (2, 3):
             raise BadInput(f"blockwise prediction takes a 2D or 3D volume; {spec.image} has shape {vol.shape}")
-        # Half a prediction window of context on each side, along the axes the network sees: in-plane
-        # for a 2D network (one slice at a time), along Z as well for a 3D one.
-        roi = plan.infer_roi[-vol.ndim :]
-        halo = (0,) * (vol.ndim - len(roi)) + tuple(r // 2 for r in roi)
+        # Each block reads the whole volume's prediction windows that touch its core, along the axes
+        # the network sees (in-plane for a 2D network, along Z as well for a 3D one): it then blends
+        # exactly what a single pass over the volume blends there, so block borders leave no trace.
+        windows = prediction_grid(plan, tuple(vol.shape))
         if vol.ndim == 3 and plan.spatial_dims == 3:  # a 3D network needs neighbouring slices: a central slab
             box = [min(n, 2 * r) for n, r in zip(vol.shape, plan.infer_roi)]
             box[0] = min(vol.shape[0], plan.infer_roi[0])
@@ -83,7 +84,7 @@ def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
             target = int(spec.options["block_voxels"])
         else:
             target = choose_block_voxels(voxels_per_s, total_memory_bytes(), 3 * (4 + 12 * plan.num_classes))
-        blocks = plan_blocks(tuple(vol.shape), tuple(vol.chunks), halo, target)
+        blocks = plan_blocks(tuple(vol.shape), tuple(vol.chunks), (0,) * vol.ndim, target, windows)
         output = spec.output or attempt.store.uri(f"jobs/{job.id}/output.zarr")
         create_volume(output, tuple(vol.shape), tuple(vol.chunks), "uint8",
                       attributes={"dlorch_job": job.id, "model": spec.model, "classes": plan.num_classes})
@@ -243,8 +244,10 @@ class BlockWorker:
                 model = _model(r.ctx.checkpoint)
                 t1 = time.perf_counter()
                 probs = predict_probabilities(None, r.region, stats=r.ctx.stats, model=model, priors=r.ctx.priors,
-                                              tta=bool(r.ctx.spec.options.get("tta")))
-                labels = (probs.argmax(0) + 1).astype(np.uint8)[r.block.crop()]
+                                              tta=bool(r.ctx.spec.options.get("tta")),
+                                              volume_shape=tuple(r.ctx.source.shape),
+                                              origin=tuple(a for a, _ in r.block.read))
+                labels = (probs[(slice(None), *r.block.crop())].argmax(0) + 1).astype(np.uint8)
                 t2 = time.perf_counter()
                 if r.ctx.sink is None:
                     r.ctx.sink = open_volume(r.ctx.output, mode="r+")

@@ -7,14 +7,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
+from dlorch.core.blocks import WindowGrid
 from dlorch.core.engine.denoise_module import CKPT_KEY, build_denoiser
 from dlorch.core.engine.denoise_plan import DenoisingPlan
 from dlorch.core.engine.denoise_posterior import estimate_noise_var, posterior_mean
 from dlorch.core.engine.device import apply_threads, detect_runtime
 from dlorch.core.engine.inputs import as_stack
 from dlorch.core.engine.network import memory_format
+from dlorch.core.engine.predict import window_batch
+from dlorch.core.engine.tiling import blend_windows
 
 
 def load_denoiser(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, DenoisingPlan]:
@@ -76,8 +78,9 @@ def network_output(
     # The window may exceed the image by at most the network's size multiple: the image is
     # padded up to the window, and the U-Net needs sizes divisible by 2**downsamplings.
     multiple = 2 ** (len(plan.filters) - 1)
-    sizes = zip(roi or plan.infer_roi, stack.shape[-plan.spatial_dims :])
-    window = [max(multiple, min(r, -(-s // multiple) * multiple)) for r, s in sizes]
+    extent = tuple(stack.shape[-plan.spatial_dims :])
+    window = tuple(max(multiple, min(r, -(-s // multiple) * multiple)) for r, s in zip(roi or plan.infer_roi, extent))
+    grid, batch = WindowGrid(extent, window, plan.infer_overlap), window_batch(plan.infer_batch, device)
     out = np.empty(stack.shape, dtype=np.float32)
     dtype = runtime.autocast_dtype
 
@@ -86,9 +89,7 @@ def network_output(
             return net(x.contiguous(memory_format=layout)).float()
 
     def windows(x: torch.Tensor) -> torch.Tensor:
-        return sliding_window_inference(
-            x, window, plan.infer_batch, predictor, overlap=plan.infer_overlap, mode="gaussian", padding_mode="reflect",
-        )
+        return blend_windows(x, grid, (0,) * plan.spatial_dims, predictor, batch, "reflect")
 
     with torch.inference_mode():
         if plan.spatial_dims == 3:  # the stack is one volume: (1, 1, Z, Y, X)

@@ -1,4 +1,4 @@
-"""Prediction from a checkpoint: tiled sliding-window inference with Gaussian blending."""
+"""Prediction from a checkpoint: tiled sliding-window inference with Gaussian blending (tiling.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pathlib
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
+from dlorch.core.blocks import WindowGrid
 from dlorch.core.engine.device import apply_threads, detect_runtime
 from dlorch.core.engine.inputs import as_stack
 from dlorch.core.engine.intensity import IntensityStats, normalize
@@ -15,6 +15,7 @@ from dlorch.core.engine.module import CKPT_KEY
 from dlorch.core.engine.network import build_unet, memory_format
 from dlorch.core.engine.plan import SegmentationPlan
 from dlorch.core.engine.priors import adjust_priors, estimate_priors
+from dlorch.core.engine.tiling import blend_windows
 
 
 def load_model(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, SegmentationPlan]:
@@ -49,7 +50,9 @@ def load_model(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, SegmentationP
 def predict_probabilities(checkpoint: pathlib.Path | None, image: np.ndarray, *,
                           stats: IntensityStats | None = None,
                           model: tuple[torch.nn.Module, SegmentationPlan] | None = None,
-                          priors: np.ndarray | str | None = "estimate", tta: bool = False) -> np.ndarray:
+                          priors: np.ndarray | str | None = "estimate", tta: bool = False,
+                          volume_shape: tuple[int, ...] | None = None,
+                          origin: tuple[int, ...] | None = None) -> np.ndarray:
     """Class probabilities for every pixel.
 
     Args:
@@ -64,6 +67,10 @@ def predict_probabilities(checkpoint: pathlib.Path | None, image: np.ndarray, *,
         tta: test-time augmentation: average the posteriors over the 8 in-plane flips and 90-degree
             rotations of every window (8x the compute; smoother, less orientation-biased boundaries).
             In-plane only, so it also holds for anisotropic volumes.
+        volume_shape, origin: ``image`` is the region at ``origin`` of a volume of this shape (a
+            block read with ``prediction_grid(...).read_region``): the whole volume's windows are
+            run, so the block's core comes out as in one pass over the volume. Voxels outside the
+            core that no whole window covers are NaN.
 
     Returns:
         float32 array (K, *image.shape); channel c holds the probability of class c + 1.
@@ -76,11 +83,8 @@ def predict_probabilities(checkpoint: pathlib.Path | None, image: np.ndarray, *,
     layout = memory_format(plan.spatial_dims + 2)
     net = net.to(device).to(memory_format=layout)
     norm = normalize(stack, stats)
-    # The window may not exceed the image by more than the network's size multiple: it is
-    # padded up to the window, and the network needs sizes divisible by 2**downsamplings.
-    multiple = 2 ** (len(plan.filters) - 1) * plan.input_scale
-    grid = stack.shape[-plan.spatial_dims :]
-    roi = [min(r, -(-s // multiple) * multiple) for r, s in zip(plan.infer_roi, grid)]
+    grid = prediction_grid(plan, volume_shape or stack.shape)
+    corner = tuple(origin[-plan.spatial_dims :]) if origin else (0,) * plan.spatial_dims
     out = np.empty((plan.num_classes, *stack.shape), dtype=np.float32)
     dtype = runtime.autocast_dtype
 
@@ -92,9 +96,7 @@ def predict_probabilities(checkpoint: pathlib.Path | None, image: np.ndarray, *,
         return dihedral_mean(forward, x) if tta else forward(x)
 
     def windows(x: torch.Tensor) -> torch.Tensor:
-        return sliding_window_inference(
-            x, roi, plan.infer_batch, predictor, overlap=plan.infer_overlap, mode="gaussian", padding_mode="replicate"
-        )
+        return blend_windows(x, grid, corner, predictor, window_batch(plan.infer_batch, device), "replicate")
 
     with torch.inference_mode():
         if plan.spatial_dims == 3:  # the stack is one volume: (1, 1, Z, Y, X)
@@ -108,6 +110,25 @@ def predict_probabilities(checkpoint: pathlib.Path | None, image: np.ndarray, *,
         target = estimate_priors(out, train_prior) if isinstance(priors, str) else np.asarray(priors, dtype=float)
         out = adjust_priors(out, train_prior, target)
     return out.reshape((plan.num_classes, *np.shape(image)))
+
+
+def prediction_grid(plan: SegmentationPlan, shape: tuple[int, ...]) -> WindowGrid:
+    """The prediction windows of a whole image or volume of ``shape`` (its last ``spatial_dims`` axes).
+
+    A window may exceed a short axis by less than the network's size multiple: it is padded up,
+    because the network needs sizes divisible by 2**downsamplings.
+    """
+    multiple = 2 ** (len(plan.filters) - 1) * plan.input_scale
+    extent = tuple(int(s) for s in shape[-plan.spatial_dims :])
+    roi = tuple(min(r, -(-s // multiple) * multiple) for r, s in zip(plan.infer_roi, extent))
+    return WindowGrid(extent, roi, plan.infer_overlap)
+
+
+def window_batch(planned: int, device: torch.device) -> int:
+    """Windows per forward pass: the plan's batch on a GPU; one on a CPU, which is no slower there
+    (measured: 2D 256x256 windows 5.1/s alone against 4.0/s in fours; 3D 96^3 0.23/s against 0.24/s)
+    and wastes nothing when a batch must be filled up (tiling.py)."""
+    return planned if device.type == "cuda" else 1
 
 
 def dihedral_mean(forward, x: torch.Tensor) -> torch.Tensor:

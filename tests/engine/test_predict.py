@@ -143,3 +143,25 @@ def test_a_runaway_prior_estimate_is_not_used():
     probs = np.stack([rng.uniform(0.2, 0.5, 100_000), np.zeros(100_000)]).astype(np.float32)
     probs[1] = 1 - probs[0]
     np.testing.assert_allclose(estimate_priors(probs, np.array([0.9, 0.1])), [0.9, 0.1])
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_a_block_predicted_alone_equals_the_whole_pass_over_its_core(checkpoint, tta):
+    from dlorch.core.blocks import plan_blocks
+    from dlorch.core.engine.intensity import intensity_stats
+    from dlorch.core.engine.predict import prediction_grid
+
+    image, _, _ = make_scene((3, 150, 200), seed=5)
+    net, plan = load_model(checkpoint)
+    plan = plan.model_copy(update={"infer_roi": [64, 64]})  # many windows, overlapping the block borders
+    model, stats, priors = (net, plan), intensity_stats(image), np.array([0.4, 0.6])
+    whole = predict_probabilities(None, image, model=model, stats=stats, priors=priors, tta=tta)
+    blocks = plan_blocks(image.shape, (1, 32, 32), (0, 0, 0), 3000, prediction_grid(plan, image.shape))
+    assert len(blocks) > 12 and any(b.read != b.core for b in blocks)
+    stitched = np.full_like(whole, np.nan)
+    for b in blocks:
+        region = image[b.read_slices()]
+        probs = predict_probabilities(None, region, model=model, stats=stats, priors=priors, tta=tta,
+                                      volume_shape=image.shape, origin=tuple(a for a, _ in b.read))
+        stitched[(slice(None), *b.core_slices())] = probs[(slice(None), *b.crop())]
+    np.testing.assert_array_equal(stitched, whole)  # 2D on a CPU: the same windows, bit for bit

@@ -45,3 +45,28 @@ def test_block_voxels_follow_throughput_within_memory():
     assert slow == 3_000_000 and fast == 2**26 > slow  # ~3 s of compute, up to the ceiling
     assert choose_block_voxels(2e7, 1 * gib, 100) == gib // 8 // 100  # memory bounds it
     assert choose_block_voxels(10.0, 16 * gib, 100) == 2**18  # never below the floor
+
+
+@pytest.mark.parametrize("size,roi,overlap", [(200, 64, 0.25), (64, 64, 0.25), (40, 48, 0.25), (1000, 96, 0.5)])
+def test_windows_cover_the_axis_flush_with_both_ends(size, roi, overlap):
+    from dlorch.core.blocks import window_starts
+
+    starts = window_starts(size, roi, overlap)
+    assert starts[0] == 0 and (starts[-1] + roi == size or (size <= roi and starts == [0]))
+    assert all(b - a <= int(roi * (1 - overlap)) for a, b in zip(starts, starts[1:]))  # no gaps, overlap kept
+    assert starts == sorted(set(starts))
+
+
+def test_a_block_reads_exactly_the_windows_that_touch_its_core():
+    from dlorch.core.blocks import WindowGrid
+
+    grid = WindowGrid((300, 257), (64, 64), 0.25)
+    for block in plan_blocks((5, 300, 257), (1, 32, 32), (0, 0, 0), 5000, windows=grid):
+        lo, hi = [r[0] for r in block.read[1:]], [r[1] for r in block.read[1:]]
+        assert block.read[0] == block.core[0]  # a 2D network's slices need no neighbours
+        inside = grid.inside(tuple(lo), tuple(hi))
+        # every window over the core is inside the read region, and nothing else is read
+        for ax, (a, b) in enumerate(block.core[1:]):
+            touching = [s for s in grid.starts(ax) if s < b and s + 64 > a]
+            assert sorted({w[ax] for w in inside}) == touching
+            assert lo[ax] == touching[0] and hi[ax] == min(touching[-1] + 64, grid.shape[ax])

@@ -1,5 +1,6 @@
 """Blockwise prediction of zarr volumes by many agents: identical bytes whatever the agents, kills and storage."""
 
+import json
 import signal
 
 import numpy as np
@@ -141,7 +142,9 @@ def test_orchestrator_killed_mid_job_resumes_blocks_from_the_ledger(home, tmp_pa
 
 def test_a_3d_model_predicts_blockwise_with_a_z_halo_and_identical_bytes(home, tmp_path):
     from dlorch.core.engine.hooks import NoHooks
-    from dlorch.core.engine.segment import plan_segmentation, predict_segmentation, train_segmentation
+    from dlorch.core.engine.intensity import IntensityStats
+    from dlorch.core.engine.segment import (plan_segmentation, predict_probabilities, predict_segmentation,
+                                            train_segmentation)
     from tests.engine.test_predict import _balls
 
     image, strokes, _ = _balls()
@@ -159,6 +162,10 @@ def test_a_3d_model_predicts_blockwise_with_a_z_halo_and_identical_bytes(home, t
         _predict(c, ckpt, tmp_path / "vol.zarr", tmp_path / "two.zarr")
     one = zarr.open_array(str(tmp_path / "one.zarr"), mode="r")[...]
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "two.zarr"), mode="r")[...], one)
-    # Each block sees half a window of context along Z too, so blocks agree with one whole-volume pass
-    # nearly everywhere (the priors are estimated once per volume from a central slab, not from all of it).
-    assert (one == predict_segmentation(ckpt, image)).mean() > 0.95
+    # Each block runs the whole volume's windows over its core, along Z too, so the blocks make up
+    # exactly one single-node pass with the job's normalisation and priors (recorded in its plan).
+    plan_record = json.loads((home / "ledger" / "blockplans" / f"{jid}.json").read_bytes())
+    single = predict_probabilities(ckpt, image, stats=IntensityStats.model_validate(plan_record["norm"]),
+                                   priors=np.asarray(plan_record["priors"]))
+    np.testing.assert_array_equal(one, single.argmax(0) + 1)
+    assert (one == predict_segmentation(ckpt, image)).mean() > 0.95  # the volume's own statistics: nearly so
