@@ -77,8 +77,9 @@ def measure(root: Path, n: int, queue: str | None, model: Path, volume: Path, bl
     """Predict ``volume`` blockwise with ``n`` agents and break the time down per block.
 
     The agents report per block: model_load, compute, write (the work, on the critical path), read
-    and claim (done by the prefetch thread while the previous block computes), report (the one-way
-    done message) and wait (the compute thread stalled for the next block). The orchestrator adds
+    and claim (done by the prefetch thread while the previous block computes; the request also carries
+    the node's done reports), report (one-way done messages, only for the last blocks a node runs
+    before it stops asking) and wait (the compute thread stalled for the next block). The orchestrator adds
     its ledger flushes. ``critical overhead`` is everything on the agents' timelines that is not
     model work: n * wall - sum(model_load + compute + write), per block.
     """

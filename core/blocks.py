@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Callable
+
+Region = tuple[tuple[int, int], ...]  # [start, stop) per axis
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ def block_shape(shape: tuple[int, ...], chunks: tuple[int, ...], target_voxels: 
 
 
 def plan_blocks(shape: tuple[int, ...], chunks: tuple[int, ...], halo: tuple[int, ...],
-                target_voxels: int, windows: "WindowGrid | None" = None) -> list[Block]:
+                target_voxels: int, reach: Callable[[Region], Region] | None = None) -> list[Block]:
     """Cut a volume into chunk-aligned blocks with halos.
 
     Args:
@@ -57,8 +60,8 @@ def plan_blocks(shape: tuple[int, ...], chunks: tuple[int, ...], halo: tuple[int
         chunks: its zarr chunk shape (blocks are whole multiples of it).
         halo: context each block reads beyond its core, per axis (the model's receptive need).
         target_voxels: wanted core size, chosen so that a block takes seconds (amortises dispatch).
-        windows: the whole volume's prediction windows; when given, a block reads exactly the
-            windows that touch its core (along the grid's axes) instead of a fixed halo.
+        reach: what a core must read, instead of a fixed halo (e.g. ``WindowGrid.read_region``:
+            exactly the whole volume's prediction windows that touch the core).
     """
     if not (len(shape) == len(chunks) == len(halo)):
         raise ValueError(f"shape {shape}, chunks {chunks} and halo {halo} differ in length")
@@ -68,8 +71,8 @@ def plan_blocks(shape: tuple[int, ...], chunks: tuple[int, ...], halo: tuple[int
     for i, starts in enumerate(itertools.product(*ranges)):
         core = tuple((s, min(s + b, n)) for s, b, n in zip(starts, size, shape))
         read = tuple((max(0, a - h), min(n, b + h)) for (a, b), h, n in zip(core, halo, shape))
-        if windows is not None:
-            read = windows.read_region(core)
+        if reach is not None:
+            read = reach(core)
         blocks.append(Block(i, core, read))
     return blocks
 

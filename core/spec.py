@@ -99,12 +99,10 @@ class JobSpec(_Strict):
 
     @property
     def blockwise(self) -> bool:
-        """A segmentation of a zarr volume into zarr, cut into blocks that nodes run in parallel.
-
-        (Denoising a zarr volume runs as one task, tiled in memory by the engine.)
-        """
-        return (self.kind == "predict" and self.task == "segmentation" and self.output_format == "zarr"
-                and self.image.rstrip("/").endswith(".zarr"))
+        """A prediction (segmentation or denoising) of a zarr volume into zarr, cut into blocks that
+        nodes run in parallel, each reading and writing only its own part: memory-bounded, so a
+        volume larger than any node's RAM goes through."""
+        return self.kind == "predict" and self.output_format == "zarr" and self.image.rstrip("/").endswith(".zarr")
 
     @property
     def trains(self) -> bool:

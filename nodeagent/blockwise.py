@@ -39,84 +39,131 @@ STAT_SLICES = 16
 _models: dict[str, Any] = {}  # loaded networks of this process, by local checkpoint path
 
 
-def _model(path: Path):
+def _model(path: Path, task: str = "segmentation"):
     """Load a checkpoint's network once per process (blocks of one job share it)."""
-    from dlorch.core.engine.predict import load_model
-
     key = str(path)
     if key not in _models:
+        if task == "denoising":
+            from dlorch.core.engine.denoise_predict import load_denoiser as load
+        else:
+            from dlorch.core.engine.predict import load_model as load
         _models.clear()  # one model at a time keeps memory bounded
-        _models[key] = load_model(path)
+        _models[key] = load(path)
     return _models[key]
 
 
 def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
-    """Plan the blocks of a volume, create the output array, and return the ``split`` report."""
-    from dlorch.core.engine.intensity import intensity_stats
-    from dlorch.core.engine.predict import prediction_grid
+    """Plan the blocks of a volume, create the output array, and return the ``split`` report.
 
+    Each block reads the whole volume's prediction windows that touch its core, along the axes the
+    network sees (in-plane for a 2D network, along Z as well for a 3D one), plus for denoising the
+    posterior step's reach: it then computes exactly what one pass over the volume computes there,
+    so block borders leave no trace. What the blocks share (intensity statistics and class priors,
+    or the noise level) is measured here once, on a sample of the volume.
+    """
     job, spec = attempt.job, attempt.job.spec
     with attempt.timed("model_load_s"):
-        model = _model(checkpoint)
+        model = _model(checkpoint, spec.task)
         plan = model[1]
     with attempt.timed("plan_blocks_s"):
         vol = open_volume(spec.image)
         if vol.ndim not in (2, 3):
             raise BadInput(f"blockwise prediction takes a 2D or 3D volume; {spec.image} has shape {vol.shape}")
-        # Each block reads the whole volume's prediction windows that touch its core, along the axes
-        # the network sees (in-plane for a 2D network, along Z as well for a 3D one): it then blends
-        # exactly what a single pass over the volume blends there, so block borders leave no trace.
-        windows = prediction_grid(plan, tuple(vol.shape))
+        shape = tuple(vol.shape)
         if vol.ndim == 3 and plan.spatial_dims == 3:  # a 3D network needs neighbouring slices: a central slab
-            box = [min(n, 2 * r) for n, r in zip(vol.shape, plan.infer_roi)]
-            box[0] = min(vol.shape[0], plan.infer_roi[0])
-            sample = np.asarray(vol[tuple(slice((n - b) // 2, (n - b) // 2 + b) for n, b in zip(vol.shape, box))])
+            box = [min(n, 2 * r) for n, r in zip(shape, plan.infer_roi)]
+            box[0] = min(shape[0], plan.infer_roi[0])
+            sample = np.asarray(vol[tuple(slice((n - b) // 2, (n - b) // 2 + b) for n, b in zip(shape, box))])
         elif vol.ndim == 3:
-            picks = np.unique(np.linspace(0, vol.shape[0] - 1, min(STAT_SLICES, vol.shape[0])).astype(int))
+            picks = np.unique(np.linspace(0, shape[0] - 1, min(STAT_SLICES, shape[0])).astype(int))
             sample = np.stack([np.asarray(vol[int(z)]) for z in picks])
         else:
             sample = np.asarray(vol[...])
-        stats = intensity_stats(sample)
     with attempt.timed("calibrate_s"):
-        priors, voxels_per_s = _calibrate(sample, stats, model)
+        if spec.task == "denoising":
+            shared, voxels_per_s = _calibrate_denoiser(sample, model)
+        else:
+            shared, voxels_per_s = _calibrate(sample, model)
     with attempt.timed("plan_blocks_s"):
+        if spec.task == "denoising":
+            from dlorch.core.engine.denoise_predict import region_for
+
+            def reach(core):
+                return region_for(plan, shape, core)
+
+            dtype, bytes_per_voxel, attributes = "float32", 3 * (4 + 16), {}
+        else:
+            from dlorch.core.engine.predict import prediction_grid
+
+            reach = prediction_grid(plan, shape).read_region
+            dtype, bytes_per_voxel, attributes = "uint8", 3 * (4 + 12 * plan.num_classes), {"classes": plan.num_classes}
         if spec.options.get("block_voxels"):
             target = int(spec.options["block_voxels"])
         else:
-            target = choose_block_voxels(voxels_per_s, total_memory_bytes(), 3 * (4 + 12 * plan.num_classes))
-        blocks = plan_blocks(tuple(vol.shape), tuple(vol.chunks), (0,) * vol.ndim, target, windows)
+            target = choose_block_voxels(voxels_per_s, total_memory_bytes(), bytes_per_voxel)
+        blocks = plan_blocks(shape, tuple(vol.chunks), (0,) * vol.ndim, target, reach)
         output = spec.output or attempt.store.uri(f"jobs/{job.id}/output.zarr")
-        create_volume(output, tuple(vol.shape), tuple(vol.chunks), "uint8",
-                      attributes={"dlorch_job": job.id, "model": spec.model, "classes": plan.num_classes})
-    return {"outcome": "split", "output": output, "norm": stats.model_dump(), "priors": priors,
-            "voxels": math.prod(vol.shape),
+        create_volume(output, shape, tuple(vol.chunks), dtype,
+                      attributes={"dlorch_job": job.id, "model": spec.model, **attributes})
+    return {"outcome": "split", "output": output, **shared, "voxels": math.prod(shape),
             "blocks": [{"index": b.index, "core": b.core, "read": b.read} for b in blocks]}
 
 
-def _calibrate(sample: np.ndarray, stats: Any, model: Any) -> tuple[list[float] | None, float]:
-    """Predict a few sample slices: the volume's class priors and this node's voxels per second.
-
-    The priors (EM, priors.py) are estimated once for the volume, so every block's posteriors are
-    corrected alike; estimating per block would make a block's labels depend on what else happens
-    to lie in it, and on the block size. The throughput sizes the blocks.
-    """
-    from dlorch.core.engine.predict import predict_probabilities
-    from dlorch.core.engine.priors import estimate_priors
-
-    if model[1].spatial_dims == 3:  # the slab as it is: a 3D network needs its slices contiguous
+def _timing_sample(sample: np.ndarray, plan: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A few slices to time (the slab whole for a 3D network), and a small warm-up piece of them."""
+    if plan.spatial_dims == 3:  # the slab as it is: a 3D network needs its slices contiguous
         few = sample
     else:
         few = sample[np.unique(np.linspace(0, len(sample) - 1, min(4, len(sample))).astype(int))] \
             if sample.ndim == 3 else sample
-    warm = few[:, : model[1].infer_roi[-2], : model[1].infer_roi[-1]] if model[1].spatial_dims == 3 else \
+    warm = few[:, : plan.infer_roi[-2], : plan.infer_roi[-1]] if plan.spatial_dims == 3 else \
         (few[:1] if few.ndim == 3 else few)
+    return few, warm
+
+
+def _calibrate(sample: np.ndarray, model: Any) -> tuple[dict[str, Any], float]:
+    """Predict a few sample slices: the volume's statistics and class priors, and this node's voxels per second.
+
+    The statistics and the priors (EM, priors.py) are measured once for the volume, so every
+    block is normalised and corrected alike; per block they would make a block's labels depend on
+    what else happens to lie in it, and on the block size. The throughput sizes the blocks.
+    """
+    from dlorch.core.engine.intensity import intensity_stats
+    from dlorch.core.engine.predict import predict_probabilities
+    from dlorch.core.engine.priors import estimate_priors
+
+    stats = intensity_stats(sample)
+    few, warm = _timing_sample(sample, model[1])
     predict_probabilities(None, warm, stats=stats, model=model, priors=None)  # warm-up
     t0 = time.perf_counter()
     probs = predict_probabilities(None, few, stats=stats, model=model, priors=None)
     voxels_per_s = few.size / max(time.perf_counter() - t0, 1e-6)
-    if not model[1].train_prior:
-        return None, voxels_per_s
-    return [float(v) for v in estimate_priors(probs, np.asarray(model[1].train_prior))], voxels_per_s
+    priors = None
+    if model[1].train_prior:
+        priors = [float(v) for v in estimate_priors(probs, np.asarray(model[1].train_prior))]
+    return {"norm": stats.model_dump(), "priors": priors}, voxels_per_s
+
+
+def _calibrate_denoiser(sample: np.ndarray, model: Any) -> tuple[dict[str, Any], float]:
+    """Denoise the sample: the volume's noise level (for the posterior step) and this node's voxels per second.
+
+    Inputs are normalised by the training image's statistics, kept in the model; the noise level
+    is estimated once for the volume, for the same reason as segmentation's priors.
+    """
+    from dlorch.core.engine.denoise_predict import network_output, uses_posterior, volume_noise_var
+    from dlorch.core.engine.inputs import as_stack
+
+    plan = model[1]
+    few, warm = _timing_sample(sample, plan)
+    network_output(model, as_stack(warm))  # warm-up
+    t0 = time.perf_counter()
+    network_output(model, as_stack(few))
+    voxels_per_s = few.size / max(time.perf_counter() - t0, 1e-6)
+    noise_var = None
+    if uses_posterior(plan):
+        stack = as_stack(sample)
+        noise_var = volume_noise_var(stack, network_output(model, stack), plan)
+    return {"noise_var": noise_var}, voxels_per_s
 
 
 @dataclass
@@ -125,11 +172,27 @@ class _Context:
 
     spec: JobSpec
     output: str
-    stats: Any  # IntensityStats
-    priors: Any  # the volume's class priors (array), or None for the raw posteriors
+    stats: Any  # IntensityStats (segmentation)
+    priors: Any  # the volume's class priors (array), or None for the raw posteriors (segmentation)
+    noise_var: float | None  # the volume's noise level for the posterior step (denoising)
     checkpoint: Path
     source: Any  # the open input array
     sink: Any = None  # the open output array (opened on first write)
+
+
+def _compute(r: "_Ready", model: Any) -> np.ndarray:
+    """A block's output core: labels (uint8) or the denoised image (float32)."""
+    where = {"volume_shape": tuple(r.ctx.source.shape), "origin": tuple(a for a, _ in r.block.read)}
+    if r.ctx.spec.task == "denoising":
+        from dlorch.core.engine.denoise_predict import denoise_with_details
+
+        done = denoise_with_details(None, r.region, model=model, noise_var=r.ctx.noise_var, **where)
+        return done.image[r.block.crop()]
+    from dlorch.core.engine.predict import predict_probabilities
+
+    probs = predict_probabilities(None, r.region, stats=r.ctx.stats, model=model, priors=r.ctx.priors,
+                                  tta=bool(r.ctx.spec.options.get("tta")), **where)
+    return (probs[(slice(None), *r.block.crop())].argmax(0) + 1).astype(np.uint8)
 
 
 @dataclass
@@ -149,8 +212,9 @@ class BlockWorker:
     """Pulls blocks from the orchestrator and runs them, reading the next while the current computes.
 
     One thread leases and reads the next block (``next_block`` request, input read with its halo)
-    while this one predicts and writes the current, so IO and orchestration overlap compute. The
-    done report is one-way: if it is lost, the lease runs out and the block is simply run again.
+    while this one predicts and writes the current, so IO and orchestration overlap compute. A
+    block's done report rides on the next ``next_block`` request (one round trip per block), or goes
+    one-way when the node stops asking; if it is lost, the lease runs out and the block simply runs again.
     """
 
     def __init__(self, node_id: str, store: DataStore, cache: Path, main: Queue, side: Queue,
@@ -164,6 +228,7 @@ class BlockWorker:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
         self._report_s = 0.0
+        self._done: list[dict[str, Any]] = []  # done reports that ride on the next block request
 
     def holding(self) -> list[list[Any]]:
         with self._lock:
@@ -184,18 +249,25 @@ class BlockWorker:
             ready = upcoming.result()
             if ready is not None:
                 ready.timings["wait_s"] = time.perf_counter() - t0  # a stall: the next block was not ready
+        self._flush_reports()
         return ran
 
     # -- the prefetch side ----------------------------------------------------------------------------
     def _prepare(self, job_id: str | None, after: int | None) -> _Ready | None:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        with self._lock:
+            done, self._done = self._done, []
         try:
             reply = self.side.request({"type": "next_block", "node": self.node_id, "job": job_id, "after": after,
-                                       "models": sorted(self.models), "have": sorted(self.contexts)}, timeout=60)
+                                       "models": sorted(self.models), "have": sorted(self.contexts),
+                                       "done": done}, timeout=60)
         except Unreachable as e:
-            log.warning("%s", e)
+            log.warning("%s; %d block reports lost, those blocks will run again", e, len(done))
             return None
+        finally:
+            with self._lock:
+                self.held.difference_update((d["job"], d["block"]) for d in done)
         timings["claim_s"] = time.perf_counter() - t0
         if not reply.get("ok") or not reply.get("block"):
             return None
@@ -225,8 +297,8 @@ class BlockWorker:
         spec = JobSpec.model_validate(raw["spec"])
         checkpoint = fetch_cached(self.store, self.cache, spec.model, timings)
         priors = np.asarray(raw["priors"], dtype=float) if raw.get("priors") else None
-        ctx = _Context(spec, raw["output"], IntensityStats.model_validate(raw["norm"]), priors, checkpoint,
-                       open_volume(spec.image))
+        stats = IntensityStats.model_validate(raw["norm"]) if raw.get("norm") else None
+        ctx = _Context(spec, raw["output"], stats, priors, raw.get("noise_var"), checkpoint, open_volume(spec.image))
         if len(self.contexts) >= 8:
             self.contexts.pop(next(iter(self.contexts)))
         self.contexts[job_id] = ctx
@@ -235,23 +307,17 @@ class BlockWorker:
 
     # -- the compute side ------------------------------------------------------------------------------
     def _execute(self, r: _Ready) -> None:
-        from dlorch.core.engine.predict import predict_probabilities
-
         t = r.timings
         if r.error is None:
             try:
                 t0 = time.perf_counter()
-                model = _model(r.ctx.checkpoint)
+                model = _model(r.ctx.checkpoint, r.ctx.spec.task)
                 t1 = time.perf_counter()
-                probs = predict_probabilities(None, r.region, stats=r.ctx.stats, model=model, priors=r.ctx.priors,
-                                              tta=bool(r.ctx.spec.options.get("tta")),
-                                              volume_shape=tuple(r.ctx.source.shape),
-                                              origin=tuple(a for a, _ in r.block.read))
-                labels = (probs[(slice(None), *r.block.crop())].argmax(0) + 1).astype(np.uint8)
+                values = _compute(r, model)
                 t2 = time.perf_counter()
                 if r.ctx.sink is None:
                     r.ctx.sink = open_volume(r.ctx.output, mode="r+")
-                r.ctx.sink[r.block.core_slices()] = labels
+                r.ctx.sink[r.block.core_slices()] = values
                 t3 = time.perf_counter()
                 t.update(model_load_s=t1 - t0, compute_s=t2 - t1, write_s=t3 - t2)
             except BadInput as e:
@@ -262,16 +328,27 @@ class BlockWorker:
         t["report_s"], self._report_s = self._report_s, 0.0  # the previous report's cost, counted here
         t["total_s"] = sum(t.get(k, 0.0) for k in ("model_load_s", "compute_s", "write_s", "wait_s", "report_s"))
         body: dict[str, Any] = {"node": self.node_id, "job": r.job_id, "block": r.block.index, "timings": t}
-        if r.error is None:
-            body["type"] = "block_done"
-        else:
-            body.update(type="block_failed", error=r.error, permanent=r.permanent)
-            log.warning("block %d of %s failed: %s", r.block.index, r.job_id, r.error)
+        if r.error is None:  # told with the next block request (still leased, and renewed, until then)
+            with self._lock:
+                self._done.append(body)
+            return
+        body.update(type="block_failed", error=r.error, permanent=r.permanent)
+        log.warning("block %d of %s failed: %s", r.block.index, r.job_id, r.error)
         self._send(body)
         with self._lock:
             self.held.discard((r.job_id, r.block.index))
 
+    def _flush_reports(self) -> None:
+        """Send the done reports no block request took: the last blocks before this node stops asking."""
+        with self._lock:
+            done, self._done = self._done, []
+        for body in done:
+            self._send({**body, "type": "block_done"})
+            with self._lock:
+                self.held.discard((body["job"], body["block"]))
+
     def _release(self, r: _Ready) -> None:
+        self._flush_reports()
         self._send({"type": "block_release", "node": self.node_id, "job": r.job_id, "block": r.block.index})
         with self._lock:
             self.held.discard((r.job_id, r.block.index))

@@ -45,7 +45,7 @@ class BlockHandlers:
         if msg["output"] not in (job.spec.output, f"{self.store_url}/jobs/{job.id}/output.zarr"):
             raise StaleWrite(f"output {msg['output']} is not this job's")
         # The plan first: a WAITING job always has one to rebuild its book from.
-        plan = {"blocks": blocks, "norm": msg.get("norm"), "priors": msg.get("priors")}
+        plan = {"blocks": blocks, "norm": msg.get("norm"), "priors": msg.get("priors"), "noise_var": msg.get("noise_var")}
         self.ledger.put_block_plan(job.id, plan)
 
         def split(job: Job) -> None:
@@ -77,7 +77,8 @@ class BlockHandlers:
         self.books[job.id] = book
         self.block_geometry[job.id] = geometry
         self.block_context[job.id] = {"spec": job.spec.model_dump(mode="json"), "output": job.output,
-                                      "norm": plan.get("norm"), "priors": plan.get("priors")}
+                                      "norm": plan.get("norm"), "priors": plan.get("priors"),
+                                      "noise_var": plan.get("noise_var")}
         self._tokens_sent.setdefault(job.id, now)  # holders re-adopt their blocks by heartbeat first
         self._flushed_at[job.id] = now
         return book
@@ -90,8 +91,14 @@ class BlockHandlers:
         self._tokens_sent[job_id] = now
 
     def on_next_block(self, msg: dict) -> Reply:
-        """Lease a block to a node: affinity to models it holds, then locality to its last block."""
+        """Lease a block to a node: affinity to models it holds, then locality to its last block.
+
+        The request carries the node's done reports since its last request (``done``): one round
+        trip per block both reports and claims, where a separate report would cost a second message.
+        """
         now, node = self.clock(), msg["node"]
+        for report in msg.get("done") or []:
+            self.on_block_done({**report, "node": node})
         self._book(msg.get("job"))  # the job the node asks about may not be loaded yet after a restart
         book = choose_book(list(self.books.values()), set(msg.get("models") or []), now, msg.get("job"))
         if book is None:

@@ -189,15 +189,17 @@ def train_segment(
 @app.command()
 def predict(
     model: str = typer.Argument(..., help="id of a succeeded training job, or a model .ckpt path/URI"),
-    image: str = typer.Argument(..., help="image to segment; a .zarr volume (path or s3:// URL) is predicted blockwise"),
-    out: str = typer.Option(..., "-o", "--out", help="label map to write: .tif, .zarr or .npy; or an s3://... .zarr URL"),
+    image: str = typer.Argument(..., help="image to segment or denoise (the model's task); a .zarr volume (path or"
+                                          " s3:// URL) into .zarr is predicted blockwise, memory-bounded"),
+    out: str = typer.Option(..., "-o", "--out", help="labels or denoised image to write: .tif, .zarr or .npy; or an"
+                                                   " s3://... .zarr URL"),
     priority: int = typer.Option(0, "--priority"),
     block_voxels: Optional[int] = typer.Option(None, "--block-voxels", min=1,
                                                help="blockwise: voxels per block (default: ~3 s of compute, measured)"),
     tta: bool = typer.Option(False, "--tta", help="test-time augmentation: average 8 flips/rotations (8x predict time)"),
     detach: bool = typer.Option(False, "--detach", help="print only the job id and return"),
 ) -> None:
-    """Segment an image with a trained model."""
+    """Segment or denoise an image with a trained model."""
     from dlorch.core.imageio import output_format
 
     fmt = output_format(Path(out))

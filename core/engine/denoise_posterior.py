@@ -27,22 +27,26 @@ NOISE_PERCENTILE = 1.0
 # and would fake a zero floor; windows touching them are ignored. "Barely" is this share of
 # the image's typical local power, far below what any noisy region reaches by chance.
 DEAD_SHARE = 1e-4
+# How far, in-plane, a pixel's posterior depends on the prediction around it (the local mean's radius).
+POSTERIOR_REACH = int(3 * WINDOW_SIGMA + 0.5)
 _MAX_SAMPLES = 2_000_000
 
 
 def local_mean(stack: np.ndarray, sigma: float = WINDOW_SIGMA) -> np.ndarray:
     """Gaussian-weighted local mean of every (Y, X) slice of a (Z, Y, X) float array (mirrored edges)."""
-    radius = int(3 * sigma + 0.5)
+    radius = int(3 * sigma + 0.5)  # POSTERIOR_REACH at the default sigma
     t = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-(t**2) / (2 * sigma**2))
     k = k / k.sum()
     x = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32))[:, None]
     # Reflect padding needs the pad to be smaller than the axis; replicate covers tiny slices.
     mode = "reflect" if min(stack.shape[-2:]) > radius else "replicate"
-    x = F.pad(x, (radius, radius, radius, radius), mode=mode)
-    x = F.conv2d(x, k.view(1, 1, 1, -1))
-    x = F.conv2d(x, k.view(1, 1, -1, 1))
-    return x[:, 0].numpy()
+    x = F.pad(x, (radius, radius, radius, radius), mode=mode)[:, 0]
+    # Shifted adds in a fixed order, not conv2d: a convolution's rounding can change with the batch
+    # and image size it is given, and blockwise denoising must equal the whole pass bit for bit.
+    h, w = x.shape[-2] - 2 * radius, x.shape[-1] - 2 * radius
+    rows = sum(k[i] * x[:, :, i : i + w] for i in range(len(k)))
+    return sum(k[i] * rows[:, i : i + h] for i in range(len(k))).numpy()
 
 
 def estimate_noise_var(noisy: np.ndarray, predicted: np.ndarray, sigma: float = WINDOW_SIGMA) -> float:

@@ -11,7 +11,7 @@ import torch
 from dlorch.core.blocks import WindowGrid
 from dlorch.core.engine.denoise_module import CKPT_KEY, build_denoiser
 from dlorch.core.engine.denoise_plan import DenoisingPlan
-from dlorch.core.engine.denoise_posterior import estimate_noise_var, posterior_mean
+from dlorch.core.engine.denoise_posterior import POSTERIOR_REACH, estimate_noise_var, posterior_mean
 from dlorch.core.engine.device import apply_threads, detect_runtime
 from dlorch.core.engine.inputs import as_stack
 from dlorch.core.engine.network import memory_format
@@ -55,8 +55,21 @@ class Denoised:
     noise_std: float | None  # estimated noise std in image units, when the posterior step ran
 
 
+def denoise_grid(plan: DenoisingPlan, shape: tuple[int, ...], roi: list[int] | None = None) -> WindowGrid:
+    """The prediction windows of a whole image or volume of ``shape`` (its last ``spatial_dims`` axes).
+
+    A window may exceed a short axis by less than the network's size multiple: the image is
+    padded up to it, because the U-Net needs sizes divisible by 2**downsamplings.
+    """
+    multiple = 2 ** (len(plan.filters) - 1)
+    extent = tuple(int(s) for s in shape[-plan.spatial_dims :])
+    window = tuple(max(multiple, min(r, -(-s // multiple) * multiple)) for r, s in zip(roi or plan.infer_roi, extent))
+    return WindowGrid(extent, window, plan.infer_overlap)
+
+
 def network_output(
-    model: tuple[torch.nn.Module, DenoisingPlan], stack: np.ndarray, roi: list[int] | None = None
+    model: tuple[torch.nn.Module, DenoisingPlan], stack: np.ndarray, roi: list[int] | None = None,
+    volume_shape: tuple[int, ...] | None = None, origin: tuple[int, ...] | None = None,
 ) -> np.ndarray:
     """Tiled network prediction of a (Z, Y, X) stack, in the plan's normalised units.
 
@@ -65,6 +78,8 @@ def network_output(
         stack: (Z, Y, X) image of any real dtype.
         roi: prediction window (Y, X), or (Z, Y, X) for a 3D plan, instead of the plan's (tests use
             it to force tiling).
+        volume_shape, origin: ``stack`` is the region at ``origin`` of a volume of this shape: the
+            whole volume's windows are run (``predict.predict_probabilities`` says more).
 
     Returns:
         float32 (Z, Y, X), normalised like the plan's target.
@@ -75,12 +90,8 @@ def network_output(
     device = runtime.device
     layout = memory_format(plan.spatial_dims + 2)
     net = net.to(device).to(memory_format=layout)
-    # The window may exceed the image by at most the network's size multiple: the image is
-    # padded up to the window, and the U-Net needs sizes divisible by 2**downsamplings.
-    multiple = 2 ** (len(plan.filters) - 1)
-    extent = tuple(stack.shape[-plan.spatial_dims :])
-    window = tuple(max(multiple, min(r, -(-s // multiple) * multiple)) for r, s in zip(roi or plan.infer_roi, extent))
-    grid, batch = WindowGrid(extent, window, plan.infer_overlap), window_batch(plan.infer_batch, device)
+    grid, batch = denoise_grid(plan, volume_shape or stack.shape, roi), window_batch(plan.infer_batch, device)
+    corner = tuple(origin[-plan.spatial_dims :]) if origin else (0,) * plan.spatial_dims
     out = np.empty(stack.shape, dtype=np.float32)
     dtype = runtime.autocast_dtype
 
@@ -89,7 +100,7 @@ def network_output(
             return net(x.contiguous(memory_format=layout)).float()
 
     def windows(x: torch.Tensor) -> torch.Tensor:
-        return blend_windows(x, grid, (0,) * plan.spatial_dims, predictor, batch, "reflect")
+        return blend_windows(x, grid, corner, predictor, batch, "reflect")
 
     with torch.inference_mode():
         if plan.spatial_dims == 3:  # the stack is one volume: (1, 1, Z, Y, X)
@@ -113,6 +124,9 @@ def denoise_with_details(
     model: tuple[torch.nn.Module, DenoisingPlan] | None = None,
     roi: list[int] | None = None,
     posterior: bool | None = None,
+    noise_var: float | None = None,
+    volume_shape: tuple[int, ...] | None = None,
+    origin: tuple[int, ...] | None = None,
 ) -> Denoised:
     """``predict_denoising`` that also returns the network's own output and the estimated noise level.
 
@@ -122,6 +136,10 @@ def denoise_with_details(
         model: a ``load_denoiser`` result to reuse.
         roi: prediction window (Y, X) instead of the plan's.
         posterior: run the posterior step (Noise2Void only); None follows the plan.
+        noise_var: the noise variance for the posterior step, in the plan's normalised units
+            (blockwise prediction estimates it once per volume); by default estimated here.
+        volume_shape, origin: ``image`` is the region at ``origin`` of a volume of this shape, read
+            with ``region_for`` (the whole volume's windows, and the posterior step's reach).
 
     Returns:
         The prediction, the network output and the noise estimate.
@@ -129,15 +147,14 @@ def denoise_with_details(
     stack = as_stack(image)
     model = model if model is not None else load_denoiser(checkpoint)
     plan = model[1]
-    mu = network_output(model, stack, roi)
+    mu = network_output(model, stack, roi, volume_shape=volume_shape, origin=origin)
     shape = np.shape(image)
     scale, offset = np.float32(plan.target_std), np.float32(plan.target_mean)
     raw = mu * scale + offset
-    if not (plan.posterior if posterior is None else posterior) or plan.mode != "n2v":
+    if not uses_posterior(plan, posterior):
         return Denoised(raw.reshape(shape), raw.reshape(shape), None)
-    # The noise floor comes from up to 32 evenly spread slices: plenty for one number.
-    sample = np.unique(np.linspace(0, stack.shape[0] - 1, min(32, stack.shape[0])).round().astype(int))
-    noise_var = estimate_noise_var(normalise_input(stack[sample], plan), mu[sample])
+    if noise_var is None:
+        noise_var = volume_noise_var(stack, mu, plan)
     out = np.empty(stack.shape, dtype=np.float32)
     for z0 in range(0, stack.shape[0], plan.infer_batch):
         part = slice(z0, z0 + plan.infer_batch)
@@ -145,6 +162,32 @@ def denoise_with_details(
     out *= scale
     out += offset
     return Denoised(out.reshape(shape), raw.reshape(shape), float(np.sqrt(noise_var)) * float(plan.input_std))
+
+
+def uses_posterior(plan: DenoisingPlan, asked: bool | None = None) -> bool:
+    """Whether the posterior step runs: Noise2Void models, when the plan (or the caller) says so."""
+    return bool(plan.posterior if asked is None else asked) and plan.mode == "n2v"
+
+
+def volume_noise_var(stack: np.ndarray, mu: np.ndarray, plan: DenoisingPlan) -> float:
+    """The noise variance (normalised units) from up to 32 evenly spread slices: plenty for one number."""
+    sample = np.unique(np.linspace(0, stack.shape[0] - 1, min(32, stack.shape[0])).round().astype(int))
+    return estimate_noise_var(normalise_input(stack[sample], plan), mu[sample])
+
+
+def region_for(plan: DenoisingPlan, shape: tuple[int, ...], core: tuple[tuple[int, int], ...]
+               ) -> tuple[tuple[int, int], ...]:
+    """What a block ``core`` of a volume of ``shape`` must read to come out as in one whole pass.
+
+    The network needs the whole volume's windows over the core; where the posterior step runs, its
+    local statistics reach ``POSTERIOR_REACH`` pixels further in-plane, so the windows over that
+    wider core are read.
+    """
+    wider = list(core)
+    for ax in (-2, -1) if uses_posterior(plan) else ():
+        a, b = core[ax]
+        wider[ax] = (max(0, a - POSTERIOR_REACH), min(shape[ax], b + POSTERIOR_REACH))
+    return denoise_grid(plan, shape).read_region(tuple(wider))
 
 
 def predict_denoising(

@@ -7,8 +7,9 @@ belong to the whole volume (``dlorch.core.blocks.WindowGrid``); a region runs th
 inside it, and every voxel's weighted sum is accumulated over the same windows, with the same
 weights, in the same order, whichever region it is computed in. A block read with
 ``WindowGrid.read_region`` therefore reproduces the single pass over its core, bit for bit on one
-kind of device: batches are always full, since a convolution's rounding may change with the batch
-size (it does for small 2D and for 3D windows on a CPU).
+kind of device with one thread count: batches are always full, since a convolution's rounding may
+change with the batch size (it does for small 2D and for 3D windows on a CPU), as it does with the
+number of threads that share it.
 """
 
 from __future__ import annotations

@@ -328,6 +328,28 @@ def test_tiled_prediction_equals_a_whole_image_pass_when_the_image_fits(n2v_run)
     assert err.mean() < 0.05 * noisy.std() and np.median(err) < 0.02 * noisy.std()
 
 
+def test_a_block_denoised_alone_equals_the_whole_pass_over_its_core(n2v_run):
+    from dlorch.core.blocks import plan_blocks
+    from dlorch.core.engine.denoise_predict import network_output, region_for, volume_noise_var
+
+    checkpoint, noisy, _ = n2v_run
+    net, plan = load_denoiser(checkpoint)
+    plan = plan.model_copy(update={"infer_roi": [32, 32], "posterior": True})  # windows over block borders
+    model, image = (net, plan), np.tile(noisy, (1, 2, 3))  # (6, 128, 192)
+    whole = denoise_with_details(None, image, model=model)
+    noise_var = volume_noise_var(image, network_output(model, image), plan)  # what the whole pass estimated
+    assert whole.noise_std == pytest.approx(noise_var**0.5 * plan.input_std)
+    blocks = plan_blocks(image.shape, (2, 32, 32), (0, 0, 0), 4000, lambda core: region_for(plan, image.shape, core))
+    assert len(blocks) > 12 and all(b.read[1][0] <= max(0, b.core[1][0] - 12) for b in blocks)
+    stitched = np.full_like(whole.image, np.nan)
+    for b in blocks:
+        part = denoise_with_details(None, image[b.read_slices()], model=model, noise_var=noise_var,
+                                    volume_shape=image.shape, origin=tuple(a for a, _ in b.read))
+        stitched[b.core_slices()] = part.image[b.crop()]
+    # The same windows, blended in the same order, and the posterior's local means over the same pixels.
+    np.testing.assert_array_equal(stitched, whole.image)
+
+
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     path = tmp_path / "x.ckpt"
     torch.save({"state_dict": {}}, path)

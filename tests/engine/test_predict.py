@@ -156,7 +156,7 @@ def test_a_block_predicted_alone_equals_the_whole_pass_over_its_core(checkpoint,
     plan = plan.model_copy(update={"infer_roi": [64, 64]})  # many windows, overlapping the block borders
     model, stats, priors = (net, plan), intensity_stats(image), np.array([0.4, 0.6])
     whole = predict_probabilities(None, image, model=model, stats=stats, priors=priors, tta=tta)
-    blocks = plan_blocks(image.shape, (1, 32, 32), (0, 0, 0), 3000, prediction_grid(plan, image.shape))
+    blocks = plan_blocks(image.shape, (1, 32, 32), (0, 0, 0), 3000, prediction_grid(plan, image.shape).read_region)
     assert len(blocks) > 12 and any(b.read != b.core for b in blocks)
     stitched = np.full_like(whole, np.nan)
     for b in blocks:

@@ -61,7 +61,7 @@ def test_a_block_reads_exactly_the_windows_that_touch_its_core():
     from dlorch.core.blocks import WindowGrid
 
     grid = WindowGrid((300, 257), (64, 64), 0.25)
-    for block in plan_blocks((5, 300, 257), (1, 32, 32), (0, 0, 0), 5000, windows=grid):
+    for block in plan_blocks((5, 300, 257), (1, 32, 32), (0, 0, 0), 5000, reach=grid.read_region):
         lo, hi = [r[0] for r in block.read[1:]], [r[1] for r in block.read[1:]]
         assert block.read[0] == block.core[0]  # a 2D network's slices need no neighbours
         inside = grid.inside(tuple(lo), tuple(hi))

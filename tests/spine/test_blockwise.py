@@ -169,3 +169,31 @@ def test_a_3d_model_predicts_blockwise_with_a_z_halo_and_identical_bytes(home, t
                                    priors=np.asarray(plan_record["priors"]))
     np.testing.assert_array_equal(one, single.argmax(0) + 1)
     assert (one == predict_segmentation(ckpt, image)).mean() > 0.95  # the volume's own statistics: nearly so
+
+
+def test_a_denoising_model_predicts_blockwise_into_float32_like_one_pass(home, tmp_path, monkeypatch):
+    from dlorch.core.engine.denoise import NoHooks, train_denoising
+    from dlorch.core.engine.denoise_predict import denoise_with_details
+    from tests.engine.test_denoise import fast_plan, make_noisy
+
+    noisy, clean = make_noisy((6, 64, 64), sigma=0.4, offset=-50.0, seed=1)
+    plan = fast_plan(noisy, epochs=1, steps=20, batch_size=8, infer_roi=[64, 64])
+    ckpt = train_denoising(noisy, None, plan, workdir=tmp_path / "w", resume_from=None, hooks=NoHooks()).checkpoint
+    image = np.tile(noisy, (1, 2, 2))  # (6, 128, 128): several windows per slice, blocks of 64x64
+    src = zarr.create_array(str(tmp_path / "noisy.zarr"), shape=image.shape, chunks=(1, 64, 64), dtype="float32")
+    src[...] = image
+    with Cluster(tmp_path, home) as c:
+        c.agent("a1")
+        c.agent("a2")
+        jid = _predict(c, ckpt, tmp_path / "noisy.zarr", tmp_path / "den.zarr").stdout.strip().splitlines()[-1]
+        job = c.job(jid)
+        assert job["blocks"]["done"] == job["blocks"]["total"] >= 8
+    out = zarr.open_array(str(tmp_path / "den.zarr"), mode="r")
+    assert out.dtype == np.float32 and out.shape == image.shape
+    # The blocks make up one whole pass, posterior step included, at the noise level the split measured.
+    record = json.loads((home / "ledger" / "blockplans" / f"{jid}.json").read_bytes())
+    assert record["noise_var"] > 0
+    monkeypatch.setenv("DLORCH_THREADS", "1")  # as the agents ran: a CPU convolution's rounding follows its threads
+    single = denoise_with_details(ckpt, image, noise_var=record["noise_var"]).image
+    np.testing.assert_array_equal(out[...], single)
+    assert np.abs(out[...] - np.tile(clean, (1, 2, 2))).mean() < np.abs(image - np.tile(clean, (1, 2, 2))).mean()
