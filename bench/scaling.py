@@ -28,7 +28,7 @@ DATA = REPO.parent / "shared" / "data" / "isbi2012-em"
 
 
 class Cluster:
-    def __init__(self, root: Path, agents: int, queue: str | None, label: str = "") -> None:
+    def __init__(self, root: Path, agents: int, queue: str | None, label: str = "", nice: int = 0) -> None:
         self.home = root / f"home-{label}{agents}"
         self.env = {**os.environ, "DLORCH_HOME": str(self.home), "DLORCH_THREADS": "1", "DLORCH_HEARTBEAT_S": "2"}
         self.env.pop("DLORCH_STORE", None)
@@ -38,7 +38,8 @@ class Cluster:
             self.env.pop("DLORCH_QUEUE", None)
         self.procs = [self._spawn("up")]
         self._wait(lambda: (self.home / "ledger" / "leader.json").exists())
-        self.procs += [self._spawn("agent", "--node-id", f"n{i}", "--threads", "1") for i in range(agents)]
+        self.procs += [self._spawn("agent", "--node-id", f"n{i}", "--threads", "1", *(("--nice", str(nice)) if nice else ()))
+                       for i in range(agents)]
         self._wait(lambda: len(list((self.home / "ledger" / "nodes").glob("*.json"))) >= agents)
 
     def _spawn(self, *a: str) -> subprocess.Popen:
@@ -73,7 +74,7 @@ class Cluster:
 
 
 def measure(root: Path, n: int, queue: str | None, model: Path, volume: Path, block_voxels: int,
-            label: str = "") -> dict:
+            label: str = "", nice: int = 0) -> dict:
     """Predict ``volume`` blockwise with ``n`` agents and break the time down per block.
 
     The agents report per block: model_load, compute, write (the work, on the critical path), read
@@ -83,7 +84,7 @@ def measure(root: Path, n: int, queue: str | None, model: Path, volume: Path, bl
     its ledger flushes. ``critical overhead`` is everything on the agents' timelines that is not
     model work: n * wall - sum(model_load + compute + write), per block.
     """
-    c = Cluster(root, n, queue, label)
+    c = Cluster(root, n, queue, label, nice)
     try:
         job = c.predict(model, volume, block_voxels)
     finally:
@@ -94,10 +95,12 @@ def measure(root: Path, n: int, queue: str | None, model: Path, volume: Path, bl
     per_block = {k: v / b["done"] for k, v in t.items() if k != "downloads"}
     work = sum(t.get(k, 0.0) for k in ("model_load_s", "compute_s", "write_s"))
     ops = sum(t.get(k, 0.0) for k in ("claim_s", "report_s", "ledger_flush_s"))
+    orchestrator = sum(t.get(k, 0.0) for k in ("dispatch_s", "ledger_flush_s"))
     return {"agents": n, "blocks": b["total"], "wall_s": wall, "end_to_end_s": b["finished_at"] - job["created_at"],
             "split_s": job["attempts"][0]["timings"].get("total_s", 0.0), "per_block_s": per_block,
             "critical_overhead_per_block_ms": 1000 * max(0.0, n * wall - work) / b["total"],
             "orchestration_ops_per_block_ms": 1000 * ops / b["total"],
+            "orchestrator_time_per_block_ms": 1000 * orchestrator / b["total"],
             "model_downloads": t.get("downloads", 0) + job["attempts"][0]["timings"].get("downloads", 0),
             "by_node": b["by_node"], "mvox_per_s": b["voxels_done"] / 1e6 / wall}
 
@@ -134,6 +137,7 @@ def main() -> None:
     ap.add_argument("--queue", choices=["redis", "sqlite"], default="redis" if shutil.which("redis-server") else "sqlite")
     ap.add_argument("--repeat", type=int, default=4, help="copies of the 30-slice ISBI stack along z")
     ap.add_argument("--noop-blocks", type=int, default=1000)
+    ap.add_argument("--nice", type=int, default=0, help="run the agents at this niceness (dlorch agent --nice)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scaling.json")
     args = ap.parse_args()
 
@@ -164,7 +168,7 @@ def main() -> None:
         big = np.tile(image, (args.repeat, 2, 2))
         vol = root / "isbi.zarr"
         zarr.create_array(str(vol), shape=big.shape, chunks=(1, 256, 256), dtype="uint8")[...] = big
-        rows = [measure(root, n, queue, model, vol, 1024 * 1024) for n in args.agents]
+        rows = [measure(root, n, queue, model, vol, 1024 * 1024, nice=args.nice) for n in args.agents]
         t1 = next((r["wall_s"] for r in rows if r["agents"] == 1), None)
         per = min(20, big.shape[0] // max(args.agents))
         bare = {n: bare_parallel(n, model, vol, per) for n in sorted(set([1, *args.agents]))}
@@ -176,7 +180,7 @@ def main() -> None:
         noop_vol = root / "noop.zarr"
         zarr.create_array(str(noop_vol), shape=(args.noop_blocks, 16, 16), chunks=(1, 16, 16), dtype="uint8")[...] = \
             np.random.default_rng(0).integers(0, 255, (args.noop_blocks, 16, 16), dtype=np.uint8)
-        noop = measure(root, max(args.agents), queue, model, noop_vol, 256, label="noop")
+        noop = measure(root, max(args.agents), queue, model, noop_vol, 256, label="noop", nice=args.nice)
         noop["tasks_per_s"] = noop["blocks"] / noop["wall_s"]
     finally:
         if redis:
@@ -184,18 +188,22 @@ def main() -> None:
     print(f"queue: {args.queue}; volume {big.shape} uint8, one 1024x1024 slice per block, "
           f"model {plan.filters} {plan.infer_roi}")
     hdr = ["agents", "blocks", "wall s", "efficiency", "Mvox/s", "compute", "read*", "write", "model load",
-           "claim*", "report", "wait", "ledger", "crit. ms", "ops ms", "downloads"]
+           "claim*", "report", "wait", "ledger", "crit. ms", "ops ms", "orch. ms", "downloads"]
     print("".join(f"{h:>11}" for h in hdr))
     for r in [*rows, noop]:
         pb = r["per_block_s"]
         vals = [r["agents"], r["blocks"], r["wall_s"], r.get("efficiency") or 0.0, r["mvox_per_s"],
                 *(pb.get(k, 0.0) for k in ("compute_s", "read_s", "write_s", "model_load_s", "claim_s", "report_s",
                                            "wait_s", "ledger_flush_s")),
-                r["critical_overhead_per_block_ms"], r["orchestration_ops_per_block_ms"], r["model_downloads"]]
+                r["critical_overhead_per_block_ms"], r["orchestration_ops_per_block_ms"],
+                r["orchestrator_time_per_block_ms"], r["model_downloads"]]
         print("".join(f"{v:>11.4f}" if isinstance(v, float) else f"{v!s:>11}" for v in vals))
     print("per-block columns in seconds; * = done by the prefetch thread while the previous block computes.\n"
           "crit. ms = (agents x wall - model work) / blocks: all time on the agents' timelines that is not\n"
-          "model_load + compute + write. ops ms = claim + report + ledger flush per block (dispatch, lease, ledger).")
+          "model_load + compute + write. ops ms = claim + report + ledger flush per block (dispatch, lease, ledger),\n"
+          "as wall time seen by the agents (a claim waits behind whatever the orchestrator is doing). orch. ms =\n"
+          "the orchestrator's own time per block: handling the block request (lease + the done reports it\n"
+          "carries) and its share of ledger flushes.")
     for r in rows:
         print(f"{r['agents']} agents: efficiency {r['efficiency']:.3f}; the same model work in {r['agents']} bare "
               f"processes (no dlorch) scales {r['machine_efficiency']:.3f} on this machine, so dlorch keeps "

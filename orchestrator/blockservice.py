@@ -96,6 +96,14 @@ class BlockHandlers:
         The request carries the node's done reports since its last request (``done``): one round
         trip per block both reports and claims, where a separate report would cost a second message.
         """
+        t0 = time.perf_counter()
+        reply = self._next_block(msg)
+        book = self.books.get(reply.get("job") or "")
+        if book is not None:  # the orchestrator's own time per block: the lease and the reports it carried
+            book.timings["dispatch_s"] = book.timings.get("dispatch_s", 0.0) + time.perf_counter() - t0
+        return reply
+
+    def _next_block(self, msg: dict) -> Reply:
         now, node = self.clock(), msg["node"]
         for report in msg.get("done") or []:
             self.on_block_done({**report, "node": node})

@@ -82,12 +82,17 @@ def agent(
     spot_notices: Optional[str] = typer.Option(
         None, "--spot-notices", envvar="DLORCH_SPOT_NOTICES",
         help="poll EC2 metadata for spot interruption notices: 'ec2' or a metadata base URL"),
+    nice: int = typer.Option(0, "--nice", min=0, max=19, envvar="DLORCH_NICE",
+                             help="lower this agent's CPU priority (Unix niceness): on a lab PC, or beside the"
+                                  " orchestrator, whose replies every node waits on"),
 ) -> None:
     """Run a node agent: take jobs from the queue one at a time until drained or signalled."""
     from dlorch.nodeagent.agent import Agent
     from dlorch.nodeagent.interrupts import install_signal_handlers
 
     _log_to_stderr()
+    if nice and hasattr(os, "nice"):
+        os.nice(nice)
     if threads:
         os.environ["DLORCH_THREADS"] = str(threads)
         import torch

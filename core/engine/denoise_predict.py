@@ -14,7 +14,7 @@ from dlorch.core.engine.denoise_plan import DenoisingPlan
 from dlorch.core.engine.denoise_posterior import POSTERIOR_REACH, estimate_noise_var, posterior_mean
 from dlorch.core.engine.device import apply_threads, detect_runtime
 from dlorch.core.engine.inputs import as_stack
-from dlorch.core.engine.network import memory_format
+from dlorch.core.engine.network import memory_format, placed
 from dlorch.core.engine.predict import window_batch
 from dlorch.core.engine.tiling import blend_windows
 
@@ -89,7 +89,7 @@ def network_output(
     apply_threads(runtime)
     device = runtime.device
     layout = memory_format(plan.spatial_dims + 2)
-    net = net.to(device).to(memory_format=layout)
+    net = placed(net, device, layout)
     grid, batch = denoise_grid(plan, volume_shape or stack.shape, roi), window_batch(plan.infer_batch, device)
     corner = tuple(origin[-plan.spatial_dims :]) if origin else (0,) * plan.spatial_dims
     out = np.empty(stack.shape, dtype=np.float32)

@@ -14,6 +14,15 @@ def memory_format(ndim: int) -> torch.memory_format:
     return torch.channels_last_3d if ndim == 5 else torch.channels_last
 
 
+def placed(net: torch.nn.Module, device: torch.device, layout: torch.memory_format) -> torch.nn.Module:
+    """``net`` on ``device`` in ``layout``, moved once: a node predicting many small blocks with one
+    model would otherwise walk every parameter on every call (3.5 ms of a 6.6 ms 16x16 block)."""
+    if getattr(net, "_dlorch_placed", None) != (str(device), str(layout)):
+        net = net.to(device).to(memory_format=layout)
+        net._dlorch_placed = (str(device), str(layout))
+    return net
+
+
 class Rescaled(torch.nn.Module):
     """Runs a network on a 2x average-pooled image and upsamples its logits back.
 

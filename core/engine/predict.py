@@ -12,7 +12,7 @@ from dlorch.core.engine.device import apply_threads, detect_runtime
 from dlorch.core.engine.inputs import as_stack
 from dlorch.core.engine.intensity import IntensityStats, normalize
 from dlorch.core.engine.module import CKPT_KEY
-from dlorch.core.engine.network import build_unet, memory_format
+from dlorch.core.engine.network import build_unet, memory_format, placed
 from dlorch.core.engine.plan import SegmentationPlan
 from dlorch.core.engine.priors import adjust_priors, estimate_priors
 from dlorch.core.engine.tiling import blend_windows
@@ -81,7 +81,7 @@ def predict_probabilities(checkpoint: pathlib.Path | None, image: np.ndarray, *,
     apply_threads(runtime)
     device = runtime.device
     layout = memory_format(plan.spatial_dims + 2)
-    net = net.to(device).to(memory_format=layout)
+    net = placed(net, device, layout)
     norm = normalize(stack, stats)
     grid = prediction_grid(plan, volume_shape or stack.shape)
     corner = tuple(origin[-plan.spatial_dims :]) if origin else (0,) * plan.spatial_dims
