@@ -167,6 +167,23 @@ def _split(o, node, n_blocks):
     return jid
 
 
+def test_a_block_request_carries_the_done_reports_and_the_last_goes_alone(orch):
+    _register(orch, "n1")
+    jid = _split(orch, "n1", 3)
+    first = orch.handle({"type": "next_block", "node": "n1", "job": jid, "done": []})["block"]["index"]
+    report = {"job": jid, "block": first, "timings": {"compute_s": 2.0}}
+    second = orch.handle({"type": "next_block", "node": "n1", "job": jid, "after": first, "done": [report]})
+    assert second["block"]["index"] != first
+    assert orch.books[jid].done == {first} and orch.books[jid].timings["compute_s"] == 2.0
+    # A re-sent request (no reply came back in time) counts its report once.
+    orch.handle({"type": "next_block", "node": "n1", "job": jid, "after": first, "done": [report]})
+    assert orch.books[jid].timings["compute_s"] == 2.0 and orch.books[jid].by_node == {"n1": 1}
+    assert orch.books[jid].timings["dispatch_s"] > 0  # the orchestrator's own time per block is measured
+    for index in {0, 1, 2} - {first}:
+        orch.handle({"type": "block_done", "node": "n1", "job": jid, "block": index, "timings": {}})
+    assert orch.ledger.get(jid).status is JobStatus.SUCCEEDED
+
+
 def test_blocks_are_leased_in_memory_and_flushed_to_the_ledger(orch):
     _register(orch, "n1")
     _register(orch, "n2")
