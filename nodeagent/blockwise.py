@@ -153,17 +153,13 @@ def _calibrate_denoiser(sample: np.ndarray, model: Any) -> tuple[dict[str, Any],
     from dlorch.core.engine.denoise_predict import network_output, uses_posterior, volume_noise_var
     from dlorch.core.engine.inputs import as_stack
 
-    plan = model[1]
-    few, warm = _timing_sample(sample, plan)
+    plan, stack = model[1], as_stack(sample)
+    _, warm = _timing_sample(sample, plan)
     network_output(model, as_stack(warm))  # warm-up
     t0 = time.perf_counter()
-    network_output(model, as_stack(few))
-    voxels_per_s = few.size / max(time.perf_counter() - t0, 1e-6)
-    noise_var = None
-    if uses_posterior(plan):
-        stack = as_stack(sample)
-        noise_var = volume_noise_var(stack, network_output(model, stack), plan)
-    return {"noise_var": noise_var}, voxels_per_s
+    mu = network_output(model, stack)  # the whole sample: the noise level needs it, and it times the node
+    voxels_per_s = stack.size / max(time.perf_counter() - t0, 1e-6)
+    return {"noise_var": volume_noise_var(stack, mu, plan) if uses_posterior(plan) else None}, voxels_per_s
 
 
 @dataclass

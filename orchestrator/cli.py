@@ -83,8 +83,7 @@ def agent(
         None, "--spot-notices", envvar="DLORCH_SPOT_NOTICES",
         help="poll EC2 metadata for spot interruption notices: 'ec2' or a metadata base URL"),
     nice: int = typer.Option(0, "--nice", min=0, max=19, envvar="DLORCH_NICE",
-                             help="lower this agent's CPU priority (Unix niceness): on a lab PC, or beside the"
-                                  " orchestrator, whose replies every node waits on"),
+                             help="lower this agent's CPU priority (Unix niceness), e.g. on a lab PC someone works at"),
 ) -> None:
     """Run a node agent: take jobs from the queue one at a time until drained or signalled."""
     from dlorch.nodeagent.agent import Agent

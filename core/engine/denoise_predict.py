@@ -16,7 +16,7 @@ from dlorch.core.engine.device import apply_threads, detect_runtime
 from dlorch.core.engine.inputs import as_stack
 from dlorch.core.engine.network import memory_format, placed
 from dlorch.core.engine.predict import window_batch
-from dlorch.core.engine.tiling import blend_windows
+from dlorch.core.engine.tiling import blend_windows, window_grid
 
 
 def load_denoiser(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, DenoisingPlan]:
@@ -56,15 +56,8 @@ class Denoised:
 
 
 def denoise_grid(plan: DenoisingPlan, shape: tuple[int, ...], roi: list[int] | None = None) -> WindowGrid:
-    """The prediction windows of a whole image or volume of ``shape`` (its last ``spatial_dims`` axes).
-
-    A window may exceed a short axis by less than the network's size multiple: the image is
-    padded up to it, because the U-Net needs sizes divisible by 2**downsamplings.
-    """
-    multiple = 2 ** (len(plan.filters) - 1)
-    extent = tuple(int(s) for s in shape[-plan.spatial_dims :])
-    window = tuple(max(multiple, min(r, -(-s // multiple) * multiple)) for r, s in zip(roi or plan.infer_roi, extent))
-    return WindowGrid(extent, window, plan.infer_overlap)
+    """The prediction windows of a whole image or volume of ``shape`` (see ``tiling.window_grid``)."""
+    return window_grid(shape, roi or plan.infer_roi, 2 ** (len(plan.filters) - 1), plan.infer_overlap)
 
 
 def network_output(

@@ -252,8 +252,11 @@ def default_batch(geometry: Geometry, accelerator: str) -> int:
     return d.batch3d if geometry.spatial_dims == 3 else d.batch
 
 
-def infer_window(grid: tuple[int, ...], side: int) -> list[int]:
-    """Prediction window per axis: ``side``, or the extent rounded up to 16 where that is smaller."""
+def infer_window(grid: tuple[int, ...], accelerator: str) -> list[int]:
+    """Prediction window per axis of a 2D or 3D ``grid``: the device's side for that many axes, or
+    the extent rounded up to 16 where that is smaller."""
+    d = DEFAULTS[accelerator]
+    side = d.infer_roi3d if len(grid) == 3 else d.infer_roi
     return [min(side, _round_up(max(int(s), 16), 16)) for s in grid]
 
 
@@ -337,7 +340,7 @@ def derive_plan(
     batch, why = choose_batch(default_batch(geometry, runtime.accelerator), patch, filters, geometry.input_scale,
                               runtime)
     reasons.append(f"{why}; classes drawn in equal shares, centred on painted pixels")
-    infer_roi = infer_window(grid, d.infer_roi3d if dims == 3 else d.infer_roi)
+    infer_roi = infer_window(grid, runtime.accelerator)
     reasons.append(f"prediction window {'x'.join(map(str, infer_roi))}, gaussian blending, overlap 0.25")
     reasons.append(
         f"{len(class_pixels)} classes, painted pixels {class_pixels}; {val_strokes} whole strokes "

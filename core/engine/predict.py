@@ -15,7 +15,7 @@ from dlorch.core.engine.module import CKPT_KEY
 from dlorch.core.engine.network import build_unet, memory_format, placed
 from dlorch.core.engine.plan import SegmentationPlan
 from dlorch.core.engine.priors import adjust_priors, estimate_priors
-from dlorch.core.engine.tiling import blend_windows
+from dlorch.core.engine.tiling import blend_windows, window_grid
 
 
 def load_model(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, SegmentationPlan]:
@@ -113,15 +113,8 @@ def predict_probabilities(checkpoint: pathlib.Path | None, image: np.ndarray, *,
 
 
 def prediction_grid(plan: SegmentationPlan, shape: tuple[int, ...]) -> WindowGrid:
-    """The prediction windows of a whole image or volume of ``shape`` (its last ``spatial_dims`` axes).
-
-    A window may exceed a short axis by less than the network's size multiple: it is padded up,
-    because the network needs sizes divisible by 2**downsamplings.
-    """
-    multiple = 2 ** (len(plan.filters) - 1) * plan.input_scale
-    extent = tuple(int(s) for s in shape[-plan.spatial_dims :])
-    roi = tuple(min(r, -(-s // multiple) * multiple) for r, s in zip(plan.infer_roi, extent))
-    return WindowGrid(extent, roi, plan.infer_overlap)
+    """The prediction windows of a whole image or volume of ``shape`` (see ``tiling.window_grid``)."""
+    return window_grid(shape, plan.infer_roi, 2 ** (len(plan.filters) - 1) * plan.input_scale, plan.infer_overlap)
 
 
 def window_batch(planned: int, device: torch.device) -> int:

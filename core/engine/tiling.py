@@ -14,6 +14,7 @@ number of threads that share it.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -24,13 +25,31 @@ from dlorch.core.blocks import WindowGrid
 SIGMA_SCALE = 0.125  # Gaussian weight: sigma = window / 8, as nnU-Net blends its tiles
 
 
+def window_grid(shape: tuple[int, ...], roi: list[int] | tuple[int, ...], multiple: int,
+                overlap: float) -> WindowGrid:
+    """The windows of a whole image or volume of ``shape`` (its last ``len(roi)`` axes).
+
+    A window may exceed a short axis by less than the network's size ``multiple``: the input is
+    padded up to it, because a U-Net needs sizes divisible by 2**downsamplings.
+    """
+    extent = tuple(int(s) for s in shape[-len(roi) :])
+    window = tuple(max(multiple, min(r, -(-s // multiple) * multiple)) for r, s in zip(roi, extent))
+    return WindowGrid(extent, window, overlap)
+
+
 def gaussian_weights(roi: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
     """A window's blending weights: a separable Gaussian peaking at 1 in the centre, positive everywhere."""
+    return _gaussian(tuple(roi)).to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _gaussian(roi: tuple[int, ...]) -> torch.Tensor:
+    """Computed once per window size: every block and every chunk of slices reuses it."""
     weights = torch.ones((), dtype=torch.float64)
     for r in roi:
         axis = torch.arange(r, dtype=torch.float64) - (r - 1) / 2
         weights = weights[..., None] * torch.exp(-(axis**2) / (2 * (r * SIGMA_SCALE) ** 2))
-    return (weights / weights.max()).float().to(device)
+    return (weights / weights.max()).float()
 
 
 def blend_windows(x: torch.Tensor, grid: WindowGrid, origin: tuple[int, ...],

@@ -68,7 +68,7 @@ def _other_geometry(plan: SegmentationPlan) -> SegmentationPlan:
         what = "2D U-Net at full resolution" if scale == 1 else "2D U-Net at half resolution"
     dims, scale, patch, filters = geometry.spatial_dims, geometry.input_scale, geometry.patch, geometry.filters
     batch = default_batch(geometry, plan.planned_on)
-    roi = infer_window((z, y, x)[-dims:], d.infer_roi3d if dims == 3 else d.infer_roi)
+    roi = infer_window((z, y, x)[-dims:], plan.planned_on)
     return plan.model_copy(update={
         "spatial_dims": dims, "input_scale": scale, "patch_size": patch, "filters": filters, "batch_size": batch,
         "infer_roi": roi, "augment": AugmentConfig(rot90=patch[-1] == patch[-2]),
