@@ -96,11 +96,13 @@ def measure(root: Path, n: int, queue: str | None, model: Path, volume: Path, bl
     work = sum(t.get(k, 0.0) for k in ("model_load_s", "compute_s", "write_s"))
     ops = sum(t.get(k, 0.0) for k in ("claim_s", "report_s", "ledger_flush_s"))
     orchestrator = sum(t.get(k, 0.0) for k in ("dispatch_s", "ledger_flush_s"))
+    orchestrator_cpu = sum(t.get(k, 0.0) for k in ("dispatch_cpu_s", "ledger_flush_cpu_s"))
     return {"agents": n, "blocks": b["total"], "wall_s": wall, "end_to_end_s": b["finished_at"] - job["created_at"],
             "split_s": job["attempts"][0]["timings"].get("total_s", 0.0), "per_block_s": per_block,
             "critical_overhead_per_block_ms": 1000 * max(0.0, n * wall - work) / b["total"],
             "orchestration_ops_per_block_ms": 1000 * ops / b["total"],
             "orchestrator_time_per_block_ms": 1000 * orchestrator / b["total"],
+            "orchestrator_cpu_per_block_ms": 1000 * orchestrator_cpu / b["total"],
             "model_downloads": t.get("downloads", 0) + job["attempts"][0]["timings"].get("downloads", 0),
             "by_node": b["by_node"], "mvox_per_s": b["voxels_done"] / 1e6 / wall}
 
@@ -188,7 +190,7 @@ def main() -> None:
     print(f"queue: {args.queue}; volume {big.shape} uint8, one 1024x1024 slice per block, "
           f"model {plan.filters} {plan.infer_roi}")
     hdr = ["agents", "blocks", "wall s", "efficiency", "Mvox/s", "compute", "read*", "write", "model load",
-           "claim*", "report", "wait", "ledger", "crit. ms", "ops ms", "orch. ms", "downloads"]
+           "claim*", "report", "wait", "ledger", "crit. ms", "ops ms", "orch. ms", "orch. cpu", "downloads"]
     print("".join(f"{h:>11}" for h in hdr))
     for r in [*rows, noop]:
         pb = r["per_block_s"]
@@ -196,14 +198,15 @@ def main() -> None:
                 *(pb.get(k, 0.0) for k in ("compute_s", "read_s", "write_s", "model_load_s", "claim_s", "report_s",
                                            "wait_s", "ledger_flush_s")),
                 r["critical_overhead_per_block_ms"], r["orchestration_ops_per_block_ms"],
-                r["orchestrator_time_per_block_ms"], r["model_downloads"]]
+                r["orchestrator_time_per_block_ms"], r["orchestrator_cpu_per_block_ms"], r["model_downloads"]]
         print("".join(f"{v:>11.4f}" if isinstance(v, float) else f"{v!s:>11}" for v in vals))
     print("per-block columns in seconds; * = done by the prefetch thread while the previous block computes.\n"
           "crit. ms = (agents x wall - model work) / blocks: all time on the agents' timelines that is not\n"
           "model_load + compute + write. ops ms = claim + report + ledger flush per block (dispatch, lease, ledger),\n"
           "as wall time seen by the agents (a claim waits behind whatever the orchestrator is doing). orch. ms =\n"
           "the orchestrator's own time per block: handling the block request (lease + the done reports it\n"
-          "carries) and its share of ledger flushes.")
+          "carries) and its share of ledger flushes, as wall time; orch. cpu = the same as CPU time of the\n"
+          "orchestrator's thread (wall time also counts waiting for a core the agents hold, and for fsync).")
     for r in rows:
         print(f"{r['agents']} agents: efficiency {r['efficiency']:.3f}; the same model work in {r['agents']} bare "
               f"processes (no dlorch) scales {r['machine_efficiency']:.3f} on this machine, so dlorch keeps "
