@@ -84,6 +84,8 @@ def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
             shared, voxels_per_s = _calibrate_denoiser(sample, model)
         else:
             shared, voxels_per_s = _calibrate(sample, model)
+            if plan.tta if spec.options.get("tta") is None else spec.options["tta"]:
+                voxels_per_s /= 8  # the blocks average 8 flips/rotations; the timing ran one
     with attempt.timed("plan_blocks_s"):
         if spec.task == "denoising":
             from dlorch.core.engine.denoise_predict import region_for
@@ -187,7 +189,7 @@ def _compute(r: "_Ready", model: Any) -> np.ndarray:
     from dlorch.core.engine.predict import predict_probabilities
 
     probs = predict_probabilities(None, r.region, stats=r.ctx.stats, model=model, priors=r.ctx.priors,
-                                  tta=bool(r.ctx.spec.options.get("tta")), **where)
+                                  tta=r.ctx.spec.options.get("tta"), **where)
     return (probs[(slice(None), *r.block.crop())].argmax(0) + 1).astype(np.uint8)
 
 

@@ -47,6 +47,6 @@ def task_of(spec: JobSpec) -> Task:
         return plan
 
     def predict_seg(checkpoint, image, spec=spec):
-        return s.predict_segmentation(checkpoint, image, tta=bool(spec.options.get("tta")))
+        return s.predict_segmentation(checkpoint, image, tta=spec.options.get("tta"))  # None: as the plan chose
 
     return Task("labels", s.SegmentationPlan.model_validate, plan_seg, s.train_segmentation, predict_seg)

@@ -69,6 +69,10 @@ VAL_FRACTION = 0.15
 # Share of the budget planned for training steps; the rest absorbs validation jitter and
 # checkpoint writes on a shared machine. The time cap in training is the hard guarantee.
 BUDGET_FILL = 0.92
+# Test-time augmentation (8 flips/rotations, 8x the prediction) is on when its 7 extra passes are
+# estimated to cost at most this share of the training time: on for a 2D stack (seconds next to
+# minutes), off for a large 3D volume on a CPU, where it would add hours to minutes of training.
+TTA_SHARE = 0.5
 
 
 class SegmentationPlan(BaseModel):
@@ -101,6 +105,7 @@ class SegmentationPlan(BaseModel):
     infer_roi: list[int]
     infer_overlap: float = 0.25
     infer_batch: int = 4
+    tta: bool = False  # predict with test-time augmentation unless the caller says otherwise (choose_tta)
     seed: int = 0
     train_prior: list[float] | None = None  # filled in from the checkpoint: class shares training saw
     planned_on: str  # accelerator the step time was measured on
@@ -386,6 +391,9 @@ def derive_plan(
         f"AdamW lr {PEAK_LR:g}, 3% warm-up then cosine to 2%; loss = CE + soft Dice on painted pixels only; "
         "weights averaged (EMA 0.99); best checkpoint by held-out stroke IoU, a later one within 0.02 preferred"
     )
+    train_s = min(n_epochs * epoch_s, budget) if budget is not None else n_epochs * epoch_s
+    tta, why = choose_tta(image_shape, dims, patch, batch, eval_seconds, train_s)
+    reasons.append(why)
     return SegmentationPlan(
         image_shape=list(image_shape),
         num_classes=len(class_pixels),
@@ -404,11 +412,30 @@ def derive_plan(
         intensity=intensity,
         augment=AugmentConfig(rot90=patch[-1] == patch[-2]),
         infer_roi=infer_roi,
+        tta=tta,
         seed=seed,
         planned_on=runtime.accelerator,
         step_seconds=step_s,
         reasons=reasons,
     )
+
+
+def choose_tta(image_shape: tuple[int, ...], dims: int, patch: list[int], batch: int,
+               eval_seconds: float | None, train_seconds: float, overlap: float = 0.25) -> tuple[bool, str]:
+    """Whether prediction averages the 8 in-plane flips/rotations by default, and why.
+
+    The prediction time is estimated from the measured forward pass of a training batch, per
+    voxel, times the image's voxels and the windows' overlap along each axis they tile. TTA is on
+    when its 7 extra passes cost at most ``TTA_SHARE`` of the training time.
+    """
+    if not eval_seconds or not train_seconds:
+        return False, "test-time augmentation off: prediction speed not measured"
+    predict_s = eval_seconds / (batch * math.prod(patch)) * math.prod(image_shape) / (1 - overlap) ** dims
+    extra = 7 * predict_s
+    on = extra <= TTA_SHARE * train_seconds
+    return on, (f"test-time augmentation {'on' if on else 'off'}: 8 flips/rotations would add ~{extra:.0f} s to "
+                f"~{predict_s:.0f} s of prediction, {'within' if on else 'over'} {TTA_SHARE:.0%} of "
+                f"~{train_seconds:.0f} s of training")
 
 
 def plan_segmentation(

@@ -50,7 +50,7 @@ def load_model(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, SegmentationP
 def predict_probabilities(checkpoint: pathlib.Path | None, image: np.ndarray, *,
                           stats: IntensityStats | None = None,
                           model: tuple[torch.nn.Module, SegmentationPlan] | None = None,
-                          priors: np.ndarray | str | None = "estimate", tta: bool = False,
+                          priors: np.ndarray | str | None = "estimate", tta: bool | None = None,
                           volume_shape: tuple[int, ...] | None = None,
                           origin: tuple[int, ...] | None = None) -> np.ndarray:
     """Class probabilities for every pixel.
@@ -66,7 +66,7 @@ def predict_probabilities(checkpoint: pathlib.Path | None, image: np.ndarray, *,
             volume predicted blockwise); None returns the network's raw posteriors.
         tta: test-time augmentation: average the posteriors over the 8 in-plane flips and 90-degree
             rotations of every window (8x the compute; smoother, less orientation-biased boundaries).
-            In-plane only, so it also holds for anisotropic volumes.
+            In-plane only, so it also holds for anisotropic volumes. None: as the plan chose (``plan.choose_tta``).
         volume_shape, origin: ``image`` is the region at ``origin`` of a volume of this shape (a
             block read with ``prediction_grid(...).read_region``): the whole volume's windows are
             run, so the block's core comes out as in one pass over the volume. Voxels outside the
@@ -77,6 +77,7 @@ def predict_probabilities(checkpoint: pathlib.Path | None, image: np.ndarray, *,
     """
     stack = as_stack(image)
     net, plan = model if model is not None else load_model(checkpoint)
+    tta = plan.tta if tta is None else tta
     runtime = detect_runtime()
     apply_threads(runtime)
     device = runtime.device
@@ -144,13 +145,13 @@ def dihedral_mean(forward, x: torch.Tensor) -> torch.Tensor:
     return total / 8
 
 
-def predict_segmentation(checkpoint: pathlib.Path, image: np.ndarray, tta: bool = False) -> np.ndarray:
+def predict_segmentation(checkpoint: pathlib.Path, image: np.ndarray, tta: bool | None = None) -> np.ndarray:
     """Label map of an image: the most probable class of every pixel.
 
     Args:
         checkpoint: a ``.ckpt`` written by ``train_segmentation``.
         image: (Y, X) or (Z, Y, X) image of any real dtype.
-        tta: average over the 8 in-plane flips/rotations (see ``predict_probabilities``).
+        tta: average over the 8 in-plane flips/rotations (see ``predict_probabilities``); None: as planned.
 
     Returns:
         uint8 array of the image's shape with values 1..K.

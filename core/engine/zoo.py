@@ -72,6 +72,8 @@ def _other_geometry(plan: SegmentationPlan) -> SegmentationPlan:
     return plan.model_copy(update={
         "spatial_dims": dims, "input_scale": scale, "patch_size": patch, "filters": filters, "batch_size": batch,
         "infer_roi": roi, "augment": AugmentConfig(rot90=patch[-1] == patch[-2]),
+        # Test-time augmentation was costed for the plan's geometry: kept only where this one is no dearer.
+        "tta": plan.tta and dims == 2 and scale >= plan.input_scale,
         "reasons": [*plan.reasons, f"variant other-geometry: {what}, patch {patch}, widths {filters}, batch {batch}"],
     })
 

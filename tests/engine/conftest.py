@@ -46,9 +46,13 @@ def tiny_data() -> tuple[np.ndarray, np.ndarray]:
 
 
 def fast_plan(image, labels, epochs: int, steps: int = 3, **update) -> SegmentationPlan:
-    """The automatic plan shrunk to a few small steps per epoch so a test trains in seconds."""
+    """The automatic plan shrunk to a few small steps per epoch so a test trains in seconds.
+
+    Without test-time augmentation: it was costed for the plan before shrinking; tests that want it ask.
+    """
     plan = plan_segmentation(image, labels, epochs=epochs)
-    return plan.model_copy(update={"steps_per_epoch": steps, "batch_size": 4, "filters": [8, 16, 32], **update})
+    return plan.model_copy(update={"steps_per_epoch": steps, "batch_size": 4, "filters": [8, 16, 32], "tta": False,
+                                   **update})
 
 
 class RecordingHooks:

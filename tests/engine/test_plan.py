@@ -176,3 +176,21 @@ def test_validation_of_a_volume_keeps_fewer_bigger_tiles():
     assert max_val_tiles([256, 256]) == 256  # 2D plans as before
     assert max_val_tiles([64, 64, 64]) == 64  # the same voxels in 3D tiles
     assert max_val_tiles([512, 512, 512]) == 1
+
+
+def test_test_time_augmentation_is_on_where_it_is_cheap_next_to_training():
+    # ISBI-like: 30 slices of 512x512 predict in seconds; 8 flips/rotations fit beside minutes of training.
+    isbi = _derive()
+    assert isbi.tta and any("test-time augmentation on" in r for r in isbi.reasons)
+    # A 3D volume of 256^3 on a CPU: each forward pass of two 64^3 patches takes ~1 s, so one pass over the
+    # volume takes minutes and seven more would outlast the training.
+    iso = choose_geometry((256, 256), "cpu", 0.6, depth=256, aniso=1.0)
+    big = _derive(image_shape=(256, 256, 256), geometry=iso, step_seconds=3.0, eval_seconds=1.0)
+    assert big.spatial_dims == 3 and not big.tta
+    assert any("test-time augmentation off" in r and "over 50%" in r for r in big.reasons)
+    # Not measured: no basis for the cost, so off.
+    assert not _derive(step_seconds=None, eval_seconds=None).tta
+    # The other-geometry candidate does not inherit TTA into a dearer geometry.
+    from dlorch.core.engine.zoo import apply_variant
+
+    assert not apply_variant(_derive(image_shape=(64, 256, 256)), "other-geometry").tta

@@ -165,3 +165,13 @@ def test_a_block_predicted_alone_equals_the_whole_pass_over_its_core(checkpoint,
                                       volume_shape=image.shape, origin=tuple(a for a, _ in b.read))
         stitched[(slice(None), *b.core_slices())] = probs[(slice(None), *b.crop())]
     np.testing.assert_array_equal(stitched, whole)  # 2D on a CPU: the same windows, bit for bit
+
+
+def test_prediction_follows_the_plans_test_time_augmentation_unless_told(checkpoint, tiny_data):
+    image = tiny_data[0][:1]
+    net, plan = load_model(checkpoint)
+    on, off = plan.model_copy(update={"tta": True}), plan.model_copy(update={"tta": False})
+    with_tta = predict_probabilities(None, image, model=(net, off), priors=None, tta=True)
+    np.testing.assert_array_equal(predict_probabilities(None, image, model=(net, on), priors=None), with_tta)
+    np.testing.assert_array_equal(predict_probabilities(None, image, model=(net, on), priors=None, tta=False),
+                                  predict_probabilities(None, image, model=(net, off), priors=None))

@@ -113,10 +113,12 @@ def test_segment_with_nothing_running_then_predict(home, tmp_path):
     job = job_json(jid, env)
     assert job["status"] == "succeeded" and job["model"]
     assert {"fetch_inputs_s", "train_s", "predict_s", "upload_output_s"} <= set(job["attempts"][0]["timings"])
-    # segment predicts with test-time augmentation by default; predict does when asked.
-    dlorch("predict", jid, str(img), "-o", str(tmp_path / "again.npy"), "--tta", env=env)
+    # segment and predict both follow the plan's test-time augmentation choice; a flag overrides it.
+    tta = job["plan"]["tta"]
+    assert any(r.startswith(f"test-time augmentation {'on' if tta else 'off'}") for r in job["plan"]["reasons"])
+    dlorch("predict", jid, str(img), "-o", str(tmp_path / "again.npy"), env=env)
     np.testing.assert_array_equal(np.load(tmp_path / "again.npy"), seg)
-    dlorch("predict", jid, str(img), "-o", str(tmp_path / "plain.npy"), env=env)
-    plain = np.load(tmp_path / "plain.npy")
-    assert plain.shape == seg.shape and (plain != seg).any()
+    dlorch("predict", jid, str(img), "-o", str(tmp_path / "other.npy"), "--no-tta" if tta else "--tta", env=env)
+    other = np.load(tmp_path / "other.npy")
+    assert other.shape == seg.shape and (other != seg).any()
     assert "succeeded" in dlorch("logs", jid, env=env).stdout
