@@ -465,6 +465,8 @@ def _hoist_global_options(argv: list[str]) -> list[str]:
 def main() -> None:
     """Entry point: one line on stderr and a non-zero exit for every error a user can cause."""
     argv = _hoist_global_options(sys.argv[1:])
+    if not os.environ.get("DLORCH_DEBUG"):
+        sys.unraisablehook = _log_unraisable
     try:
         app(args=argv, prog_name="dlorch")
     except DlorchError as e:
@@ -477,6 +479,19 @@ def main() -> None:
             raise
         typer.echo(f"error: unexpected {type(e).__name__}: {e} (DLORCH_DEBUG=1 shows where)", err=True)
         sys.exit(1)
+
+
+def _log_unraisable(unraisable: Any) -> None:
+    """Send "Exception ignored in ..." reports to the debug log instead of stderr.
+
+    After a failed S3 read, zarr leaves the reads it ran beside it unfinished; when they are
+    collected, aiobotocore's context reset raises in them, and Python prints each traceback to
+    stderr although the error was already handled and reported on one line. DLORCH_DEBUG=1 keeps
+    Python's default.
+    """
+    logging.getLogger("dlorch").debug("ignored in %r: %s: %s", unraisable.object,
+                                      getattr(unraisable.exc_type, "__name__", unraisable.exc_type),
+                                      unraisable.exc_value)
 
 
 if __name__ == "__main__":

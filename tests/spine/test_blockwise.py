@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import free_port, synthetic_pair
+from tests.conftest import cli_env, dlorch, free_port, synthetic_pair
 from tests.harness import Cluster
 
 BLOCK_VOXELS = "8192"
@@ -121,6 +121,19 @@ def test_s3_volume_predicted_by_two_agents_into_s3(home, tmp_path, model, s3):
         bad = c.cli("predict", str(model), "s3://no-such-bucket/in.zarr", "-o", "s3://bucket/x.zarr", check=False)
         assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
         assert "no-such-bucket" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_an_unreachable_s3_endpoint_is_one_line(home, model):
+    # Nothing listens on the port: the read fails, and zarr's abandoned sibling reads must not print
+    # their "Exception ignored" tracebacks after the one-line error (they do when no region is set).
+    env = cli_env(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+                  AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")
+    env.pop("AWS_DEFAULT_REGION", None)
+    env.pop("AWS_REGION", None)
+    cp = dlorch("predict", str(model), "s3://bucket/in.zarr", "-o", "s3://bucket/out.zarr", env=env, check=False)
+    lines = [ln for ln in cp.stderr.splitlines() if ln.strip()]
+    assert cp.returncode != 0 and len(lines) == 1, cp.stderr
+    assert "cannot reach s3://bucket/in.zarr" in lines[0] and "endpoint" in lines[0]
 
 
 def test_orchestrator_killed_mid_job_resumes_blocks_from_the_ledger(home, tmp_path, model):
