@@ -84,7 +84,8 @@ def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
             shared, voxels_per_s = _calibrate_denoiser(sample, model)
         else:
             shared, voxels_per_s = _calibrate(sample, model)
-            if plan.tta if spec.options.get("tta") is None else spec.options["tta"]:
+            asked = spec.options.get("tta")
+            if plan.tta if asked is None else asked:
                 voxels_per_s /= 8  # the blocks average 8 flips/rotations; the timing ran one
     with attempt.timed("plan_blocks_s"):
         if spec.task == "denoising":
