@@ -103,7 +103,7 @@ def run_segmentation(
         )
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        pred = predict_segmentation(result.checkpoint, image)
+        pred = predict_segmentation(result.checkpoint, image, tta=False)  # the plan may choose TTA: both rows shown
         predict_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         pred_tta = predict_segmentation(result.checkpoint, image, tta=True)
