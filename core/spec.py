@@ -79,7 +79,7 @@ class JobSpec(_Strict):
     output_format: Literal["tif", "zarr", "npy"] = "tif"
     output: str | None = Field(None, description="where a blockwise prediction writes its zarr (URL); default: the store")
     epochs: int | None = Field(None, ge=1, le=100_000, description="override of the automatic epoch count")
-    time_budget: float | None = Field(None, gt=0, description="cap on training seconds")
+    time_budget: float | None = Field(None, gt=0, allow_inf_nan=False, description="cap on training seconds")
     options: dict[str, Any] = Field(default_factory=dict, description="engine options (e.g. network variant)")
     priority: int = Field(0, ge=-100, le=100, description="higher runs first; FIFO within a priority")
     max_attempts: int | None = Field(None, ge=1, le=100)

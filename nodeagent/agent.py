@@ -51,14 +51,21 @@ class Agent:
     # -- lifecycle --------------------------------------------------------------------------------
     def register(self) -> None:
         """Announce this node and its hardware to the orchestrator."""
-        reply = self.queue.request({"type": "register", "node_info": hardware.describe(self.node_id)}, timeout=60)
+        reply = self.queue.request({"type": "register", "node_info": hardware.describe(self.node_id)}, timeout=60,
+                                   stop=self.stop)
         if not reply.get("ok"):
             raise DlorchError(f"registration refused: {reply.get('reason')}")
         log.info("node %s registered", self.node_id)
 
     def run(self) -> None:
         """Register, start heartbeating, loop ``step`` until a stop is asked for, then say goodbye."""
-        self.register()
+        try:
+            self.register()
+        except Unreachable:
+            if self.stop.is_set():  # asked to stop before any orchestrator answered: nothing to hand back
+                log.info("node %s stopped before registering (%s)", self.node_id, self.stop.reason)
+                return
+            raise
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._hb_thread.start()
         # Import the engine before taking work, so a node's first block or epoch does not pay for it.

@@ -134,11 +134,9 @@ class BlockHandlers:
             return None
         book = self.books.get(job_id)
         if book is None:
-            got = self.ledger.store.get(f"jobs/{job_id}")
-            if got is not None:
-                job = Job.model_validate_json(got[0])
-                if job.status is JobStatus.WAITING:
-                    book = self._load_book(job, self.clock())
+            job = self.ledger.find(job_id)
+            if job is not None and job.status is JobStatus.WAITING:
+                book = self._load_book(job, self.clock())
         return book
 
     def on_block_done(self, msg: dict) -> Reply:

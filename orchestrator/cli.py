@@ -15,6 +15,7 @@ from typing import Any, Optional
 import typer
 
 from dlorch.core.errors import BadInput, DlorchError
+from dlorch.core.spec import parse_spec
 from dlorch.orchestrator.inputs import model_uri, upload
 from dlorch.core.settings import Settings
 
@@ -380,6 +381,7 @@ def _run_job(spec: dict[str, Any], detach: bool, out: Path | None, c=None) -> No
     if detach:
         typer.echo(c.submit(spec))
         return
+    parse_spec(spec)  # a bad spec fails before a local orchestrator and agent are started for it
     service = ensure_local_service(c)
     try:
         job_id = c.submit(spec)
@@ -415,6 +417,7 @@ def _run_candidates(spec: dict[str, Any], n: int, detach: bool):
     except ValueError as e:
         raise BadInput(str(e)) from None
     c = client()
+    parse_spec({**spec, "options": {"variant": names[0]}})
     service = None if detach else ensure_local_service(c, agents=n)
     try:
         ids = {c.submit({**spec, "options": {"variant": v}, "name": f"candidate {v}"}): v for v in names}
@@ -467,6 +470,10 @@ def main() -> None:
     argv = _hoist_global_options(sys.argv[1:])
     if not os.environ.get("DLORCH_DEBUG"):
         sys.unraisablehook = _log_unraisable
+    # SIGTERM (a `timeout`, a closed terminal's kill) ends a command as Ctrl-C does, so the local
+    # orchestrator and agent a command started are stopped, not orphaned. `up` and `agent` install
+    # their own handlers.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         app(args=argv, prog_name="dlorch")
     except DlorchError as e:
@@ -479,6 +486,10 @@ def main() -> None:
             raise
         typer.echo(f"error: unexpected {type(e).__name__}: {e} (DLORCH_DEBUG=1 shows where)", err=True)
         sys.exit(1)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _log_unraisable(unraisable: Any) -> None:

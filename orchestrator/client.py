@@ -14,10 +14,10 @@ from typing import Any, Callable
 
 from dlorch.core.errors import BadInput, DlorchError
 from dlorch.core.settings import Settings
-from dlorch.core.spec import Job, JobStatus, new_job_id
+from dlorch.core.spec import Job, JobStatus, new_job_id, parse_spec
 from dlorch.core.store import DataStore
 from dlorch.core.wire import Signer
-from dlorch.orchestrator.ledger import Ledger
+from dlorch.orchestrator.ledger import Ledger, dead_here
 from dlorch.orchestrator.queue import Queue
 from dlorch.orchestrator.service import Orchestrator
 from dlorch.orchestrator.statestore import open_state_store
@@ -40,9 +40,9 @@ class Client:
         self.queue.jobs.size()
 
     def orchestrator_alive(self) -> bool:
-        """Whether an orchestrator has renewed its leadership within one lease."""
+        """Whether an orchestrator has renewed its leadership within one lease (and, on this machine, still runs)."""
         got = self.ledger.leader()
-        return got is not None and time.time() - got[0].heartbeat_at <= self.settings.lease_s
+        return got is not None and time.time() - got[0].heartbeat_at <= self.settings.lease_s and not dead_here(got[0])
 
     def live_nodes(self) -> list[Any]:
         """Nodes whose heartbeat is within one lease."""
@@ -65,7 +65,12 @@ class Client:
         return reply
 
     def submit(self, spec: dict[str, Any]) -> str:
-        """Record a job (the orchestrator validates the spec) and return its id."""
+        """Record a job and return its id.
+
+        The spec is checked here first, so a bad one is a one-line error at once rather than after
+        a wait for an orchestrator (which checks it again: it trusts no client).
+        """
+        parse_spec(spec)
         # The id is chosen here so that a request re-sent after a lost reply is the same job.
         return self.call({"type": "submit", "spec": spec, "job_id": new_job_id()})["job"]
 
@@ -142,11 +147,14 @@ class LocalService:
             if proc.poll() is None:
                 try:
                     if self.orch:
-                        self.orch.on_drain({"node": node_id})
+                        reply = self.orch.on_drain({"node": node_id})
                     else:
-                        self.client.call({"type": "drain", "node": node_id})
+                        reply = self.client.call({"type": "drain", "node": node_id})
+                    drained = bool(reply.get("ok"))
                 except DlorchError:
-                    pass
+                    drained = False
+                if not drained:  # not registered yet (still starting): it holds nothing, so a signal stops it
+                    proc.terminate()
         deadline = time.monotonic() + timeout
         for _, proc in self.agents:
             try:

@@ -7,13 +7,17 @@ caller expects, check the move is legal (``spec.TRANSITIONS``), write only if th
 from __future__ import annotations
 
 import json
-from typing import Callable, Iterable
+import logging
+from typing import Callable, Iterable, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from dlorch.core.errors import BadInput, StaleWrite
 from dlorch.core.spec import TRANSITIONS, Job, JobStatus, NodeInfo
 from dlorch.orchestrator.statestore import StateStore
+
+log = logging.getLogger("dlorch.orchestrator")
+M = TypeVar("M", bound=BaseModel)
 
 
 class Leader(BaseModel):
@@ -37,12 +41,17 @@ class Ledger:
         """Record a new job; fails if the id exists."""
         self.store.put(f"jobs/{job.id}", _dump(job), if_none_match=True)
 
+    def find(self, job_id: str) -> Job | None:
+        """A job, or None if there is no such record."""
+        got = self.store.get(f"jobs/{job_id}")
+        return self._parse(Job, f"jobs/{job_id}", got[0]) if got else None
+
     def read(self, job_id: str) -> tuple[Job, str]:
         """A job and its etag."""
         got = self.store.get(f"jobs/{job_id}")
         if got is None:
             raise BadInput(f"no job {job_id!r}; `dlorch jobs` lists them")
-        return Job.model_validate_json(got[0]), got[1]
+        return self._parse(Job, f"jobs/{job_id}", got[0]), got[1]
 
     def get(self, job_id: str) -> Job:
         """A job by id, or by a unique suffix or prefix of its id."""
@@ -89,12 +98,34 @@ class Ledger:
         out = []
         for key in self.store.list("jobs"):
             got = self.store.get(key)
-            if got is None:
+            job = self._parse_or_skip(Job, key, got[0]) if got else None
+            if job is None:
                 continue
-            job = Job.model_validate_json(got[0])
             if wanted is None or job.status in wanted:
                 out.append(job)
         return sorted(out, key=lambda j: (j.created_at, j.id))
+
+    # -- reading records ----------------------------------------------------------------------------
+    def _parse(self, model: type[M], key: str, data: bytes) -> M:
+        """A record, or a one-line error naming it: a damaged file is reported, never overwritten."""
+        try:
+            return model.model_validate_json(data)
+        except ValidationError as e:
+            root = getattr(self.store, "root", None)
+            where = f"{root}/{key}.json" if root is not None else key
+            first = e.errors()[0]["msg"] if e.errors() else str(e)
+            raise CorruptRecord(f"ledger record {where} is unreadable ({first}); restore it from a backup or move it "
+                                "aside (dlorch leaves it as it is)") from None
+
+    def _parse_or_skip(self, model: type[M], key: str, data: bytes) -> M | None:
+        """``_parse``, but a damaged record is logged once and left out of listings."""
+        try:
+            return self._parse(model, key, data)
+        except CorruptRecord as e:
+            if key not in _REPORTED:
+                _REPORTED.add(key)
+                log.warning("%s", e)
+            return None
 
     # -- block plans ------------------------------------------------------------------------------
     def put_block_plan(self, job_id: str, plan: dict) -> None:
@@ -114,29 +145,32 @@ class Ledger:
     def node(self, node_id: str) -> NodeInfo | None:
         """A node by id, or None."""
         got = self.store.get(f"nodes/{node_id}")
-        return NodeInfo.model_validate_json(got[0]) if got else None
+        return self._parse_or_skip(NodeInfo, f"nodes/{node_id}", got[0]) if got else None
 
     def nodes(self) -> list[NodeInfo]:
         """All nodes ever registered, by registration time."""
         out = []
         for key in self.store.list("nodes"):
             got = self.store.get(key)
-            if got:
-                out.append(NodeInfo.model_validate_json(got[0]))
+            node = self._parse_or_skip(NodeInfo, key, got[0]) if got else None
+            if node is not None:
+                out.append(node)
         return sorted(out, key=lambda n: n.registered_at)
 
     # -- leadership ---------------------------------------------------------------------------
     def leader(self) -> tuple[Leader, str] | None:
         """The current leader record and its etag."""
         got = self.store.get("leader")
-        return (Leader.model_validate_json(got[0]), got[1]) if got else None
+        leader = self._parse_or_skip(Leader, "leader", got[0]) if got else None  # unreadable: nobody leads
+        return (leader, got[1]) if leader is not None else None
 
     def claim_leadership(self, me: Leader, lease_s: float, now: float) -> bool:
-        """Become (or stay) leader if the record is ours, absent, or older than a lease."""
-        got = self.leader()
+        """Become (or stay) leader if the record is ours, absent, older than a lease, or unreadable."""
+        got = self.store.get("leader")
         if got is not None:
-            current, etag = got
-            if current.id != me.id and now - current.heartbeat_at <= lease_s and not _dead_here(current):
+            current, etag = self._parse_or_skip(Leader, "leader", got[0]), got[1]
+            if current is not None and current.id != me.id and now - current.heartbeat_at <= lease_s \
+                    and not dead_here(current):
                 return False
             try:
                 self.store.put("leader", _dump(me), if_match=etag)
@@ -161,7 +195,7 @@ class Ledger:
                 pass
 
 
-def _dead_here(leader: Leader) -> bool:
+def dead_here(leader: Leader) -> bool:
     """Whether the leader ran on this machine and its process is gone (a crash: no need to wait out its lease)."""
     import os
     import socket
@@ -175,6 +209,13 @@ def _dead_here(leader: Leader) -> bool:
     except (PermissionError, OSError, AttributeError):
         return False
     return False
+
+
+class CorruptRecord(BadInput):
+    """A ledger record that cannot be parsed (a damaged file, a hand edit)."""
+
+
+_REPORTED: set[str] = set()  # damaged records already logged by this process
 
 
 def _dump(model: BaseModel) -> bytes:

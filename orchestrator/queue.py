@@ -160,14 +160,16 @@ class Queue:
         self.jobs = Channel(url, "jobs", signer)
         self.events = Channel(url, "events", signer)
 
-    def request(self, message: dict[str, Any], timeout: float = 15.0, retry_every: float = 5.0) -> dict[str, Any]:
+    def request(self, message: dict[str, Any], timeout: float = 15.0, retry_every: float = 5.0,
+                stop: Any = None) -> dict[str, Any]:
         """Send a request to the orchestrator and wait for its reply.
 
         The request is re-sent every ``retry_every`` seconds (handlers are idempotent), because a
-        queue that restarted empty may have lost it.
+        queue that restarted empty may have lost it. ``stop`` (anything with ``is_set()``) ends the
+        wait early: an agent asked to stop while it waits for an orchestrator stops at once.
 
         Raises:
-            Unreachable: no orchestrator answered within ``timeout``.
+            Unreachable: no orchestrator answered within ``timeout`` (or before ``stop`` was set).
         """
         rid = uuid.uuid4().hex
         message = {**message, "rid": rid}
@@ -175,7 +177,7 @@ class Queue:
         next_send = 0.0
         delay = 0.001
         blocking = self.events.blocking
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
             if time.monotonic() >= next_send:
                 self.events.send(message)
                 next_send = time.monotonic() + retry_every
@@ -188,6 +190,8 @@ class Queue:
                     delay = min(delay * 1.3, 0.02)
             if reply is not None:
                 return reply
+        if stop is not None and stop.is_set():
+            raise Unreachable(f"stopped while waiting for an orchestrator on {self.url}")
         raise Unreachable(
             f"no orchestrator answered on {self.url} within {timeout:.0f}s; start one with `dlorch up`"
         )

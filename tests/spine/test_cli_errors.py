@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import cli_env, dlorch, synthetic_pair
+from tests.conftest import cli_env, dlorch, job_json, synthetic_pair
 
 
 def _one_line_error(cp, *needles):
@@ -72,3 +72,68 @@ def test_corrupt_image_file(env, tmp_path):
     bad.write_bytes(b"not a tiff at all")
     _one_line_error(dlorch("segment", str(bad), "--labels", str(bad), "-o", str(tmp_path / "o.tif"),
                            env=env, check=False), "cannot read image", "bad.tif")
+
+
+def test_out_of_range_options_fail_at_once_without_starting_anything(env, home, tmp_path):
+    img, lab = synthetic_pair(tmp_path)
+    for bad, field in ((["--priority", "101"], "priority"), (["--epochs", "1000000000"], "epochs"),
+                       (["--time-budget", "inf"], "time_budget")):
+        cp = dlorch("segment", str(img), "--labels", str(lab), "-o", str(tmp_path / "o.tif"), *bad,
+                    env=env, check=False, timeout=30)  # it used to start a local service and hang in its close
+        _one_line_error(cp, f"field '{field}'")
+    # A spec whose budget overflows to infinity would have been stored as non-JSON `Infinity` and
+    # stopped every later orchestrator from replying: it is refused, and nothing is recorded.
+    spec = tmp_path / "inf.json"
+    spec.write_text('{"kind": "train", "image": "%s", "labels": "%s", "time_budget": 1e400}' % (img, lab))
+    _one_line_error(dlorch("submit", str(spec), env=env, check=False), "field 'time_budget'", "finite")
+    jobs = home / "ledger" / "jobs"
+    assert not (jobs.exists() and list(jobs.glob("*.json")))
+
+
+def test_a_damaged_ledger_record_is_named_and_kept_and_the_rest_still_works(env, home, tmp_path):
+    img, lab = synthetic_pair(tmp_path)
+    first = dlorch("train", "segment", str(img), "--labels", str(lab), "--epochs", "1", env=env).stdout.split()[-1]
+    record = home / "ledger" / "jobs" / f"{first}.json"
+    damaged = record.read_bytes()[:50]
+    record.write_bytes(damaged)
+    (home / "ledger" / "leader.json").write_text("garbage")
+    _one_line_error(dlorch("status", first, env=env, check=False), "unreadable", str(record))
+    listing = dlorch("jobs", env=env)
+    assert first not in listing.stdout and "unreadable" in listing.stderr  # listed without it, and said why
+    second = dlorch("train", "segment", str(img), "--labels", str(lab), "--epochs", "1", env=env).stdout.split()[-1]
+    assert job_json(second, env)["status"] == "succeeded"  # an unreadable leader record does not block leadership
+    assert record.read_bytes() == damaged  # never overwritten
+
+
+def test_a_terminated_command_stops_what_it_started_and_the_next_runs_at_once(env, home, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    img, lab = synthetic_pair(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "dlorch.orchestrator.cli", "train", "segment", str(img), "--labels",
+                             str(lab), "--epochs", "50"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    nodes = home / "ledger" / "nodes"
+    deadline = time.monotonic() + 120
+    while not (nodes.exists() and list(nodes.glob("*.json"))):
+        assert time.monotonic() < deadline, "no local agent registered"
+        time.sleep(0.2)
+    children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                               text=True).stdout.split()]
+    assert children  # the local agent
+    proc.send_signal(signal.SIGTERM)  # as `timeout` does
+    _, err = proc.communicate(timeout=150)
+    assert proc.returncode == 130 and "the job stays in the queue" in err
+    for pid in children:
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        assert not alive, "a local agent outlived the command that started it"
+    t0 = time.monotonic()
+    dlorch("train", "segment", str(img), "--labels", str(lab), "--epochs", "1", env=env, timeout=120)
+    assert time.monotonic() - t0 < 90  # no wait for the dead command's leadership to expire
