@@ -19,3 +19,13 @@ class Unreachable(DlorchError):
 
 class StaleWrite(Exception):
     """A compare-and-set failed: the stored record is not in the state the writer expected."""
+
+
+def first_problem(e: Exception) -> str:
+    """One line for a pydantic ``ValidationError``: the first field at fault and what is wrong with it."""
+    errors = e.errors() if hasattr(e, "errors") else []
+    if not errors:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    err = errors[0]
+    where = ".".join(str(p) for p in err.get("loc", ()))
+    return f"{where}: {err['msg']}" if where else err["msg"]

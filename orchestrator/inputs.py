@@ -38,27 +38,48 @@ def upload(c, spec: str, role: str, array=None) -> str:
 
 
 def model_uri(c, model: str) -> tuple[str, str]:
-    """The store URI of a model and its task: a training job's id, a local .ckpt, or a URL."""
+    """The store URI of a model and its task: a training job's id, a local .ckpt, or a URL.
+
+    A checkpoint is loaded here as a node would load it, so a wrong file is one line now, naming
+    the path the user gave, not a failed job later.
+    """
     if Path(model).exists() or "://" in model:
         uri = c.store.put_blob(Path(model)) if Path(model).exists() else model
-        return uri, checkpoint_task(c, uri)
+        return uri, checkpoint_task(c, uri, shown=model)
+    if model.endswith(".ckpt") or "/" in model or "\\" in model:
+        raise BadInput(f"model file not found: {model}; pass a .ckpt that exists or a training job's id (`dlorch jobs`)")
     job = c.ledger.get(model)
     if not job.model:
+        if not job.spec.trains:
+            raise BadInput(f"job {job.id} is a {job.spec.kind} job and makes no model; pass a training job's id or "
+                           "a .ckpt")
+        if job.status.is_terminal():
+            raise BadInput(f"job {job.id} {job.status.value} without a model; `dlorch logs {job.id}` says why")
         raise BadInput(f"job {job.id} has no model yet (it is {job.status.value}); wait for it to succeed")
     return job.model, job.spec.task
 
 
-def checkpoint_task(c, uri: str) -> str:
-    """Which engine task wrote a checkpoint: each keeps its own section in the ``.ckpt``."""
+def checkpoint_task(c, uri: str, shown: str | None = None) -> str:
+    """Which engine task wrote a checkpoint (each keeps its own section in the ``.ckpt``), after loading it."""
     import tempfile
 
     import torch
 
     from dlorch.core.engine.denoise_module import CKPT_KEY as DENOISE_KEY
+    from dlorch.core.engine.denoise_predict import load_denoiser
+    from dlorch.core.engine.predict import load_model
 
+    shown = shown or uri
     with tempfile.TemporaryDirectory() as tmp:
+        local = c.store.get_file(uri, Path(tmp) / "m.ckpt")
         try:
-            ckpt = torch.load(c.store.get_file(uri, Path(tmp) / "m.ckpt"), map_location="cpu", weights_only=True)
+            ckpt = torch.load(local, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated, not a checkpoint, or unsafe to load
-            raise BadInput(f"{uri} is not a readable model checkpoint: {type(e).__name__}") from None
-    return "denoising" if isinstance(ckpt, dict) and DENOISE_KEY in ckpt else "segmentation"
+            raise BadInput(f"{shown} is not a readable model checkpoint (truncated, or not a .ckpt: "
+                           f"{type(e).__name__}); pass the .ckpt a dlorch training wrote") from None
+        task = "denoising" if isinstance(ckpt, dict) and DENOISE_KEY in ckpt else "segmentation"
+        try:
+            (load_denoiser if task == "denoising" else load_model)(local)
+        except ValueError as e:
+            raise BadInput(str(e).replace(str(local), shown)) from None
+    return task

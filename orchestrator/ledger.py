@@ -12,7 +12,7 @@ from typing import Callable, Iterable, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from dlorch.core.errors import BadInput, StaleWrite
+from dlorch.core.errors import BadInput, StaleWrite, first_problem
 from dlorch.core.spec import TRANSITIONS, Job, JobStatus, NodeInfo
 from dlorch.orchestrator.statestore import StateStore
 
@@ -113,8 +113,7 @@ class Ledger:
         except ValidationError as e:
             root = getattr(self.store, "root", None)
             where = f"{root}/{key}.json" if root is not None else key
-            first = e.errors()[0]["msg"] if e.errors() else str(e)
-            raise CorruptRecord(f"ledger record {where} is unreadable ({first}); restore it from a backup or move it "
+            raise CorruptRecord(f"ledger record {where} is unreadable ({first_problem(e)}); restore it from a backup or move it "
                                 "aside (dlorch leaves it as it is)") from None
 
     def _parse_or_skip(self, model: type[M], key: str, data: bytes) -> M | None:

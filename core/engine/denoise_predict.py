@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from dlorch.core.blocks import WindowGrid
+from dlorch.core.errors import first_problem
 from dlorch.core.engine.denoise_module import CKPT_KEY, build_denoiser
 from dlorch.core.engine.denoise_plan import DenoisingPlan
 from dlorch.core.engine.denoise_posterior import POSTERIOR_REACH, estimate_noise_var, posterior_mean
@@ -36,13 +38,24 @@ def load_denoiser(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, DenoisingP
     own = ckpt.get(CKPT_KEY) if isinstance(ckpt, dict) else None
     if not own or "plan" not in own:
         raise ValueError(f"{checkpoint} is not a dlorch denoising checkpoint; pass a .ckpt from train_denoising")
-    plan = DenoisingPlan.model_validate(own["plan"])
-    net = build_denoiser(plan)
+    try:
+        plan = DenoisingPlan.model_validate(own["plan"])
+    except ValidationError as e:
+        raise ValueError(f"{checkpoint} holds a damaged plan ({first_problem(e)}); use the .ckpt its training wrote") from None
+    try:
+        net = build_denoiser(plan)
+    except (IndexError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{checkpoint} holds a plan no network can be built from ({e}); use the .ckpt its "
+                         "training wrote") from None
     state = own.get("best_state")
     if state is None:
         prefix = "net."
         state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    net.load_state_dict(state)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError:  # torch lists every mismatched tensor, on a hundred lines
+        raise ValueError(f"{checkpoint}: its weights do not fit the network its plan describes; use the .ckpt its "
+                         "training wrote") from None
     return net.eval(), plan
 
 

@@ -6,8 +6,10 @@ import pathlib
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from dlorch.core.blocks import WindowGrid
+from dlorch.core.errors import first_problem
 from dlorch.core.engine.device import apply_threads, detect_runtime
 from dlorch.core.engine.inputs import as_stack
 from dlorch.core.engine.intensity import IntensityStats, normalize
@@ -35,15 +37,26 @@ def load_model(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, SegmentationP
     own = ckpt.get(CKPT_KEY) if isinstance(ckpt, dict) else None
     if not own or "plan" not in own:
         raise ValueError(f"{checkpoint} is not a dlorch segmentation checkpoint; pass a .ckpt from train_segmentation")
-    plan = SegmentationPlan.model_validate(own["plan"])
+    try:
+        plan = SegmentationPlan.model_validate(own["plan"])
+    except ValidationError as e:
+        raise ValueError(f"{checkpoint} holds a damaged plan ({first_problem(e)}); use the .ckpt its training wrote") from None
     if own.get("train_prior") and sum(own["train_prior"]) > 0:
         plan = plan.model_copy(update={"train_prior": list(own["train_prior"])})
-    net = build_unet(plan.spatial_dims, 1, plan.num_classes, plan.filters, plan.norm, plan.input_scale)
+    try:
+        net = build_unet(plan.spatial_dims, 1, plan.num_classes, plan.filters, plan.norm, plan.input_scale)
+    except (IndexError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{checkpoint} holds a plan no network can be built from ({e}); use the .ckpt its "
+                         "training wrote") from None
     state = own.get("best_state")
     if state is None:
         prefix = "net."
         state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    net.load_state_dict(state)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError:  # torch lists every mismatched tensor, on a hundred lines
+        raise ValueError(f"{checkpoint}: its weights do not fit the network its plan describes; use the .ckpt its "
+                         "training wrote") from None
     return net.eval(), plan
 
 

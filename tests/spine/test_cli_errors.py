@@ -137,3 +137,28 @@ def test_a_terminated_command_stops_what_it_started_and_the_next_runs_at_once(en
     t0 = time.monotonic()
     dlorch("train", "segment", str(img), "--labels", str(lab), "--epochs", "1", env=env, timeout=120)
     assert time.monotonic() - t0 < 90  # no wait for the dead command's leadership to expire
+
+
+def test_bad_models_are_one_line_naming_the_file_given(env, home, tmp_path):
+    import torch
+
+    img, lab = synthetic_pair(tmp_path)
+    jid = dlorch("train", "segment", str(img), "--labels", str(lab), "--epochs", "1", env=env).stdout.split()[-1]
+    model = next((home / "jobs" / jid).rglob("model.ckpt"))
+    ckpt = torch.load(model, weights_only=True)
+    own = next(v for v in ckpt.values() if isinstance(v, dict) and "plan" in v)
+    first = next(iter(own["best_state"]))
+    own["best_state"][first] = own["best_state"][first][..., :1]  # weights of another shape
+    torch.save(ckpt, tmp_path / "reshaped.ckpt")
+    (tmp_path / "truncated.ckpt").write_bytes(model.read_bytes()[:30000])
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.ckpt")
+    cases = {"reshaped.ckpt": "weights do not fit", "truncated.ckpt": "not a readable model checkpoint",
+             "foreign.ckpt": "not a dlorch segmentation checkpoint"}
+    for name, needle in cases.items():
+        _one_line_error(dlorch("predict", str(tmp_path / name), str(img), "-o", str(tmp_path / "p.tif"), env=env,
+                               check=False), needle, name)
+    _one_line_error(dlorch("predict", str(tmp_path / "missing.ckpt"), str(img), "-o", str(tmp_path / "p.tif"),
+                           env=env, check=False), "model file not found", "missing.ckpt")
+    pid = dlorch("predict", jid, str(img), "-o", str(tmp_path / "p.tif"), env=env).stdout.split()[-1]
+    _one_line_error(dlorch("predict", pid, str(img), "-o", str(tmp_path / "q.tif"), env=env, check=False),
+                    "makes no model", "training job")
