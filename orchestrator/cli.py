@@ -474,8 +474,24 @@ def main() -> None:
     # orchestrator and agent a command started are stopped, not orphaned. `up` and `agent` install
     # their own handlers.
     signal.signal(signal.SIGTERM, _interrupt)
+    from typer._click import exceptions as click  # typer carries its own click; its exceptions are these
+
     try:
-        app(args=argv, prog_name="dlorch")
+        code = app(args=argv, prog_name="dlorch", standalone_mode=False)
+    except click.NoArgsIsHelpError as e:
+        text = e.ctx.get_help() if e.ctx else ""  # typer's rich help prints itself and returns ""
+        if text.strip():
+            typer.echo(text)
+        sys.exit(2)
+    except click.UsageError as e:  # a bad option or argument: one line, and where the help is
+        command = e.ctx.command_path if e.ctx else "dlorch"
+        typer.echo(f"error: {e.format_message().rstrip('.')}; see `{command} --help`", err=True)
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        typer.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:  # Ctrl-C outside a job (inside one, the job's own message came first)
+        sys.exit(130)
     except DlorchError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
@@ -486,6 +502,8 @@ def main() -> None:
             raise
         typer.echo(f"error: unexpected {type(e).__name__}: {e} (DLORCH_DEBUG=1 shows where)", err=True)
         sys.exit(1)
+    if isinstance(code, int) and code:  # typer.Exit(code) inside a command
+        sys.exit(code)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -162,3 +162,12 @@ def test_bad_models_are_one_line_naming_the_file_given(env, home, tmp_path):
     pid = dlorch("predict", jid, str(img), "-o", str(tmp_path / "p.tif"), env=env).stdout.split()[-1]
     _one_line_error(dlorch("predict", pid, str(img), "-o", str(tmp_path / "q.tif"), env=env, check=False),
                     "makes no model", "training job")
+
+
+def test_usage_errors_are_one_line_pointing_at_the_help(env, tmp_path):
+    img, lab = synthetic_pair(tmp_path)
+    _one_line_error(dlorch("segment", str(img), "--labels", str(lab), "-o", str(tmp_path / "o.tif"), "--epochs", "0",
+                           env=env, check=False), "'--epochs'", "dlorch segment --help")
+    _one_line_error(dlorch("segment", str(img), "-o", str(tmp_path / "o.tif"), env=env, check=False),
+                    "Missing option '--labels'")
+    _one_line_error(dlorch("bogus", env=env, check=False), "No such command 'bogus'", "dlorch --help")
