@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -42,17 +44,46 @@ def read_image(path: Path, key: str | None = None, role: str = "image") -> np.nd
 
             return tifffile.imread(path)
         if suf == ".npy":
-            return np.load(path, allow_pickle=False)
+            return _numbers(_load_numpy(path), path)
         if suf == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                return z[_pick(list(z.files), key, role, path)]
+            with _load_numpy(path) as z:
+                name = _pick(list(z.files), key, role, path)
+                return _numbers(_load_numpy(f"{path}:{name}", lambda: z[name]), f"{path}:{name}")
         if suf in (".zarr", ".ome.zarr"):
             return np.asarray(open_zarr_array(path, key, role))
     except BadInput:
         raise
     except Exception as e:  # a corrupt file: say which, not where in the reader it broke
-        raise BadInput(f"cannot read {role} {path}: {type(e).__name__}: {e}") from None
+        raise BadInput(f"cannot read {role} {path}: {type(e).__name__}: {_one_line(e)}") from None
     raise BadInput(f"unsupported {role} format {suf!r} for {path}; use one of {', '.join(READ_SUFFIXES)}")
+
+
+def _load_numpy(path: Path | str, load=None):
+    """``np.load`` without pickles; a file that would need them is named as not an array of numbers.
+
+    numpy's own message suggests ``allow_pickle=True``: loading a pickle runs code from the file,
+    a fix no user should be told to apply.
+    """
+    try:
+        return load() if load else np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "pickle" not in str(e):
+            raise
+        raise BadInput(_NOT_NUMBERS.format(path=path)) from None
+
+
+_NOT_NUMBERS = "{path} is not a NumPy array file of numbers (dlorch never loads pickled objects); save it with np.save"
+
+
+def _numbers(array: np.ndarray, name) -> np.ndarray:
+    """The array, if it holds numbers (bool, integers, floats); strings or records are refused here."""
+    if array.dtype.kind not in "biuf":
+        raise BadInput(f"{name} holds {array.dtype} values, not numbers; save an array of numbers with np.save")
+    return array
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def open_zarr_array(path: Path, key: str | None = None, role: str = "image"):
@@ -86,29 +117,92 @@ def output_format(path: Path) -> str:
     return WRITE_FORMATS[suf]
 
 
-def write_image(array: np.ndarray, path: Path, fmt: str | None = None) -> Path:
-    """Write an array as TIFF (ImageJ-readable), zarr or .npy, atomically (temp name, then rename)."""
+def is_zarr_array(path: Path) -> bool:
+    """Whether ``path`` is a zarr array (v2 ``.zarray``, or v3 ``zarr.json`` of an array, not a group)."""
+    path = Path(path)
+    if (path / ".zarray").is_file():
+        return True
+    try:
+        return json.loads((path / "zarr.json").read_text()).get("node_type") == "array"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output_path(path: str | Path, inputs: Iterable[str | Path] = (), fmt: str | None = None) -> None:
+    """Raise ``BadInput`` unless an output can be written at ``path`` without destroying anything.
+
+    Refused: an output that is one of ``inputs``; a missing parent directory, or a parent that is a
+    file; an existing directory for a .tif/.npy; an existing path for a .zarr that is not a zarr
+    array (only a previous output, which is an array, may be replaced). A URL (``s3://...``) is
+    checked by ``dlorch.core.volumes.check_output_volume``.
+
+    Args:
+        path: the output path (or URL) the user gave.
+        inputs: the job's input paths or URLs (``file.npz:NAME`` allowed); the output must be none of them.
+        fmt: tif, zarr or npy; by default from the suffix of ``path``.
+    """
+    from dlorch.core.volumes import check_output_volume, same_location
+
+    for inp in inputs:
+        if same_location(str(path), str(split_key(str(inp))[0]) if "://" not in str(inp) else str(inp)):
+            raise BadInput(f"the output {path} is the input; choose another path")
+    if "://" in str(path):
+        check_output_volume(str(path))
+        return
     path = Path(path)
     fmt = fmt or output_format(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    if fmt == "tif":
-        import tifffile
+    target = path.resolve()
+    parent = target.parent
+    if not parent.is_dir():
+        blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise BadInput(f"cannot write {path}: {blocker} is a file, not a directory; choose another path")
+        raise BadInput(f"cannot write {path}: directory {path.parent} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"cannot write {path}: no permission to write in {path.parent}; choose another path")
+    if not (path.exists() or path.is_symlink()):
+        return
+    if fmt == "zarr":
+        if not (path.is_dir() and is_zarr_array(path)):
+            raise BadInput(f"output {path} exists and is not a zarr array; remove it or choose another path")
+    elif path.is_dir():
+        raise BadInput(f"output {path} is a directory; give a file name ending in .{fmt}")
 
-        imagej = array.dtype in (np.uint8, np.uint16, np.float32) and array.ndim <= 6
-        tifffile.imwrite(tmp, array, imagej=imagej, metadata={"axes": "ZYX"[-array.ndim :]} if imagej and array.ndim <= 3 else None)
-    elif fmt == "npy":
-        with open(tmp, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-    elif fmt == "zarr":
-        import zarr
 
-        chunks = tuple(min(s, c) for s, c in zip(array.shape, (1,) * max(0, array.ndim - 2) + (512, 512)))
-        z = zarr.create_array(str(tmp), shape=array.shape, dtype=array.dtype, chunks=chunks)
-        z[...] = array
-    else:
+def write_image(array: np.ndarray, path: Path, fmt: str | None = None) -> Path:
+    """Write an array as TIFF (ImageJ-readable), zarr or .npy, atomically (temp name, then rename).
+
+    Only what ``check_output_path`` allows is replaced: an existing file, or a zarr array (a
+    previous output) for a .zarr; anything else raises ``BadInput`` and is left as it is.
+    """
+    path = Path(path)
+    fmt = fmt or output_format(path)
+    if fmt not in ("tif", "npy", "zarr"):
         raise BadInput(f"unknown output format {fmt!r}; use tif, zarr or npy")
-    if path.exists() and path.is_dir():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    check_output_path(path, fmt=fmt)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        if fmt == "tif":
+            import tifffile
+
+            imagej = array.dtype in (np.uint8, np.uint16, np.float32) and array.ndim <= 6
+            tifffile.imwrite(tmp, array, imagej=imagej,
+                             metadata={"axes": "ZYX"[-array.ndim :]} if imagej and array.ndim <= 3 else None)
+        elif fmt == "npy":
+            with open(tmp, "wb") as fh:
+                np.save(fh, array, allow_pickle=False)
+        else:
+            import zarr
+
+            chunks = tuple(min(s, c) for s, c in zip(array.shape, (1,) * max(0, array.ndim - 2) + (512, 512)))
+            z = zarr.create_array(str(tmp), shape=array.shape, dtype=array.dtype, chunks=chunks)
+            z[...] = array
+        if path.is_dir():  # a previous zarr output (checked above): os.replace cannot replace a full directory
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
     return path

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 from dlorch.core.errors import BadInput, Unreachable
@@ -34,11 +36,90 @@ def open_volume(url: str, mode: str = "r"):
     return node[names[0]]
 
 
+def same_location(a: str, b: str) -> bool:
+    """Whether two paths or URLs name the same place (``file://`` and relative paths resolved)."""
+    return _location(a) == _location(b)
+
+
+def _location(url: str) -> str:
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if "://" in url:
+        return url.rstrip("/")
+    return str(Path(url).expanduser().resolve())
+
+
+def check_output_volume(url: str, input_url: str | None = None) -> None:
+    """Raise ``BadInput`` unless a zarr output may be written at ``url`` (a path or URL).
+
+    The output must not be the input, and an existing ``url`` must be a zarr array: a previous
+    output, which is replaced. Anything else there (files, a directory of other things, a zarr
+    group that may hold other arrays) is refused and left as it is.
+    """
+    if input_url is not None and same_location(url, input_url):
+        raise BadInput(f"the output {url} is the input; choose another path")
+    from fsspec.core import url_to_fs
+
+    try:
+        fs, root = url_to_fs(url, **(storage_options(url) or {}))
+        root = root.rstrip("/")
+        if not fs.exists(root):
+            return
+        if fs.isdir(root) and (fs.exists(f"{root}/.zarray") or _is_v3_array(fs, f"{root}/zarr.json")):
+            return
+    except Exception as e:
+        raise _explain(url, e) from None
+    raise BadInput(f"output {url} exists and is not a zarr array; remove it or choose another path")
+
+
+def _is_v3_array(fs, meta: str) -> bool:
+    try:
+        return json.loads(fs.cat_file(meta)).get("node_type") == "array"
+    except (FileNotFoundError, ValueError, AttributeError):
+        return False
+
+
+def read_region(vol, url: str, index: Any):
+    """``vol[index]`` as an array; a failed read names the volume and the region, in one line."""
+    import numpy as np
+
+    try:
+        return np.asarray(vol[index])
+    except Exception as e:  # a corrupt chunk, a lost object: say where, not where in zarr it broke
+        err = _explain(url, e)
+        if not isinstance(err, BadInput):
+            raise err from None
+        text = " ".join(str(e).split()) or type(e).__name__
+        raise BadInput(f"cannot read {url} ({describe_region(index, vol.shape)}): {text}; "
+                       f"check the volume, or rewrite the damaged chunk") from None
+
+
+def describe_region(index: Any, shape: tuple[int, ...]) -> str:
+    """``region z 3:4, y 0:64`` for an index into an array of ``shape`` (``whole volume`` for ``...``)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    if parts in ((Ellipsis,), ()):
+        return "whole volume"
+    axes = "zyx"[-len(shape):] if len(shape) <= 3 else [f"axis {i}" for i in range(len(shape))]
+    named = []
+    for axis, n, part in zip(axes, shape, parts):
+        if isinstance(part, slice):
+            start, stop, _ = part.indices(n)
+            named.append(f"{axis} {start}:{stop}")
+        elif isinstance(part, (int,)) or hasattr(part, "__index__"):
+            named.append(f"{axis} {int(part)}:{int(part) + 1}")
+    return "region " + ", ".join(named)
+
+
 def create_volume(url: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str,
-                  attributes: dict[str, Any] | None = None):
-    """Create (or open, if it already has this layout) the output array at ``url``."""
+                  attributes: dict[str, Any] | None = None, input_url: str | None = None):
+    """Create (or open, if it already has this layout) the output array at ``url``.
+
+    ``check_output_volume`` runs first: a path that is the input, or holds anything but a zarr
+    array, raises ``BadInput`` and is left untouched.
+    """
     import zarr
 
+    check_output_volume(url, input_url)
     try:
         existing = zarr.open_array(url, mode="r", storage_options=storage_options(url))
         if tuple(existing.shape) == tuple(shape) and tuple(existing.chunks) == tuple(chunks) \

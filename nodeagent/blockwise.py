@@ -23,7 +23,7 @@ from dlorch.core.blocks import Block, choose_block_voxels, plan_blocks
 from dlorch.core.errors import BadInput, Unreachable
 from dlorch.core.spec import JobSpec
 from dlorch.core.store import DataStore
-from dlorch.core.volumes import create_volume, open_volume
+from dlorch.core.volumes import check_output_volume, create_volume, open_volume, read_region
 from dlorch.nodeagent.hardware import total_memory_bytes
 from dlorch.nodeagent.interrupts import StopFlag
 from dlorch.orchestrator.queue import Queue
@@ -66,6 +66,8 @@ def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
         model = _model(checkpoint, spec.task)
         plan = model[1]
     with attempt.timed("plan_blocks_s"):
+        output = spec.output or attempt.store.uri(f"jobs/{job.id}/output.zarr")
+        check_output_volume(output, spec.image)  # before any work: the output must destroy nothing
         vol = open_volume(spec.image)
         if vol.ndim not in (2, 3):
             raise BadInput(f"blockwise prediction takes a 2D or 3D volume; {spec.image} has shape {vol.shape}")
@@ -73,12 +75,13 @@ def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
         if vol.ndim == 3 and plan.spatial_dims == 3:  # a 3D network needs neighbouring slices: a central slab
             box = [min(n, 2 * r) for n, r in zip(shape, plan.infer_roi)]
             box[0] = min(shape[0], plan.infer_roi[0])
-            sample = np.asarray(vol[tuple(slice((n - b) // 2, (n - b) // 2 + b) for n, b in zip(shape, box))])
+            slab = tuple(slice((n - b) // 2, (n - b) // 2 + b) for n, b in zip(shape, box))
+            sample = read_region(vol, spec.image, slab)
         elif vol.ndim == 3:
             picks = np.unique(np.linspace(0, shape[0] - 1, min(STAT_SLICES, shape[0])).astype(int))
-            sample = np.stack([np.asarray(vol[int(z)]) for z in picks])
+            sample = np.stack([read_region(vol, spec.image, int(z)) for z in picks])
         else:
-            sample = np.asarray(vol[...])
+            sample = read_region(vol, spec.image, ...)
     with attempt.timed("calibrate_s"):
         if spec.task == "denoising":
             shared, voxels_per_s = _calibrate_denoiser(sample, model)
@@ -105,9 +108,8 @@ def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
         else:
             target = choose_block_voxels(voxels_per_s, total_memory_bytes(), bytes_per_voxel)
         blocks = plan_blocks(shape, tuple(vol.chunks), (0,) * vol.ndim, target, reach)
-        output = spec.output or attempt.store.uri(f"jobs/{job.id}/output.zarr")
         create_volume(output, shape, tuple(vol.chunks), dtype,
-                      attributes={"dlorch_job": job.id, "model": spec.model, **attributes})
+                      attributes={"dlorch_job": job.id, "model": spec.model, **attributes}, input_url=spec.image)
     return {"outcome": "split", "output": output, **shared, "voxels": math.prod(shape),
             "blocks": [{"index": b.index, "core": b.core, "read": b.read} for b in blocks]}
 

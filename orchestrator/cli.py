@@ -444,7 +444,8 @@ def _log_to_stderr() -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("lightning", "pytorch_lightning", "lightning.pytorch", "huey", "lightning.fabric",
                   "pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
-                  "pytorch_lightning.trainer.connectors.checkpoint_connector"):
+                  "pytorch_lightning.trainer.connectors.checkpoint_connector", "botocore", "aiobotocore", "s3fs",
+                  "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
