@@ -320,21 +320,42 @@ def evaluate(
     from dlorch.core.imageio import read_image, split_key
     from dlorch.core.metrics import segmentation_scores
 
-    pred = read_image(prediction, role="labels")
+    pred = _label_map(read_image(prediction, role="labels"), "prediction", str(prediction))
     path, key = split_key(truth)
-    true = read_image(path, key, role="labels")
+    true = _label_map(read_image(path, key, role="labels"), "truth", truth)
     if pred.shape != true.shape:
         raise BadInput(f"prediction shape {pred.shape} differs from truth shape {true.shape}")
     if slices:
-        a, _, b = slices.partition(":")
-        sl = slice(int(a) if a else None, int(b) if b else None)
+        n = pred.shape[0]
+        a, sep, b = slices.partition(":")
+        try:
+            sl = slice(int(a) if a else None, int(b) if b else None) if sep else slice(int(a), int(a) + 1)
+        except ValueError:
+            raise BadInput(f"--slices {slices!r} is not a range such as 5:30") from None
         pred, true = pred[sl], true[sl]
+        if pred.size == 0:
+            raise BadInput(f"--slices {slices} selects none of the {n} slices; give a range inside 0:{n}")
+    if not (true > 0).any():
+        raise BadInput(f"truth {truth} has no labelled pixel (all 0); score against dense labels 1..K")
     scores = segmentation_scores(pred, true)
     for k, v in scores.items():
         typer.echo(f"{k:>16}: {v:.4f}")
 
 
 # -- helpers ------------------------------------------------------------------------------------------
+def _label_map(a: Any, role: str, where: str) -> Any:
+    """An integer label map (0 = unlabelled, 1..K), or a one-line error naming the file."""
+    import numpy as np
+
+    if a.dtype.kind == "f" and np.isfinite(a).all() and (a == np.round(a)).all():
+        a = a.astype(np.int64)  # whole numbers saved as floats (some tools do): labels all the same
+    if a.dtype.kind not in "iub":
+        raise BadInput(f"{role} {where} holds {a.dtype} values, not labels; pass an integer label map (0, 1..K)")
+    if a.dtype.kind == "i" and a.size and a.min() < 0:
+        raise BadInput(f"{role} {where} holds negative labels; labels are 0 (unlabelled) and 1..K")
+    return np.asarray(a)
+
+
 def _training_spec(kind: str, image: str, labels: str, epochs, time_budget, priority) -> dict[str, Any]:
     from dlorch.core.engine.inputs import check_labels
     from dlorch.core.imageio import read_image, split_key

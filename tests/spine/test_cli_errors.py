@@ -171,3 +171,18 @@ def test_usage_errors_are_one_line_pointing_at_the_help(env, tmp_path):
     _one_line_error(dlorch("segment", str(img), "-o", str(tmp_path / "o.tif"), env=env, check=False),
                     "Missing option '--labels'")
     _one_line_error(dlorch("bogus", env=env, check=False), "No such command 'bogus'", "dlorch --help")
+
+
+def test_evaluate_refuses_what_is_not_a_label_map_or_an_empty_selection(env, tmp_path):
+    truth = np.ones((4, 32, 32), np.uint8)
+    truth[:, :8] = 2
+    np.save(tmp_path / "t.npy", truth)
+    np.save(tmp_path / "image.npy", np.random.default_rng(0).random((4, 32, 32)).astype(np.float32))
+    np.save(tmp_path / "blank.npy", np.zeros_like(truth))
+    np.save(tmp_path / "as_float.npy", truth.astype(np.float32))  # whole numbers as floats: still labels
+    assert "mean_iou: 1.0000" in dlorch("evaluate", str(tmp_path / "as_float.npy"), str(tmp_path / "t.npy"), env=env).stdout
+    t = str(tmp_path / "t.npy")
+    _one_line_error(dlorch("evaluate", str(tmp_path / "image.npy"), t, env=env, check=False), "not labels", "image.npy")
+    _one_line_error(dlorch("evaluate", t, str(tmp_path / "blank.npy"), env=env, check=False), "no labelled pixel")
+    _one_line_error(dlorch("evaluate", t, t, "--slices", "10:20", env=env, check=False), "selects none of the 4")
+    _one_line_error(dlorch("evaluate", t, t, "--slices", "abc", env=env, check=False), "not a range")
