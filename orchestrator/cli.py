@@ -232,18 +232,29 @@ def submit(
     """Submit a job described by a JSON spec (for scripts); prints the job id."""
     from dlorch.core.spec import parse_spec
 
-    if not spec_file.exists():
-        raise BadInput(f"spec file not found: {spec_file}")
+    from dlorch.core.imageio import output_format
+
+    if not spec_file.is_file():
+        raise BadInput(f"spec file not found: {spec_file}" if not spec_file.exists() else
+                       f"spec {spec_file} is a directory; pass the JSON file")
     try:
         data = json.loads(spec_file.read_text())
     except ValueError as e:
         raise BadInput(f"spec {spec_file} is not valid JSON: {e}") from None
     parse_spec(data)  # fail on a bad field before uploading anything
+    if out is not None:  # the result is copied as it was written: the suffix must say the same format
+        fmt = output_format(out)
+        if data.get("output_format", fmt) != fmt:
+            raise BadInput(f"-o {out} asks for {fmt} but the spec's output_format is {data['output_format']}")
+        data["output_format"] = fmt
     c = client()
-    for role in ("image", "labels", "model"):
+    for role in ("image", "labels"):
         value = data.get(role)
         if value and "://" not in value and not value.startswith(c.store.url):
             data[role] = upload(c, value, role)
+    if data.get("model") and not data["model"].startswith(c.store.url):  # a .ckpt, a URL or a training job's id
+        data["model"], task = model_uri(c, data["model"])
+        data.setdefault("task", task)
     _run_job(data, detach=not wait, out=out, c=c)
 
 

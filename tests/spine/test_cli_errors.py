@@ -186,3 +186,20 @@ def test_evaluate_refuses_what_is_not_a_label_map_or_an_empty_selection(env, tmp
     _one_line_error(dlorch("evaluate", t, str(tmp_path / "blank.npy"), env=env, check=False), "no labelled pixel")
     _one_line_error(dlorch("evaluate", t, t, "--slices", "10:20", env=env, check=False), "selects none of the 4")
     _one_line_error(dlorch("evaluate", t, t, "--slices", "abc", env=env, check=False), "not a range")
+
+
+def test_submit_takes_a_model_by_path_or_job_id_and_checks_the_output_suffix(env, tmp_path):
+    import tifffile
+
+    img, lab = synthetic_pair(tmp_path)
+    jid = dlorch("train", "segment", str(img), "--labels", str(lab), "--epochs", "1", env=env).stdout.split()[-1]
+    model = job_json(jid, env)["model"]
+    for name, ref, out in (("by_path", model, "a.npy"), ("by_id", jid, "b.tif")):
+        spec = tmp_path / f"{name}.json"
+        spec.write_text(json.dumps({"kind": "predict", "image": str(img), "model": ref}))
+        dlorch("submit", str(spec), "--wait", "-o", str(tmp_path / out), env=env)
+    assert np.load(tmp_path / "a.npy").shape == np.load(img).shape  # an .npy, because -o said so
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "b.tif"), np.load(tmp_path / "a.npy"))
+    _one_line_error(dlorch("submit", str(tmp_path / "by_id.json"), "--wait", "-o", str(tmp_path / "c.png"), env=env,
+                           check=False), "must end in .tif, .zarr or .npy")
+    _one_line_error(dlorch("submit", str(tmp_path), env=env, check=False), "is a directory")
