@@ -70,4 +70,9 @@ class Settings(BaseSettings):
                 if not key_file.exists():
                     os.replace(tmp, key_file)
             tmp.unlink(missing_ok=True)
-        return key_file.read_bytes().strip()
+        key = key_file.read_bytes().strip()
+        if not key:
+            from dlorch.core.errors import BadInput
+
+            raise BadInput(f"{key_file} is empty; delete it (a new key is made) or set DLORCH_SECRET")
+        return key

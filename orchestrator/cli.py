@@ -41,10 +41,19 @@ def settings() -> Settings:
 
 
 def client():
+    import sqlite3
+
     from dlorch.orchestrator.client import Client
 
-    c = Client(settings())
-    c.check_queue()
+    s = settings()
+    try:
+        c = Client(s)
+        c.check_queue()
+    except (OSError, sqlite3.Error) as e:  # a store path that is a file, an unwritable home, a damaged queue.db
+        what = getattr(e, "strerror", None) or str(e)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise BadInput(f"cannot open dlorch's store or queue: {what}{where}; point --store (DLORCH_HOME) at a "
+                       "writable directory and --queue at a writable sqlite:/// file or a redis:// URL") from None
     return c
 
 

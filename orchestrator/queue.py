@@ -33,6 +33,10 @@ def _huey(url: str, name: str):
         path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else p.path
         return SqliteHuey(name=name, filename=path, strict_fifo=True, timeout=30)
     if p.scheme in ("redis", "rediss", "unix"):
+        try:
+            p.port  # noqa: B018 -- parses the port, which raises on one out of range
+        except ValueError as e:
+            raise BadInput(f"bad queue URL {url!r}: {e}; use redis://host:6379/0") from None
         from huey import PriorityRedisHuey
         from redis import ConnectionPool
 

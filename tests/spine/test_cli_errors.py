@@ -203,3 +203,18 @@ def test_submit_takes_a_model_by_path_or_job_id_and_checks_the_output_suffix(env
     _one_line_error(dlorch("submit", str(tmp_path / "by_id.json"), "--wait", "-o", str(tmp_path / "c.png"), env=env,
                            check=False), "must end in .tif, .zarr or .npy")
     _one_line_error(dlorch("submit", str(tmp_path), env=env, check=False), "is a directory")
+
+
+def test_unusable_store_queue_or_key_settings_are_one_line(env, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    _one_line_error(dlorch("--store", str(a_file), "jobs", env=env, check=False), "cannot open dlorch's store",
+                    "--store")
+    (tmp_path / "bad.db").write_text("not a database")
+    _one_line_error(dlorch("--queue", f"sqlite:///{tmp_path / 'bad.db'}", "jobs", env=env, check=False),
+                    "file is not a database", "--queue")
+    _one_line_error(dlorch("--queue", "redis://127.0.0.1:99999", "jobs", env=env, check=False), "bad queue URL")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "secret.key").write_bytes(b"")
+    _one_line_error(dlorch("jobs", env={**env, "DLORCH_HOME": str(home)}, check=False), "secret.key is empty")
