@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from dlorch.core.engine.inputs import as_stack
+from dlorch.core.engine.inputs import MIN_EDGE, as_stack
 
 MODES = ("n2v", "n2n", "care")
 # Smallest slice edge the blind-spot window (5x5) and a 2-level U-Net can work with.
-MIN_EDGE = 8
 # Statistics come from a strided subsample: a few million voxels give the mean and std of a
 # large volume to well below a percent, at a fraction of the cost.
 _MAX_SAMPLES = 2_000_000

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# Smallest slice either task accepts: a U-Net of three levels pads anything smaller out of recognition.
+MIN_EDGE = 8
+
 
 def as_stack(image: np.ndarray, name: str = "image") -> np.ndarray:
     """View a (Y, X) image or (Z, Y, X) stack as a (Z, Y, X) stack of 2D slices.
@@ -50,6 +53,9 @@ def check_labels(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.
         raise ValueError(f"labels have dtype {lab.dtype}; pass integer labels (0 = unlabelled, 1..K = classes)")
     if lab.size and (lab.min() < 0 or lab.max() > 255):
         raise ValueError("labels must lie in 0..255 (0 = unlabelled, 1..K = classes); renumber the classes")
+    if min(stack.shape[-2:]) < MIN_EDGE:
+        raise ValueError(f"image slices are {stack.shape[-2]}x{stack.shape[-1]}; segmentation needs at least "
+                         f"{MIN_EDGE}x{MIN_EDGE} pixels, pass a larger image")
     lab = lab.astype(np.uint8).reshape(stack.shape)
     counts = np.bincount(lab.reshape(-1), minlength=2)
     present = np.nonzero(counts[1:])[0] + 1

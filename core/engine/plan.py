@@ -123,8 +123,8 @@ def choose_patch(image_yx: tuple[int, int], default: int, multiple: int = 16) ->
 
 
 def choose_filters(patch: list[int], default_filters: list[int]) -> list[int]:
-    """Keep as many levels as leave a bottleneck of at least 8 pixels (and at least 2 levels)."""
-    downsamplings = max(1, int(math.floor(math.log2(min(patch) / 8))))
+    """Keep as many levels as leave a bottleneck of at least 8 pixels (and at least 3 levels: DynUNet's minimum)."""
+    downsamplings = max(2, int(math.floor(math.log2(min(patch) / 8))))
     return list(default_filters[: min(len(default_filters), downsamplings + 1)])
 
 

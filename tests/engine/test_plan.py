@@ -53,7 +53,13 @@ def test_patch_and_depth_rules():
     assert choose_patch((40, 700), 128) == [48, 128]
     assert choose_patch((3, 3), 128) == [16, 16]
     assert choose_filters([128, 128], [16, 24, 48, 96, 192]) == [16, 24, 48, 96, 192]
-    assert choose_filters([16, 16], [16, 24, 48, 96, 192]) == [16, 24]
+    # The smallest patch still gets three levels: DynUNet cannot be built with fewer (an 8x8 image failed so).
+    assert choose_filters([16, 16], [16, 24, 48, 96, 192]) == [16, 24, 48]
+    from dlorch.core.engine.network import build_unet
+
+    build_unet(2, 1, 2, choose_filters([16, 16], [16, 24, 48, 96, 192]))
+    with pytest.raises(ValueError, match="at least 8x8"):
+        plan_segmentation(np.zeros((1, 4, 4), np.float32), np.array([[[1, 2, 0, 0]] * 4], np.uint8))
 
 
 def test_half_resolution_only_for_large_images_with_thick_strokes():
