@@ -119,7 +119,7 @@ def agent(
 # -- jobs ---------------------------------------------------------------------------------------------
 @app.command()
 def segment(
-    image: Path = typer.Argument(..., help="image: TIFF, zarr, .npy or .npz (file.npz:NAME picks an array)"),
+    image: str = typer.Argument(..., help="image: TIFF, zarr, .npy or .npz (file.npz:NAME picks an array)"),
     labels: str = typer.Option(..., "--labels", help="sparse labels on the same grid: 0 = unlabelled, 1..K"),
     out: Path = typer.Option(..., "-o", "--out", help="label map to write: .tif, .zarr or .npy"),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="override the automatic epoch count"),
@@ -133,7 +133,7 @@ def segment(
     from dlorch.core.imageio import output_format
 
     fmt = output_format(out)
-    spec = _training_spec("segment", str(image), labels, epochs, time_budget, priority) | {"output_format": fmt}
+    spec = _training_spec("segment", image, labels, epochs, time_budget, priority) | {"output_format": fmt}
     if tta is not None:
         spec["options"] = {"tta": tta}
     if candidates > 1:
@@ -148,7 +148,7 @@ def segment(
 
 @app.command()
 def denoise(
-    image: Path = typer.Argument(..., help="noisy image: TIFF, zarr, .npy or .npz (file.npz:NAME picks an array)"),
+    image: str = typer.Argument(..., help="noisy image: TIFF, zarr, .npy or .npz (file.npz:NAME picks an array)"),
     out: Path = typer.Option(..., "-o", "--out", help="denoised image to write (float32): .tif, .zarr or .npy"),
     second: Optional[str] = typer.Option(None, "--second", help="a second noisy acquisition: Noise2Noise"),
     clean: Optional[str] = typer.Option(None, "--clean", help="a clean target of the same scene: supervised (CARE)"),
@@ -167,7 +167,7 @@ def denoise(
 
 @train_app.command("denoise")
 def train_denoise(
-    image: Path = typer.Argument(..., help="noisy image"),
+    image: str = typer.Argument(..., help="noisy image"),
     second: Optional[str] = typer.Option(None, "--second", help="a second noisy acquisition: Noise2Noise"),
     clean: Optional[str] = typer.Option(None, "--clean", help="a clean target: supervised (CARE)"),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="also copy the model checkpoint here"),
@@ -182,7 +182,7 @@ def train_denoise(
 
 @train_app.command("segment")
 def train_segment(
-    image: Path = typer.Argument(..., help="image: TIFF, zarr, .npy or .npz"),
+    image: str = typer.Argument(..., help="image: TIFF, zarr, .npy or .npz"),
     labels: str = typer.Option(..., "--labels", help="sparse labels: 0 = unlabelled, 1..K"),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="also copy the model checkpoint here"),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
@@ -192,7 +192,7 @@ def train_segment(
     detach: bool = typer.Option(False, "--detach", help="print only the job id(s) and return"),
 ) -> None:
     """Train a segmentation model; `dlorch predict JOB IMAGE` applies it."""
-    spec = _training_spec("train", str(image), labels, epochs, time_budget, priority)
+    spec = _training_spec("train", image, labels, epochs, time_budget, priority)
     if candidates > 1:
         best = _run_candidates(spec, candidates, detach)
         if best is not None and out is not None:
@@ -376,7 +376,16 @@ def _label_map(a: Any, role: str, where: str) -> Any:
     return np.asarray(a)
 
 
+def _local(ref: str | None, role: str) -> None:
+    """Training reads its inputs on this machine: a URL is refused in one line."""
+    if ref and "://" in ref:
+        raise BadInput(f"training reads local files, and the {role} is a URL ({ref}); copy it here first "
+                       "(`dlorch predict` reads .zarr volumes from s3:// directly)")
+
+
 def _training_spec(kind: str, image: str, labels: str, epochs, time_budget, priority) -> dict[str, Any]:
+    for ref, role in ((image, "image"), (labels, "labels")):
+        _local(ref, role)
     from dlorch.core.engine.inputs import check_labels
     from dlorch.core.imageio import read_image, split_key
 
@@ -393,7 +402,9 @@ def _training_spec(kind: str, image: str, labels: str, epochs, time_budget, prio
             "epochs": epochs, "time_budget": time_budget, "priority": priority}
 
 
-def _denoise_spec(kind: str, image: Path, second, clean, epochs, time_budget, priority) -> dict[str, Any]:
+def _denoise_spec(kind: str, image: str, second, clean, epochs, time_budget, priority) -> dict[str, Any]:
+    for ref, role in ((image, "image"), (second, "second acquisition"), (clean, "clean target")):
+        _local(ref, role)
     from dlorch.core.imageio import read_image, split_key
 
     if second and clean:

@@ -218,3 +218,11 @@ def test_unusable_store_queue_or_key_settings_are_one_line(env, tmp_path):
     home.mkdir()
     (home / "secret.key").write_bytes(b"")
     _one_line_error(dlorch("jobs", env={**env, "DLORCH_HOME": str(home)}, check=False), "secret.key is empty")
+
+
+def test_training_inputs_given_as_urls_are_refused_in_one_line(env, tmp_path):
+    img, lab = synthetic_pair(tmp_path)
+    _one_line_error(dlorch("segment", "s3://bucket/image.npy", "--labels", str(lab), "-o", str(tmp_path / "o.tif"),
+                           env=env, check=False), "training reads local files", "s3://bucket/image.npy")
+    _one_line_error(dlorch("denoise", str(img), "--clean", "s3://bucket/clean.npy", "-o", str(tmp_path / "o.tif"),
+                           env=env, check=False), "clean target is a URL")
