@@ -131,8 +131,8 @@ def is_zarr_array(path: Path) -> bool:
 def check_output_path(path: str | Path, inputs: Iterable[str | Path] = (), fmt: str | None = None) -> None:
     """Raise ``BadInput`` unless an output can be written at ``path`` without destroying anything.
 
-    Refused: an output that is one of ``inputs``; a missing parent directory, or a parent that is a
-    file; an existing directory for a .tif/.npy; an existing path for a .zarr that is not a zarr
+    Refused: an output that is one of ``inputs``; a parent path that is a file, or a directory
+    without write permission (missing directories are created by the writer); an existing directory for a .tif/.npy; an existing path for a .zarr that is not a zarr
     array (only a previous output, which is an array, may be replaced). A URL (``s3://...``) is
     checked by ``dlorch.core.volumes.check_output_volume``.
 
@@ -153,13 +153,13 @@ def check_output_path(path: str | Path, inputs: Iterable[str | Path] = (), fmt: 
     fmt = fmt or output_format(path)
     target = path.resolve()
     parent = target.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)  # missing ones are created
+    if existing is not None and not existing.is_dir():
+        raise BadInput(f"cannot write {path}: {existing} is a file, not a directory; choose another path")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInput(f"cannot write {path}: no permission to write in {existing}; choose another path")
     if not parent.is_dir():
-        blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
-        if blocker is not None and not blocker.is_dir():
-            raise BadInput(f"cannot write {path}: {blocker} is a file, not a directory; choose another path")
-        raise BadInput(f"cannot write {path}: directory {path.parent} does not exist; create it or choose another path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"cannot write {path}: no permission to write in {path.parent}; choose another path")
+        return
     if not (path.exists() or path.is_symlink()):
         return
     if fmt == "zarr":
@@ -180,6 +180,7 @@ def write_image(array: np.ndarray, path: Path, fmt: str | None = None) -> Path:
     if fmt not in ("tif", "npy", "zarr"):
         raise BadInput(f"unknown output format {fmt!r}; use tif, zarr or npy")
     check_output_path(path, fmt=fmt)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         if fmt == "tif":

@@ -86,6 +86,11 @@ class DataStore:
         """Whether an object (or directory) exists."""
         return self._guard(lambda: self._fs_for(uri_or_key).exists(self._path(uri_or_key)))
 
+    def size(self, uri_or_key: str) -> int:
+        """Bytes of an object (a directory: all its files)."""
+        fs, path = self._fs_for(uri_or_key), self._path(uri_or_key)
+        return self._guard(lambda: fs.du(path, total=True) if fs.isdir(path) else fs.size(path))
+
     def put_file(self, local: Path, key: str) -> str:
         """Upload a file or directory to ``key``, published atomically; returns its URI."""
         dest = self._path(key)

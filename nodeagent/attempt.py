@@ -270,10 +270,9 @@ def _copy_fault(store: DataStore, uri: str, local: Path, digest: str | None) -> 
 
 
 def _store_size(store: DataStore, uri: str) -> int:
-    """Bytes of a store object (a directory: all its files). DataStore has no size method; its fs is used."""
-    fs, path = store._fs_for(uri), store._path(uri)
+    """Bytes of a store object (a directory: all its files)."""
     try:
-        return store._guard(lambda: fs.du(path, total=True) if fs.isdir(path) else fs.size(path))
+        return store.size(uri)
     except FileNotFoundError:
         raise BadInput(f"not found in the store: {uri}") from None
 

@@ -130,9 +130,10 @@ def segment(
     detach: bool = typer.Option(False, "--detach", help="print only the job id and return"),
 ) -> None:
     """Train on sparse labels and segment the image (one job; with --candidates, N jobs and the best predicts)."""
-    from dlorch.core.imageio import output_format
+    from dlorch.core.imageio import check_output_path, output_format
 
     fmt = output_format(out)
+    check_output_path(out, [image, labels])  # before training: a bad output would waste it, or lose data
     spec = _training_spec("segment", image, labels, epochs, time_budget, priority) | {"output_format": fmt}
     if tta is not None:
         spec["options"] = {"tta": tta}
@@ -158,9 +159,10 @@ def denoise(
     detach: bool = typer.Option(False, "--detach", help="print only the job id and return"),
 ) -> None:
     """Denoise an image, self-supervised from the noisy image alone (Noise2Void) unless given more."""
-    from dlorch.core.imageio import output_format
+    from dlorch.core.imageio import check_output_path, output_format
 
     fmt = output_format(out)
+    check_output_path(out, [r for r in (image, second, clean) if r])
     _run_job(_denoise_spec("denoise", image, second, clean, epochs, time_budget, priority) | {"output_format": fmt},
              detach, out=out)
 
@@ -215,9 +217,10 @@ def predict(
     detach: bool = typer.Option(False, "--detach", help="print only the job id and return"),
 ) -> None:
     """Segment or denoise an image with a trained model."""
-    from dlorch.core.imageio import output_format
+    from dlorch.core.imageio import check_output_path, output_format
 
     fmt = output_format(Path(out))
+    check_output_path(out, [image])  # a URL stays a string: Path() would mangle s3://
     c = client()
     model_ref, task = model_uri(c, model)
     spec = {"kind": "predict", "task": task, "image": upload(c, image, "image"), "model": model_ref,
@@ -253,6 +256,7 @@ def submit(
     parse_spec(data)  # fail on a bad field before uploading anything
     if out is not None:  # the result is copied as it was written: the suffix must say the same format
         fmt = output_format(out)
+        check_output_path(out, [data[r] for r in ("image", "labels", "target") if data.get(r)])
         if data.get("output_format", fmt) != fmt:
             raise BadInput(f"-o {out} asks for {fmt} but the spec's output_format is {data['output_format']}")
         data["output_format"] = fmt

@@ -1,0 +1,201 @@
+"""Outputs never destroy what is already there; unreadable inputs and damaged copies are named in one line."""
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from dlorch.core.errors import BadInput
+from tests.conftest import cli_env, dlorch, synthetic_pair
+from tests.harness import Cluster
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A small trained checkpoint, made in-process once for the module."""
+    from dlorch.core.engine.hooks import NoHooks
+    from dlorch.core.engine.segment import plan_segmentation, train_segmentation
+
+    tmp = tmp_path_factory.mktemp("model")
+    img, lab = synthetic_pair(tmp)
+    image, labels = np.load(img), np.load(lab)
+    plan = plan_segmentation(image, labels, epochs=1)
+    return train_segmentation(image, labels, plan, workdir=tmp / "w", resume_from=None, hooks=NoHooks()).checkpoint
+
+
+def _volume(path, shape=(6, 128, 128)):
+    rng = np.random.default_rng(3)
+    a = (rng.random(shape) * 80).astype(np.uint8)
+    a[:, 20:70, 30:90] += 120
+    zarr.create_array(str(path), shape=shape, chunks=(1, 64, 64), dtype="uint8")[...] = a
+    return a
+
+
+def _precious_dir(path):
+    path.mkdir(parents=True)
+    (path / "precious.txt").write_text("precious")
+    return path
+
+
+def _one_line_error(cp, *needles, job: bool = False):
+    """The command failed with one ``error:`` line; a job's run prints its id and progress before it."""
+    lines = [ln for ln in cp.stderr.splitlines() if ln.strip()]
+    assert cp.returncode != 0 and "Traceback" not in cp.stderr, cp.stderr
+    assert lines[-1].startswith("error: ") and (job or len(lines) == 1), cp.stderr
+    for n in needles:
+        assert n in lines[-1], lines[-1]
+    return lines[-1]
+
+
+# -- outputs -------------------------------------------------------------------------------------------
+def test_a_zarr_output_over_a_directory_that_is_not_a_zarr_array_is_refused_and_kept(tmp_path):
+    from dlorch.core.imageio import check_output_path, write_image
+    from dlorch.core.volumes import check_output_volume, create_volume
+
+    a = np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8)
+    data = _precious_dir(tmp_path / "data.zarr")
+    for refuse in (lambda: write_image(a, data), lambda: check_output_path(data),
+                   lambda: create_volume(str(data), a.shape, (1, 8, 8), "uint8"), lambda: check_output_volume(str(data))):
+        with pytest.raises(BadInput, match="exists and is not a zarr array; remove it or choose another path"):
+            refuse()
+    assert (data / "precious.txt").read_text() == "precious" and len(list(data.iterdir())) == 1
+    group = tmp_path / "group.zarr"  # a zarr group may hold arrays of the user's: not an output to replace
+    zarr.open_group(str(group), mode="w").create_array("raw", shape=(4,), dtype="uint8")
+    with pytest.raises(BadInput, match="not a zarr array"):
+        write_image(a, group)
+    assert "raw" in dict(zarr.open_group(str(group), mode="r").arrays())
+
+    out = tmp_path / "out.zarr"  # a previous output (a zarr array) is replaced, as before
+    write_image(a, out)
+    write_image(a + 1, out)
+    np.testing.assert_array_equal(zarr.open_array(str(out), mode="r")[...], a + 1)
+    assert create_volume(str(out), a.shape, (1, 8, 8), "uint8").shape == a.shape
+
+
+def test_output_paths_that_cannot_be_written_are_one_clear_line(tmp_path):
+    from dlorch.core.imageio import check_output_path, write_image
+
+    a = np.zeros((2, 8, 8), np.float32)
+    (tmp_path / "afile").write_text("x")
+    _precious_dir(tmp_path / "dir.tif")
+    cases = {tmp_path / "dir.tif": "is a directory; give a file name ending in .tif",
+             tmp_path / "afile" / "o.npy": "afile is a file, not a directory",
+             tmp_path / "afile" / "deeper" / "o.npy": "afile is a file, not a directory"}
+    for path, message in cases.items():
+        for call in (lambda: write_image(a, path), lambda: check_output_path(path)):
+            with pytest.raises(BadInput, match=message.replace(".", r"\.")) as e:
+                call()
+            assert "\n" not in str(e.value)
+    assert (tmp_path / "dir.tif" / "precious.txt").exists()
+    # Missing directories are created, as before.
+    write_image(a, tmp_path / "new" / "dir" / "o.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "new" / "dir" / "o.npy"), a)
+
+
+def test_an_output_that_is_an_input_is_refused(tmp_path):
+    from dlorch.core.imageio import check_output_path
+    from dlorch.core.volumes import check_output_volume
+
+    img, lab = synthetic_pair(tmp_path)
+    for out, inputs in ((lab, [img, lab]), (tmp_path / "pair.npz", [f"{tmp_path}/pair.npz:labels"]),
+                        (tmp_path / "self.zarr", [f"file://{tmp_path}/self.zarr"]),
+                        ("s3://bucket/self.zarr", ["s3://bucket/self.zarr/"])):
+        with pytest.raises(BadInput, match="is the input; choose another path"):
+            check_output_path(out, inputs)
+    with pytest.raises(BadInput, match="is the input; choose another path"):
+        check_output_volume(str(tmp_path / "v.zarr"), f"file://{tmp_path}/v.zarr")
+    check_output_path(tmp_path / "other.npy", [img, lab])  # any other path is fine
+
+
+def test_blockwise_prediction_into_a_plain_directory_or_onto_its_input_changes_neither(home, tmp_path, model):
+    vol = _volume(tmp_path / "self.zarr")
+    data = _precious_dir(tmp_path / "data2.zarr")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"kind": "predict", "image": str(tmp_path / "self.zarr"), "model": f"file://{model}",
+                                "output_format": "zarr", "output": str(data)}))
+    with Cluster(tmp_path, home) as c:
+        c.agent("a1")
+        cp = c.cli("submit", str(spec), "--wait", check=False)
+        _one_line_error(cp, f"output {data} exists and is not a zarr array; remove it or choose another path", job=True)
+        url = f"file://{tmp_path}/self.zarr"
+        cp = c.cli("predict", str(model), url, "-o", url, "--block-voxels", "8192", check=False)
+        _one_line_error(cp, f"the output {url} is the input; choose another path", job=True)
+    assert (data / "precious.txt").read_text() == "precious" and len(list(data.iterdir())) == 1
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "self.zarr"), mode="r")[...], vol)
+
+
+# -- unreadable inputs ---------------------------------------------------------------------------------
+def test_a_text_or_object_npy_is_not_an_array_of_numbers_and_no_pickle_is_suggested(home, tmp_path):
+    from dlorch.core.imageio import read_image
+
+    img, lab = synthetic_pair(tmp_path)
+    (tmp_path / "text.npy").write_text("hello\n")
+    np.save(tmp_path / "obj.npy", np.array([1, None], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "objs.npz", labels=np.array([1, None], dtype=object))
+    np.save(tmp_path / "words.npy", np.array(["a", "b"]))
+    line = _one_line_error(dlorch("segment", str(tmp_path / "text.npy"), "--labels", str(lab), "-o",
+                                  str(tmp_path / "o.tif"), env=cli_env(), check=False),
+                           "text.npy is not a NumPy array file of numbers")
+    assert "allow_pickle" not in line
+    for bad, message in (("obj.npy", "obj.npy is not a NumPy array file of numbers"),
+                         ("objs.npz", "objs.npz:labels is not a NumPy array file of numbers"),
+                         ("words.npy", "words.npy holds <U1 values, not numbers")):
+        with pytest.raises(BadInput, match=message) as e:
+            read_image(tmp_path / bad, role="labels")
+        assert "allow_pickle" not in str(e.value)
+
+
+def test_a_corrupt_chunk_sampled_by_the_split_names_the_volume_and_region(home, tmp_path, model):
+    _volume(tmp_path / "in.zarr")  # 6 slices: the split samples every one for the statistics
+    (tmp_path / "in.zarr" / "c" / "3" / "0" / "0").write_bytes(b"garbage, not a compressed chunk")
+    with Cluster(tmp_path, home) as c:
+        c.agent("a1")
+        cp = c.cli("predict", str(model), str(tmp_path / "in.zarr"), "-o", str(tmp_path / "o.zarr"),
+                   "--block-voxels", "8192", check=False)
+    line = _one_line_error(cp, "cannot read ", ".zarr (region z 3:4): ", "rewrite the damaged chunk", job=True)
+    assert "RuntimeError" not in line
+
+
+# -- the node's cache ----------------------------------------------------------------------------------
+def test_a_truncated_cached_model_is_fetched_again(home, tmp_path, model):
+    img, _ = synthetic_pair(tmp_path)
+    env = cli_env()
+    dlorch("predict", str(model), str(img), "-o", str(tmp_path / "first.npy"), env=env)
+    cached = [p for p in home.rglob("*.ckpt") if p.parent.name == "cache"]
+    assert len(cached) == 1
+    cached[0].write_bytes(cached[0].read_bytes()[:100_000])
+    dlorch("predict", str(model), str(img), "-o", str(tmp_path / "again.npy"), env=env)
+    np.testing.assert_array_equal(np.load(tmp_path / "again.npy"), np.load(tmp_path / "first.npy"))
+    assert cached[0].read_bytes() == model.read_bytes()
+
+
+def test_cached_copies_are_checked_by_hash_or_size_and_fetched_again(tmp_path):
+    from dlorch.core.store import DataStore
+    from dlorch.nodeagent.attempt import fetch_cached
+
+    store, cache = DataStore(str(tmp_path / "store")), tmp_path / "cache"
+    src = tmp_path / "m.ckpt"
+    src.write_bytes(bytes(range(256)) * 40)
+    blob = store.put_blob(src)
+    other = store.put_file(src, "models/m.ckpt")  # not content-addressed: checked by size
+    for uri, damage in ((blob, lambda b: b"X" + b[1:]), (other, lambda b: b[:1000])):
+        t: dict = {}
+        local = fetch_cached(store, cache, uri, t)
+        assert fetch_cached(store, cache, uri, t) == local and t["downloads"] == 1
+        local.write_bytes(damage(local.read_bytes()))
+        assert fetch_cached(store, cache, uri, t).read_bytes() == src.read_bytes() and t["downloads"] == 2
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == []  # no temporary left behind
+
+
+def test_segment_refuses_an_output_that_would_destroy_a_folder_before_it_trains(home, tmp_path):
+    img, lab = synthetic_pair(tmp_path)
+    folder = tmp_path / "data.zarr"
+    folder.mkdir()
+    (folder / "precious.txt").write_text("keep me")
+    cp = dlorch("segment", str(img), "--labels", str(lab), "-o", str(folder), "--epochs", "1", check=False)
+    assert cp.returncode != 0 and "exists and is not a zarr array" in cp.stderr and "Traceback" not in cp.stderr
+    assert (folder / "precious.txt").read_text() == "keep me"
+    assert not (home / "ledger" / "jobs").exists() or not list((home / "ledger" / "jobs").glob("*.json"))
+    cp = dlorch("segment", str(img), "--labels", str(lab), "-o", str(lab), check=False)
+    assert cp.returncode != 0 and "is the input" in cp.stderr
