@@ -179,6 +179,7 @@ def train_denoise(
     detach: bool = typer.Option(False, "--detach", help="print only the job id and return"),
 ) -> None:
     """Train a denoising model; `dlorch predict JOB IMAGE` applies it."""
+    _checkpoint_out(out, [image, second, clean])
     _run_job(_denoise_spec("train", image, second, clean, epochs, time_budget, priority), detach, out=out)
 
 
@@ -194,6 +195,7 @@ def train_segment(
     detach: bool = typer.Option(False, "--detach", help="print only the job id(s) and return"),
 ) -> None:
     """Train a segmentation model; `dlorch predict JOB IMAGE` applies it."""
+    _checkpoint_out(out, [image, labels])
     spec = _training_spec("train", image, labels, epochs, time_budget, priority)
     if candidates > 1:
         best = _run_candidates(spec, candidates, detach)
@@ -378,6 +380,18 @@ def _label_map(a: Any, role: str, where: str) -> Any:
     if a.dtype.kind == "i" and a.size and a.min() < 0:
         raise BadInput(f"{role} {where} holds negative labels; labels are 0 (unlabelled) and 1..K")
     return np.asarray(a)
+
+
+def _checkpoint_out(out: Path | None, inputs: list[str | None]) -> None:
+    """Where ``train -o`` copies the model: a file path that destroys nothing (see ``check_output_path``)."""
+    from dlorch.core.imageio import check_output_path
+
+    if out is not None:
+        if out.suffix != ".ckpt":
+            raise BadInput(f"-o {out}: a model is written as a .ckpt file; give a name ending in .ckpt")
+        if out.is_dir():
+            raise BadInput(f"-o {out} is a directory; give a file name ending in .ckpt")
+        check_output_path(out, [r for r in inputs if r], fmt="npy")  # any single-file format: the same rules
 
 
 def _local(ref: str | None, role: str) -> None:

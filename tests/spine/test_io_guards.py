@@ -199,3 +199,12 @@ def test_segment_refuses_an_output_that_would_destroy_a_folder_before_it_trains(
     assert not (home / "ledger" / "jobs").exists() or not list((home / "ledger" / "jobs").glob("*.json"))
     cp = dlorch("segment", str(img), "--labels", str(lab), "-o", str(lab), check=False)
     assert cp.returncode != 0 and "is the input" in cp.stderr
+
+
+def test_train_copies_the_model_only_to_a_ckpt_file(home, tmp_path):
+    img, lab = synthetic_pair(tmp_path)
+    (tmp_path / "m.ckpt").mkdir()
+    cp = dlorch("train", "segment", str(img), "--labels", str(lab), "-o", str(tmp_path / "m.ckpt"), check=False)
+    assert cp.returncode != 0 and "is a directory" in cp.stderr and (tmp_path / "m.ckpt").is_dir()
+    cp = dlorch("train", "segment", str(img), "--labels", str(lab), "-o", str(tmp_path / "m.pt"), check=False)
+    assert cp.returncode != 0 and "ending in .ckpt" in cp.stderr
