@@ -131,3 +131,16 @@ def synthetic_pair(tmp: Path, shape=(2, 64, 64), seed: int = 0) -> tuple[Path, P
     np.save(ipath, image)
     np.save(lpath, labels)
     return ipath, lpath
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A small trained checkpoint, made in-process once for the module."""
+    from dlorch.core.engine.hooks import NoHooks
+    from dlorch.core.engine.segment import plan_segmentation, train_segmentation
+
+    tmp = tmp_path_factory.mktemp("model")
+    img, lab = synthetic_pair(tmp)
+    image, labels = np.load(img), np.load(lab)
+    plan = plan_segmentation(image, labels, epochs=1)
+    return train_segmentation(image, labels, plan, workdir=tmp / "w", resume_from=None, hooks=NoHooks()).checkpoint

@@ -13,19 +13,6 @@ from tests.harness import Cluster
 BLOCK_VOXELS = "8192"
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """A small trained checkpoint, made in-process once for the module."""
-    from dlorch.core.engine.hooks import NoHooks
-    from dlorch.core.engine.segment import plan_segmentation, train_segmentation
-
-    tmp = tmp_path_factory.mktemp("model")
-    img, lab = synthetic_pair(tmp)
-    image, labels = np.load(img), np.load(lab)
-    plan = plan_segmentation(image, labels, epochs=1)
-    return train_segmentation(image, labels, plan, workdir=tmp / "w", resume_from=None, hooks=NoHooks()).checkpoint
-
-
 def _volume(path, shape=(6, 128, 128), chunks=(1, 64, 64)):
     rng = np.random.default_rng(3)
     a = (rng.random(shape) * 80).astype(np.uint8)

@@ -11,19 +11,6 @@ from tests.conftest import cli_env, dlorch, synthetic_pair
 from tests.harness import Cluster
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """A small trained checkpoint, made in-process once for the module."""
-    from dlorch.core.engine.hooks import NoHooks
-    from dlorch.core.engine.segment import plan_segmentation, train_segmentation
-
-    tmp = tmp_path_factory.mktemp("model")
-    img, lab = synthetic_pair(tmp)
-    image, labels = np.load(img), np.load(lab)
-    plan = plan_segmentation(image, labels, epochs=1)
-    return train_segmentation(image, labels, plan, workdir=tmp / "w", resume_from=None, hooks=NoHooks()).checkpoint
-
-
 def _volume(path, shape=(6, 128, 128)):
     rng = np.random.default_rng(3)
     a = (rng.random(shape) * 80).astype(np.uint8)
