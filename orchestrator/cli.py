@@ -244,9 +244,7 @@ def submit(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="with --wait: copy the result here"),
 ) -> None:
     """Submit a job described by a JSON spec (for scripts); prints the job id."""
-    from dlorch.core.spec import parse_spec
-
-    from dlorch.core.imageio import output_format
+    from dlorch.core.imageio import check_output_path, output_format
 
     if not spec_file.is_file():
         raise BadInput(f"spec file not found: {spec_file}" if not spec_file.exists() else

@@ -120,7 +120,7 @@ def test_an_unreachable_s3_endpoint_is_one_line(home, model):
     cp = dlorch("predict", str(model), "s3://bucket/in.zarr", "-o", "s3://bucket/out.zarr", env=env, check=False)
     lines = [ln for ln in cp.stderr.splitlines() if ln.strip()]
     assert cp.returncode != 0 and len(lines) == 1, cp.stderr
-    assert "cannot reach s3://bucket/in.zarr" in lines[0] and "endpoint" in lines[0]
+    assert "cannot reach s3://bucket/" in lines[0] and "endpoint" in lines[0]
 
 
 def test_orchestrator_killed_mid_job_resumes_blocks_from_the_ledger(home, tmp_path, model):

@@ -1,5 +1,6 @@
 """Nothing lost: zombies fenced off, corrupt checkpoints skipped, crashing jobs failed, Redis restarts survived."""
 
+import json
 import signal
 import threading
 import time
@@ -62,11 +63,16 @@ def test_a_job_that_always_raises_fails_after_the_retry_limit(home, tmp_path):
     img, _ = synthetic_pair(tmp_path)
     import torch
 
-    bad = tmp_path / "foreign.ckpt"  # a loadable checkpoint of another program: the engine raises on it, always
+    # A loadable checkpoint of another program, already in the store: the CLI checks the models it
+    # uploads (a user's file would be refused at once), not what the store holds; the engine raises on it, always.
+    bad = home / "blobs" / "foreign.ckpt"
+    bad.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": {}, "epoch": 0}, bad)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"kind": "predict", "image": str(img), "model": str(bad)}))
     with Cluster(tmp_path, home, DLORCH_MAX_ATTEMPTS="3") as c:
         c.agent("a1")
-        jid = c.submit("predict", str(bad), str(img), "-o", str(tmp_path / "o.tif"))
+        jid = c.cli("submit", str(spec)).stdout.strip().splitlines()[-1]
         done = c.wait_job(jid, lambda j: j["status"] == "failed", 120, what="failure")
         assert [a["outcome"] for a in done["attempts"]] == ["errored"] * 3
         status = c.cli("status", jid).stdout
