@@ -29,3 +29,8 @@ def first_problem(e: Exception) -> str:
     err = errors[0]
     where = ".".join(str(p) for p in err.get("loc", ()))
     return f"{where}: {err['msg']}" if where else err["msg"]
+
+
+def one_line(e: Exception) -> str:
+    """An exception's message on one line (readers' messages often span several), or its class name."""
+    return " ".join(str(e).split()) or type(e).__name__

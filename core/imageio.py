@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -11,7 +10,7 @@ from typing import Iterable
 
 import numpy as np
 
-from dlorch.core.errors import BadInput
+from dlorch.core.errors import BadInput, one_line
 from dlorch.core.store import image_suffix
 
 READ_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".zarr", ".ome.zarr", ".npy", ".npz")
@@ -54,7 +53,7 @@ def read_image(path: Path, key: str | None = None, role: str = "image") -> np.nd
     except BadInput:
         raise
     except Exception as e:  # a corrupt file: say which, not where in the reader it broke
-        raise BadInput(f"cannot read {role} {path}: {type(e).__name__}: {_one_line(e)}") from None
+        raise BadInput(f"cannot read {role} {path}: {type(e).__name__}: {one_line(e)}") from None
     raise BadInput(f"unsupported {role} format {suf!r} for {path}; use one of {', '.join(READ_SUFFIXES)}")
 
 
@@ -80,10 +79,6 @@ def _numbers(array: np.ndarray, name) -> np.ndarray:
     if array.dtype.kind not in "biuf":
         raise BadInput(f"{name} holds {array.dtype} values, not numbers; save an array of numbers with np.save")
     return array
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def open_zarr_array(path: Path, key: str | None = None, role: str = "image"):
@@ -115,17 +110,6 @@ def output_format(path: Path) -> str:
     if suf not in WRITE_FORMATS:
         raise BadInput(f"output {path} must end in .tif, .zarr or .npy")
     return WRITE_FORMATS[suf]
-
-
-def is_zarr_array(path: Path) -> bool:
-    """Whether ``path`` is a zarr array (v2 ``.zarray``, or v3 ``zarr.json`` of an array, not a group)."""
-    path = Path(path)
-    if (path / ".zarray").is_file():
-        return True
-    try:
-        return json.loads((path / "zarr.json").read_text()).get("node_type") == "array"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def check_output_path(path: str | Path, inputs: Iterable[str | Path] = (), fmt: str | None = None) -> None:
@@ -163,10 +147,9 @@ def check_output_path(path: str | Path, inputs: Iterable[str | Path] = (), fmt: 
     if not (path.exists() or path.is_symlink()):
         return
     if fmt == "zarr":
-        if not (path.is_dir() and is_zarr_array(path)):
-            raise BadInput(f"output {path} exists and is not a zarr array; remove it or choose another path")
+        check_output_volume(str(path))  # only a zarr array, a previous output, may be replaced
     elif path.is_dir():
-        raise BadInput(f"output {path} is a directory; give a file name ending in .{fmt}")
+        raise BadInput(f"output {path} is a directory; give a file name ending in {path.suffix or '.' + fmt}")
 
 
 def write_image(array: np.ndarray, path: Path, fmt: str | None = None) -> Path:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dlorch.core.errors import BadInput
+
 
 def segmentation_scores(pred: np.ndarray, truth: np.ndarray, classes: list[int] | None = None) -> dict[str, float]:
     """IoU of each class present in ``truth`` (label 0 ignored), their mean, and the pixel error.
@@ -26,3 +28,14 @@ def segmentation_scores(pred: np.ndarray, truth: np.ndarray, classes: list[int] 
     out["mean_iou"] = float(np.mean(ious)) if ious else 0.0
     out["pixel_error"] = float(np.count_nonzero(pred[valid] != truth[valid]) / max(1, np.count_nonzero(valid)))
     return out
+
+
+def label_map(a: np.ndarray, role: str, where: str) -> np.ndarray:
+    """``a`` as an integer label map (0 = unlabelled, 1..K), or ``BadInput`` naming ``role`` and ``where``."""
+    if a.dtype.kind == "f" and np.isfinite(a).all() and (a == np.round(a)).all():
+        a = a.astype(np.int64)  # whole numbers saved as floats (some tools do): labels all the same
+    if a.dtype.kind not in "iub":
+        raise BadInput(f"{role} {where} holds {a.dtype} values, not labels; pass an integer label map (0, 1..K)")
+    if a.dtype.kind == "i" and a.size and a.min() < 0:
+        raise BadInput(f"{role} {where} holds negative labels; labels are 0 (unlabelled) and 1..K")
+    return np.asarray(a)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dlorch.core.errors import BadInput, Unreachable
+from dlorch.core.errors import BadInput, Unreachable, one_line
 
 
 def storage_options(url: str) -> dict[str, Any] | None:
@@ -89,8 +89,7 @@ def read_region(vol, url: str, index: Any):
         err = _explain(url, e)
         if not isinstance(err, BadInput):
             raise err from None
-        text = " ".join(str(e).split()) or type(e).__name__
-        raise BadInput(f"cannot read {url} ({describe_region(index, vol.shape)}): {text}; "
+        raise BadInput(f"cannot read {url} ({describe_region(index, vol.shape)}): {one_line(e)}; "
                        f"check the volume, or rewrite the damaged chunk") from None
 
 

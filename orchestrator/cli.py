@@ -342,11 +342,11 @@ def evaluate(
 ) -> None:
     """Score a label map against dense labels: IoU per class, mean IoU, pixel error."""
     from dlorch.core.imageio import read_image, split_key
-    from dlorch.core.metrics import segmentation_scores
+    from dlorch.core.metrics import label_map, segmentation_scores
 
-    pred = _label_map(read_image(prediction, role="labels"), "prediction", str(prediction))
+    pred = label_map(read_image(prediction, role="labels"), "prediction", str(prediction))
     path, key = split_key(truth)
-    true = _label_map(read_image(path, key, role="labels"), "truth", truth)
+    true = label_map(read_image(path, key, role="labels"), "truth", truth)
     if pred.shape != true.shape:
         raise BadInput(f"prediction shape {pred.shape} differs from truth shape {true.shape}")
     if slices:
@@ -367,19 +367,6 @@ def evaluate(
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-def _label_map(a: Any, role: str, where: str) -> Any:
-    """An integer label map (0 = unlabelled, 1..K), or a one-line error naming the file."""
-    import numpy as np
-
-    if a.dtype.kind == "f" and np.isfinite(a).all() and (a == np.round(a)).all():
-        a = a.astype(np.int64)  # whole numbers saved as floats (some tools do): labels all the same
-    if a.dtype.kind not in "iub":
-        raise BadInput(f"{role} {where} holds {a.dtype} values, not labels; pass an integer label map (0, 1..K)")
-    if a.dtype.kind == "i" and a.size and a.min() < 0:
-        raise BadInput(f"{role} {where} holds negative labels; labels are 0 (unlabelled) and 1..K")
-    return np.asarray(a)
-
-
 def _checkpoint_out(out: Path | None, inputs: list[str | None]) -> None:
     """Where ``train -o`` copies the model: a file path that destroys nothing (see ``check_output_path``)."""
     from dlorch.core.imageio import check_output_path
@@ -387,8 +374,6 @@ def _checkpoint_out(out: Path | None, inputs: list[str | None]) -> None:
     if out is not None:
         if out.suffix != ".ckpt":
             raise BadInput(f"-o {out}: a model is written as a .ckpt file; give a name ending in .ckpt")
-        if out.is_dir():
-            raise BadInput(f"-o {out} is a directory; give a file name ending in .ckpt")
         check_output_path(out, [r for r in inputs if r], fmt="npy")  # any single-file format: the same rules
 
 
