@@ -4,7 +4,7 @@ Real processes on this machine: `dlorch up`, N agents with one torch thread each
 the ISBI stack tiled to 120 x 1024 x 1024 predicted blockwise (one slice per block) with a model trained once. Then a
 near-no-op run: 1,000 blocks of 16x16 voxels, to measure what the queue and ledger cost per block.
 
-    python bench/scaling.py [--agents 1 2] [--queue redis|sqlite]
+    python bench/scaling.py [--agents 1 2] [--rounds 3] [--queue redis|sqlite]
 """
 
 from __future__ import annotations
@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=4, help="copies of the 30-slice ISBI stack along z")
     ap.add_argument("--noop-blocks", type=int, default=1000)
     ap.add_argument("--nice", type=int, default=0, help="run the agents at this niceness (dlorch agent --nice)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="measure every agent count this many times, in alternating order; efficiency per round, median reported")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scaling.json")
     args = ap.parse_args()
 
@@ -170,15 +172,30 @@ def main() -> None:
         big = np.tile(image, (args.repeat, 2, 2))
         vol = root / "isbi.zarr"
         zarr.create_array(str(vol), shape=big.shape, chunks=(1, 256, 256), dtype="uint8")[...] = big
-        rows = [measure(root, n, queue, model, vol, 1024 * 1024, nice=args.nice) for n in args.agents]
-        t1 = next((r["wall_s"] for r in rows if r["agents"] == 1), None)
+        # A shared VM's speed drifts by +-10% over minutes (two bare processes alone scaled 0.86-1.03
+        # in back-to-back runs), so each round measures every agent count, in alternating order, and
+        # efficiency is taken within a round (T1 and TN a few minutes apart) and its median reported.
         per = min(20, big.shape[0] // max(args.agents))
-        bare = {n: bare_parallel(n, model, vol, per) for n in sorted(set([1, *args.agents]))}
-        for r in rows:
-            r["efficiency"] = t1 / (r["agents"] * r["wall_s"]) if t1 else None
-            # The same work in n bare processes: how well this machine itself runs n jobs at once.
-            r["machine_efficiency"] = bare[1] / bare[r["agents"]]
-            r["efficiency_vs_machine"] = r["efficiency"] / r["machine_efficiency"] if r["efficiency"] else None
+        counts = sorted(set([1, *args.agents]))
+        rows, rounds = [], []
+        for k in range(args.rounds):
+            order = args.agents if k % 2 == 0 else args.agents[::-1]
+            got = {n: measure(root, n, queue, model, vol, 1024 * 1024, label=f"r{k}-", nice=args.nice) for n in order}
+            bare = {n: bare_parallel(n, model, vol, per) for n in (counts if k % 2 == 0 else counts[::-1])}
+            t1 = got[1]["wall_s"] if 1 in got else None
+            for n in args.agents:
+                r = got[n]
+                r["round"] = k
+                r["efficiency"] = t1 / (n * r["wall_s"]) if t1 else None
+                # The same work in n bare processes: how well this machine itself runs n jobs at once.
+                r["machine_efficiency"] = bare[1] / bare[n]
+                r["efficiency_vs_machine"] = r["efficiency"] / r["machine_efficiency"] if r["efficiency"] else None
+                rows.append(r)
+            rounds.append({n: (got[n]["efficiency"], got[n]["machine_efficiency"]) for n in args.agents})
+        summary = {n: {"efficiency_median": float(np.median([r[n][0] for r in rounds])) if rounds[0][n][0] else None,
+                       "efficiency_rounds": [r[n][0] for r in rounds],
+                       "machine_efficiency_median": float(np.median([r[n][1] for r in rounds])),
+                       "machine_efficiency_rounds": [r[n][1] for r in rounds]} for n in args.agents}
         noop_vol = root / "noop.zarr"
         zarr.create_array(str(noop_vol), shape=(args.noop_blocks, 16, 16), chunks=(1, 16, 16), dtype="uint8")[...] = \
             np.random.default_rng(0).integers(0, 255, (args.noop_blocks, 16, 16), dtype=np.uint8)
@@ -189,12 +206,12 @@ def main() -> None:
             redis.kill()
     print(f"queue: {args.queue}; volume {big.shape} uint8, one 1024x1024 slice per block, "
           f"model {plan.filters} {plan.infer_roi}")
-    hdr = ["agents", "blocks", "wall s", "efficiency", "Mvox/s", "compute", "read*", "write", "model load",
+    hdr = ["round", "agents", "blocks", "wall s", "efficiency", "Mvox/s", "compute", "read*", "write", "model load",
            "claim*", "report", "wait", "ledger", "crit. ms", "ops ms", "orch. ms", "orch. cpu", "downloads"]
     print("".join(f"{h:>11}" for h in hdr))
     for r in [*rows, noop]:
         pb = r["per_block_s"]
-        vals = [r["agents"], r["blocks"], r["wall_s"], r.get("efficiency") or 0.0, r["mvox_per_s"],
+        vals = [r.get("round", "no-op"), r["agents"], r["blocks"], r["wall_s"], r.get("efficiency") or 0.0, r["mvox_per_s"],
                 *(pb.get(k, 0.0) for k in ("compute_s", "read_s", "write_s", "model_load_s", "claim_s", "report_s",
                                            "wait_s", "ledger_flush_s")),
                 r["critical_overhead_per_block_ms"], r["orchestration_ops_per_block_ms"],
@@ -207,14 +224,17 @@ def main() -> None:
           "the orchestrator's own time per block: handling the block request (lease + the done reports it\n"
           "carries) and its share of ledger flushes, as wall time; orch. cpu = the same as CPU time of the\n"
           "orchestrator's thread (wall time also counts waiting for a core the agents hold, and for fsync).")
-    for r in rows:
-        print(f"{r['agents']} agents: efficiency {r['efficiency']:.3f}; the same model work in {r['agents']} bare "
-              f"processes (no dlorch) scales {r['machine_efficiency']:.3f} on this machine, so dlorch keeps "
-              f"{r['efficiency_vs_machine']:.3f} of what the hardware allows")
+    for n, m in summary.items():
+        if m["efficiency_median"] is None:
+            continue
+        print(f"{n} agents: efficiency median {m['efficiency_median']:.3f} over {len(m['efficiency_rounds'])} rounds "
+              f"({', '.join(f'{e:.3f}' for e in m['efficiency_rounds'])}); the same model work in {n} bare processes "
+              f"(no dlorch) scales {m['machine_efficiency_median']:.3f} "
+              f"({', '.join(f'{e:.3f}' for e in m['machine_efficiency_rounds'])})")
     print(f"near-no-op (last row: {noop['blocks']} blocks of 16x16, {noop['agents']} agents): "
           f"{noop['tasks_per_s']:.1f} tasks/s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"queue": args.queue, "rows": rows, "noop": noop}, indent=1))
+    args.out.write_text(json.dumps({"queue": args.queue, "rows": rows, "summary": summary, "noop": noop}, indent=1))
     print(f"wrote {args.out}")
     shutil.rmtree(root, ignore_errors=True)
 

@@ -59,6 +59,36 @@ class AttemptOutcome(str, Enum):
     CANCELLED = "cancelled"  # the user cancelled while it ran
 
 
+# The zoo's candidate variants (core/engine/zoo.py, whose VARIANTS a test keeps equal to this),
+# named here so that a spec is checked without importing the engine.
+MODEL_VARIANTS = ("unet-deep", "unet-shallow-wide", "ce-only", "wide-context", "other-geometry")
+
+
+def _check_options(spec: "JobSpec") -> None:
+    """Engine options a job of this kind uses, with their types; anything else is an error here, at
+    submission, instead of being ignored (a typo) or failing on a node."""
+    opts = spec.options
+    allowed = set()
+    if spec.task == "segmentation" and spec.kind in ("segment", "train"):
+        allowed.add("variant")
+    if spec.task == "segmentation" and spec.kind in ("segment", "predict"):
+        allowed.add("tta")
+    if spec.kind == "predict":
+        allowed.add("block_voxels")
+    for key in opts:
+        if key not in allowed:
+            raise BadInput(f"invalid job spec: field 'options.{key}': a {spec.task} {spec.kind} job takes "
+                           f"{', '.join(sorted(allowed)) or 'no options'}")
+    if "variant" in opts and opts["variant"] not in MODEL_VARIANTS:
+        raise BadInput(f"invalid job spec: field 'options.variant': {opts['variant']!r} is not a model variant; "
+                       f"choose one of {', '.join(MODEL_VARIANTS)}")
+    if "tta" in opts and not isinstance(opts["tta"], bool) and opts["tta"] is not None:
+        raise BadInput("invalid job spec: field 'options.tta': true, false or null (the plan decides)")
+    if "block_voxels" in opts and (isinstance(opts["block_voxels"], bool) or not isinstance(opts["block_voxels"], int)
+                                   or not 1 <= opts["block_voxels"] <= 2**40):
+        raise BadInput("invalid job spec: field 'options.block_voxels': a whole number of voxels from 1 to 2**40")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -95,6 +125,7 @@ class JobSpec(_Strict):
             raise BadInput(f"invalid job spec: field 'labels': a {self.kind} job needs --labels LABELS")
         if self.kind == "predict" and not self.model:
             raise BadInput("invalid job spec: field 'model': a predict job needs MODEL (a job id or model URI)")
+        _check_options(self)
         return self
 
     @property

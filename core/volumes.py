@@ -36,6 +36,24 @@ def open_volume(url: str, mode: str = "r"):
     return node[names[0]]
 
 
+def check_url(url: str, role: str = "input") -> None:
+    """Raise ``BadInput`` unless the input at ``url`` can be reached from here: a zarr volume opens,
+    any other object exists. A wrong URL, a missing bucket, no credentials or an unreachable endpoint
+    fail at submission, in one line, rather than on a node after its retries."""
+    if url.rstrip("/").endswith(".zarr"):
+        open_volume(url)
+        return
+    from fsspec.core import url_to_fs
+
+    try:
+        fs, path = url_to_fs(url, **(storage_options(url) or {}))
+        found = fs.exists(path) and not fs.isdir(path)
+    except Exception as e:
+        raise _explain(url, e) from None
+    if not found:
+        raise BadInput(f"{role} {url} does not exist; check the URL")
+
+
 def same_location(a: str, b: str) -> bool:
     """Whether two paths or URLs name the same place (``file://`` and relative paths resolved)."""
     return _location(a) == _location(b)
@@ -139,4 +157,10 @@ def _explain(url: str, e: Exception) -> Exception:
         return BadInput(f"bucket of {url} does not exist; create it or fix the URL")
     if any(w in text for w in ("Could not connect", "ConnectTimeout", "EndpointConnectionError", "Connection refused")):
         return Unreachable(f"cannot reach {url}: {e}; check the endpoint and credentials")
-    return BadInput(f"cannot open zarr volume {url}: {text}")
+    if "NoCredentials" in text or "Unable to locate credentials" in text:
+        return BadInput(f"no credentials for {url}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile "
+                        "or an instance role")
+    if isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        return BadInput(f"access to {url} denied; check the credentials and the bucket's policy")
+    what = "zarr volume " if url.rstrip("/").endswith(".zarr") else ""
+    return BadInput(f"cannot open {what}{url}: {text}")

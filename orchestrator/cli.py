@@ -16,7 +16,7 @@ import typer
 
 from dlorch.core.errors import BadInput, DlorchError
 from dlorch.core.spec import parse_spec
-from dlorch.orchestrator.inputs import model_uri, upload
+from dlorch.orchestrator.inputs import model_uri, training_inputs, upload
 from dlorch.core.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -225,6 +225,8 @@ def predict(
     check_output_path(out, [image])  # a URL stays a string: Path() would mangle s3://
     c = client()
     model_ref, task = model_uri(c, model)
+    if task == "denoising" and tta is not None:
+        raise BadInput(f"--tta/--no-tta apply to segmentation models; {model} is a denoising model")
     spec = {"kind": "predict", "task": task, "image": upload(c, image, "image"), "model": model_ref,
             "priority": priority, "output_format": fmt}
     if "://" in out:  # a URL (s3://bucket/out.zarr): blocks write there directly
@@ -253,7 +255,7 @@ def submit(
         data = json.loads(spec_file.read_text())
     except ValueError as e:
         raise BadInput(f"spec {spec_file} is not valid JSON: {e}") from None
-    parse_spec(data)  # fail on a bad field before uploading anything
+    spec = parse_spec(data)  # fail on a bad field before uploading anything
     if out is not None:  # the result is copied as it was written: the suffix must say the same format
         fmt = output_format(out)
         check_output_path(out, [data[r] for r in ("image", "labels", "target") if data.get(r)])
@@ -261,10 +263,13 @@ def submit(
             raise BadInput(f"-o {out} asks for {fmt} but the spec's output_format is {data['output_format']}")
         data["output_format"] = fmt
     c = client()
-    for role in ("image", "labels"):
+    # A training job's inputs get the engine's checks here (labels on the image's grid, a target of
+    # its shape), as `dlorch segment` gives them, instead of failing on a node after its retries.
+    arrays = training_inputs(data, spec.task, spec.mode) if spec.trains else {}
+    for role in ("image", "labels", "target"):
         value = data.get(role)
-        if value and "://" not in value and not value.startswith(c.store.url):
-            data[role] = upload(c, value, role)
+        if value and not value.startswith(c.store.url):
+            data[role] = upload(c, value, role, arrays.get(role))
     if data.get("model") and not data["model"].startswith(c.store.url):  # a .ckpt, a URL or a training job's id
         data["model"], task = model_uri(c, data["model"])
         data.setdefault("task", task)
@@ -387,42 +392,30 @@ def _local(ref: str | None, role: str) -> None:
 def _training_spec(kind: str, image: str, labels: str, epochs, time_budget, priority) -> dict[str, Any]:
     for ref, role in ((image, "image"), (labels, "labels")):
         _local(ref, role)
-    from dlorch.core.engine.inputs import check_labels
-    from dlorch.core.imageio import read_image, split_key
-
     c = client()
-    ipath, ikey = split_key(image)
-    lpath, lkey = split_key(labels)
-    img = read_image(ipath, ikey, role="image")
-    lab = read_image(lpath, lkey, role="labels")
-    try:  # the engine's own checks, here so that a bad label map fails before it is uploaded and queued
-        check_labels(img, lab)
-    except ValueError as e:
-        raise BadInput(str(e)) from None
-    return {"kind": kind, "image": upload(c, image, "image", img), "labels": upload(c, labels, "labels", lab),
+    # The engine's own checks, here so that a bad label map fails before it is uploaded and queued.
+    arrays = training_inputs({"image": image, "labels": labels}, "segmentation")
+    return {"kind": kind, "image": upload(c, image, "image", arrays["image"]),
+            "labels": upload(c, labels, "labels", arrays["labels"]),
             "epochs": epochs, "time_budget": time_budget, "priority": priority}
 
 
 def _denoise_spec(kind: str, image: str, second, clean, epochs, time_budget, priority) -> dict[str, Any]:
     for ref, role in ((image, "image"), (second, "second acquisition"), (clean, "clean target")):
         _local(ref, role)
-    from dlorch.core.imageio import read_image, split_key
-
     if second and clean:
         raise BadInput("give --second (another noisy acquisition) or --clean (a clean target), not both")
     c = client()
-    ipath, ikey = split_key(str(image))
-    img = read_image(ipath, ikey, role="image")
-    spec: dict[str, Any] = {"kind": kind, "task": "denoising", "image": upload(c, str(image), "image", img),
-                            "epochs": epochs, "time_budget": time_budget, "priority": priority}
     other = second or clean
+    mode = "n2n" if second else "care" if clean else None
+    try:
+        arrays = training_inputs({"image": str(image), "target": other}, "denoising", mode)
+    except BadInput as e:  # name the option the user gave, not the spec's field
+        raise BadInput(str(e).replace("target shape", "--second shape" if second else "--clean shape")) from None
+    spec: dict[str, Any] = {"kind": kind, "task": "denoising", "image": upload(c, str(image), "image", arrays["image"]),
+                            "epochs": epochs, "time_budget": time_budget, "priority": priority}
     if other:
-        tpath, tkey = split_key(other)
-        tgt = read_image(tpath, tkey, role="target")
-        if tgt.shape != img.shape:
-            raise BadInput(f"{'--second' if second else '--clean'} shape {tgt.shape} differs from image shape "
-                           f"{img.shape}; give an acquisition of the same grid")
-        spec |= {"target": upload(c, other, "target", tgt), "mode": "n2n" if second else "care"}
+        spec |= {"target": upload(c, other, "target", arrays["target"]), "mode": mode}
     return spec
 
 

@@ -15,10 +15,9 @@ def upload(c, spec: str, role: str, array=None) -> str:
     from dlorch.core.store import image_suffix
 
     if "://" in spec:  # already where every node can read it
-        if spec.rstrip("/").endswith(".zarr"):
-            from dlorch.core.volumes import open_volume
+        from dlorch.core.volumes import check_url
 
-            open_volume(spec)  # a wrong URL or missing bucket fails here, in one line
+        check_url(spec, role)  # a wrong URL, a missing bucket or no credentials fail here, in one line
         return spec
     path, key = split_key(spec)
     if not path.exists():
@@ -35,6 +34,43 @@ def upload(c, spec: str, role: str, array=None) -> str:
     arr = array if array is not None else read_image(path, key, role=role)
     with tempfile.TemporaryDirectory() as tmp:
         return c.store.put_blob(write_image(arr, Path(tmp) / f"{role}.npy", "npy"))
+
+
+def training_inputs(data: dict, task: str, mode: str | None = None) -> dict:
+    """A training job's local inputs, read and put through the engine's own checks before anything
+    is uploaded or queued: labels on another grid, a label map with gaps or one class, a target of
+    another shape, or a mode that does not fit it are one line here, not a failed job on a node.
+
+    Args:
+        data: the spec's fields; ``image``, ``labels`` and ``target`` may be local paths (URLs are
+            checked by ``upload`` and read by the node).
+        task: "segmentation" or "denoising".
+        mode: the denoising scheme asked for, None for automatic.
+
+    Returns:
+        The arrays read, by role, for ``upload`` to store without reading them again.
+    """
+    from dlorch.core.imageio import read_image, split_key
+
+    arrays = {}
+    for role in ("image", "labels", "target"):
+        ref = data.get(role)
+        if ref and "://" not in ref:
+            path, key = split_key(ref)
+            arrays[role] = read_image(path, key, role=role)
+    image = arrays.get("image")
+    try:
+        if image is not None and task == "segmentation" and "labels" in arrays:
+            from dlorch.core.engine.inputs import check_labels
+
+            check_labels(image, arrays["labels"])
+        if image is not None and task == "denoising":
+            from dlorch.core.engine.denoise_inputs import check_denoising_inputs
+
+            check_denoising_inputs(image, arrays.get("target"), mode)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    return arrays
 
 
 def model_uri(c, model: str) -> tuple[str, str]:

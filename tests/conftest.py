@@ -144,3 +144,22 @@ def model(tmp_path_factory):
     image, labels = np.load(img), np.load(lab)
     plan = plan_segmentation(image, labels, epochs=1)
     return train_segmentation(image, labels, plan, workdir=tmp / "w", resume_from=None, hooks=NoHooks()).checkpoint
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """moto's S3 server over HTTP with a bucket named "bucket"; the AWS variables point at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    import boto3
+
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bucket")
+    yield env
+    server.stop()

@@ -161,6 +161,13 @@ def test_a_gpu_with_more_memory_gets_a_larger_batch():
     assert batch < 8 and "memory fits" in why
 
 
+def test_job_specs_accept_exactly_the_zoo_variants():
+    from dlorch.core.engine.zoo import VARIANTS
+    from dlorch.core.spec import MODEL_VARIANTS
+
+    assert tuple(VARIANTS) == MODEL_VARIANTS  # specs are checked against the names without importing the engine
+
+
 def test_the_other_geometry_candidate_swaps_2d_and_3d():
     from dlorch.core.engine.zoo import apply_variant, candidate_names
 

@@ -73,24 +73,6 @@ def test_a_block_that_cannot_be_read_fails_the_job_after_retries(home, tmp_path,
     assert not (tmp_path / "o.zarr").exists()  # no partial output declared done
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    import boto3
-
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bucket")
-    yield env
-    server.stop()
-
-
 def test_s3_volume_predicted_by_two_agents_into_s3(home, tmp_path, model, s3):
     from dlorch.core.volumes import storage_options
 

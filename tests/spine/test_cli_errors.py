@@ -226,3 +226,31 @@ def test_training_inputs_given_as_urls_are_refused_in_one_line(env, tmp_path):
                            env=env, check=False), "training reads local files", "s3://bucket/image.npy")
     _one_line_error(dlorch("denoise", str(img), "--clean", "s3://bucket/clean.npy", "-o", str(tmp_path / "o.tif"),
                            env=env, check=False), "clean target is a URL")
+
+
+def test_submit_checks_inputs_and_options_as_segment_does_before_anything_is_queued(env, tmp_path):
+    img, lab = synthetic_pair(tmp_path)
+    np.save(tmp_path / "small.npy", np.zeros((2, 32, 32), np.uint8))
+
+    def submit(**fields):
+        spec = tmp_path / "spec.json"
+        spec.write_text(json.dumps({"kind": "segment", "image": str(img), "labels": str(lab), **fields}))
+        return dlorch("submit", str(spec), env=env, check=False)
+
+    _one_line_error(submit(labels=str(tmp_path / "small.npy")), "labels shape (2, 32, 32)", "(2, 64, 64)")
+    _one_line_error(submit(options={"varient": "ce-only"}), "options.varient", "takes tta, variant")
+    _one_line_error(submit(options={"variant": "resnet"}), "'resnet' is not a model variant", "ce-only")
+    _one_line_error(submit(options={"tta": "yes"}), "options.tta", "true, false or null")
+    _one_line_error(submit(kind="train", options={"tta": True}), "options.tta", "takes variant")
+    _one_line_error(submit(kind="denoise", task="denoising", labels=None, mode="n2n", target=str(tmp_path / "small.npy")),
+                    "target shape (2, 32, 32) differs from image shape (2, 64, 64)")
+    _one_line_error(submit(image=(tmp_path / "gone.npy").as_uri()), "image file://", "gone.npy does not exist")
+    assert json.loads(dlorch("jobs", "--json", env=env).stdout) == []  # nothing was queued
+
+    # A local target is uploaded with the image, as labels are (it was left as a path no node could read).
+    spec = tmp_path / "n2n.json"
+    spec.write_text(json.dumps({"kind": "denoise", "task": "denoising", "image": str(img), "mode": "n2n",
+                                "target": str(img), "epochs": 1}))
+    jid = dlorch("submit", str(spec), env=env).stdout.split()[-1]
+    stored = job_json(jid, env)["spec"]
+    assert stored["target"] == stored["image"] != str(img)  # the same bytes: one content-addressed blob

@@ -1,6 +1,9 @@
 """Outputs never destroy what is already there; unreadable inputs and damaged copies are named in one line."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -195,3 +198,25 @@ def test_train_copies_the_model_only_to_a_ckpt_file(home, tmp_path):
     assert cp.returncode != 0 and "is a directory" in cp.stderr and (tmp_path / "m.ckpt").is_dir()
     cp = dlorch("train", "segment", str(img), "--labels", str(lab), "-o", str(tmp_path / "m.pt"), check=False)
     assert cp.returncode != 0 and "ending in .ckpt" in cp.stderr
+
+
+def test_input_urls_are_checked_where_they_are_before_a_job_is_queued(s3):
+    import boto3
+
+    from dlorch.core.volumes import check_url
+
+    boto3.client("s3").put_object(Bucket="bucket", Key="image.npy", Body=b"\x93NUMPY")
+    check_url("s3://bucket/image.npy", "image")  # there: no error
+    for url in ("s3://bucket/missing.npy", "s3://no-such-bucket/image.npy", "s3://bucket/"):
+        with pytest.raises(BadInput, match="does not exist"):
+            check_url(url, "image")
+    with pytest.raises(BadInput, match="no zarr volume at s3://bucket/in.zarr"):
+        check_url("s3://bucket/in.zarr", "image")
+    # No credentials anywhere (a fresh process: s3fs keeps its filesystems per process).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {"AWS_ENDPOINT_URL": s3["AWS_ENDPOINT_URL"], "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
+            "AWS_EC2_METADATA_DISABLED": "true"}
+    code = "from dlorch.core.volumes import check_url\ncheck_url('s3://bucket/image.npy', 'image')"
+    cp = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "BadInput: no credentials for s3://bucket/image.npy" in cp.stderr, cp.stderr

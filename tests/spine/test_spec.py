@@ -28,3 +28,29 @@ def test_terminal_statuses_have_no_way_out():
     for status in JobStatus:
         assert status.is_terminal() == (not TRANSITIONS[status])
     assert JobStatus.QUEUED in TRANSITIONS[JobStatus.RUNNING]  # hand-back and lease expiry
+
+
+@pytest.mark.parametrize(
+    "fields, problem",
+    [
+        ({"kind": "segment", "labels": "l", "options": {"variant": "ce-only", "tta": False}}, None),
+        ({"kind": "predict", "model": "m", "options": {"block_voxels": 4096, "tta": None}}, None),
+        ({"kind": "predict", "model": "m", "task": "denoising", "options": {"block_voxels": 1}}, None),
+        ({"kind": "segment", "labels": "l", "options": {"block_voxels": 10}}, "takes tta, variant"),
+        ({"kind": "predict", "model": "m", "options": {"variant": "ce-only"}}, "takes block_voxels, tta"),
+        ({"kind": "predict", "model": "m", "task": "denoising", "options": {"tta": True}}, "takes block_voxels"),
+        ({"kind": "denoise", "task": "denoising", "options": {"variant": "ce-only"}}, "takes no options"),
+        ({"kind": "train", "labels": "l", "options": {"variant": "unet"}}, "not a model variant"),
+        ({"kind": "predict", "model": "m", "options": {"block_voxels": 0}}, "from 1 to 2**40"),
+        ({"kind": "predict", "model": "m", "options": {"block_voxels": 2.5}}, "whole number"),
+        ({"kind": "predict", "model": "m", "options": {"block_voxels": True}}, "whole number"),
+        ({"kind": "segment", "labels": "l", "options": {"tta": 1}}, "true, false or null"),
+    ],
+)
+def test_engine_options_are_checked_per_kind_of_job(fields, problem):
+    spec = {"image": "i", **fields}
+    if problem is None:
+        assert parse_spec(spec).options == fields["options"]
+    else:
+        with pytest.raises(BadInput, match=problem.replace("*", r"\*")):
+            parse_spec(spec)
