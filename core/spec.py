@@ -59,6 +59,9 @@ class AttemptOutcome(str, Enum):
     CANCELLED = "cancelled"  # the user cancelled while it ran
 
 
+MAX_EPOCHS = 100_000
+MIN_PRIORITY, MAX_PRIORITY = -100, 100
+
 # The zoo's candidate variants (core/engine/zoo.py, whose VARIANTS a test keeps equal to this),
 # named here so that a spec is checked without importing the engine.
 MODEL_VARIANTS = ("unet-deep", "unet-shallow-wide", "ce-only", "wide-context", "other-geometry")
@@ -108,10 +111,10 @@ class JobSpec(_Strict):
     model: str | None = Field(None, description="store URI of a model checkpoint (predict)")
     output_format: Literal["tif", "zarr", "npy"] = "tif"
     output: str | None = Field(None, description="where a blockwise prediction writes its zarr (URL); default: the store")
-    epochs: int | None = Field(None, ge=1, le=100_000, description="override of the automatic epoch count")
+    epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS, description="override of the automatic epoch count")
     time_budget: float | None = Field(None, gt=0, allow_inf_nan=False, description="cap on training seconds")
     options: dict[str, Any] = Field(default_factory=dict, description="engine options (e.g. network variant)")
-    priority: int = Field(0, ge=-100, le=100, description="higher runs first; FIFO within a priority")
+    priority: int = Field(0, ge=MIN_PRIORITY, le=MAX_PRIORITY, description="higher runs first; FIFO within a priority")
     max_attempts: int | None = Field(None, ge=1, le=100)
     name: str | None = None
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import typer
 
 from dlorch.core.errors import BadInput, DlorchError
-from dlorch.core.spec import parse_spec
+from dlorch.core.spec import MAX_EPOCHS, MAX_PRIORITY, MIN_PRIORITY, parse_spec
 from dlorch.orchestrator.inputs import model_uri, training_inputs, upload
 from dlorch.core.settings import Settings
 
@@ -30,6 +30,11 @@ _settings: dict[str, Any] = {}
 TTA_HELP = ("segmentation: average 8 flips/rotations at prediction (8x its time). By default the model's plan decides:"
             " on where that costs at most half the training time (a 2D stack: +0.02-0.04 mean IoU on ISBI), off"
             " for a large 3D volume on a CPU")
+# Shared by every command that submits work; the limits are the job spec's own.
+EPOCHS = typer.Option(None, "--epochs", min=1, max=MAX_EPOCHS, help="override the automatic epoch count")
+TIME_BUDGET = typer.Option(None, "--time-budget", min=1, help="cap on training seconds (over resumes)")
+PRIORITY = typer.Option(0, "--priority", min=MIN_PRIORITY, max=MAX_PRIORITY,
+                        help="higher runs first; FIFO within a priority")
 
 
 def settings() -> Settings:
@@ -122,9 +127,9 @@ def segment(
     image: str = typer.Argument(..., help="image: TIFF, zarr, .npy or .npz (file.npz:NAME picks an array)"),
     labels: str = typer.Option(..., "--labels", help="sparse labels on the same grid: 0 = unlabelled, 1..K"),
     out: Path = typer.Option(..., "-o", "--out", help="label map to write: .tif, .zarr or .npy"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="override the automatic epoch count"),
-    time_budget: Optional[float] = typer.Option(None, "--time-budget", min=1, help="cap training seconds"),
-    priority: int = typer.Option(0, "--priority", help="higher runs first"),
+    epochs: Optional[int] = EPOCHS,
+    time_budget: Optional[float] = TIME_BUDGET,
+    priority: int = PRIORITY,
     candidates: int = typer.Option(1, "--candidates", min=1, help="train N candidate models in parallel, keep the best"),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", show_default=False, help=TTA_HELP),
     detach: bool = typer.Option(False, "--detach", help="print only the job id and return"),
@@ -153,9 +158,9 @@ def denoise(
     out: Path = typer.Option(..., "-o", "--out", help="denoised image to write (float32): .tif, .zarr or .npy"),
     second: Optional[str] = typer.Option(None, "--second", help="a second noisy acquisition: Noise2Noise"),
     clean: Optional[str] = typer.Option(None, "--clean", help="a clean target of the same scene: supervised (CARE)"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="override the automatic epoch count"),
-    time_budget: Optional[float] = typer.Option(None, "--time-budget", min=1, help="cap training seconds"),
-    priority: int = typer.Option(0, "--priority", help="higher runs first"),
+    epochs: Optional[int] = EPOCHS,
+    time_budget: Optional[float] = TIME_BUDGET,
+    priority: int = PRIORITY,
     detach: bool = typer.Option(False, "--detach", help="print only the job id and return"),
 ) -> None:
     """Denoise an image, self-supervised from the noisy image alone (Noise2Void) unless given more."""
@@ -173,9 +178,9 @@ def train_denoise(
     second: Optional[str] = typer.Option(None, "--second", help="a second noisy acquisition: Noise2Noise"),
     clean: Optional[str] = typer.Option(None, "--clean", help="a clean target: supervised (CARE)"),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="also copy the model checkpoint here"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
-    time_budget: Optional[float] = typer.Option(None, "--time-budget", min=1),
-    priority: int = typer.Option(0, "--priority"),
+    epochs: Optional[int] = EPOCHS,
+    time_budget: Optional[float] = TIME_BUDGET,
+    priority: int = PRIORITY,
     detach: bool = typer.Option(False, "--detach", help="print only the job id and return"),
 ) -> None:
     """Train a denoising model; `dlorch predict JOB IMAGE` applies it."""
@@ -188,9 +193,9 @@ def train_segment(
     image: str = typer.Argument(..., help="image: TIFF, zarr, .npy or .npz"),
     labels: str = typer.Option(..., "--labels", help="sparse labels: 0 = unlabelled, 1..K"),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="also copy the model checkpoint here"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
-    time_budget: Optional[float] = typer.Option(None, "--time-budget", min=1),
-    priority: int = typer.Option(0, "--priority"),
+    epochs: Optional[int] = EPOCHS,
+    time_budget: Optional[float] = TIME_BUDGET,
+    priority: int = PRIORITY,
     candidates: int = typer.Option(1, "--candidates", min=1, help="train N candidate models in parallel"),
     detach: bool = typer.Option(False, "--detach", help="print only the job id(s) and return"),
 ) -> None:
@@ -212,7 +217,7 @@ def predict(
                                           " s3:// URL) into .zarr is predicted blockwise, memory-bounded"),
     out: str = typer.Option(..., "-o", "--out", help="labels or denoised image to write: .tif, .zarr or .npy; or an"
                                                    " s3://... .zarr URL"),
-    priority: int = typer.Option(0, "--priority"),
+    priority: int = PRIORITY,
     block_voxels: Optional[int] = typer.Option(None, "--block-voxels", min=1,
                                                help="blockwise: voxels per block (default: ~3 s of compute, measured)"),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", show_default=False, help=TTA_HELP),

@@ -76,11 +76,11 @@ def test_corrupt_image_file(env, tmp_path):
 
 def test_out_of_range_options_fail_at_once_without_starting_anything(env, home, tmp_path):
     img, lab = synthetic_pair(tmp_path)
-    for bad, field in ((["--priority", "101"], "priority"), (["--epochs", "1000000000"], "epochs"),
-                       (["--time-budget", "inf"], "time_budget")):
+    for bad, said in ((["--priority", "101"], "-100<=x<=100"), (["--epochs", "1000000000"], "1<=x<=100000"),
+                      (["--time-budget", "inf"], "field 'time_budget'")):
         cp = dlorch("segment", str(img), "--labels", str(lab), "-o", str(tmp_path / "o.tif"), *bad,
                     env=env, check=False, timeout=30)  # it used to start a local service and hang in its close
-        _one_line_error(cp, f"field '{field}'")
+        _one_line_error(cp, said)
     # A spec whose budget overflows to infinity would have been stored as non-JSON `Infinity` and
     # stopped every later orchestrator from replying: it is refused, and nothing is recorded.
     spec = tmp_path / "inf.json"
