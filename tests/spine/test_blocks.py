@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dlorch.core.blocks import plan_blocks
+from dlorch.core.blocks import block_shape, output_chunks, plan_blocks
 
 
 @pytest.mark.parametrize("shape,chunks,halo,target", [
@@ -30,6 +30,25 @@ def test_block_size_follows_the_target():
     large = plan_blocks((64, 512, 512), (1, 64, 64), (0, 32, 32), 2**20)
     assert len(small) == 64 * 64 and len(large) < len(small) / 100
     assert max(b.voxels for b in large) <= 1.5 * 2**20
+
+
+@pytest.mark.parametrize("shape,chunks,itemsize,target", [
+    ((120, 1024, 1024), (1, 256, 256), 1, 2**20),     # a slice per block: one chunk per block
+    ((120, 1024, 1024), (1, 256, 256), 4, 2**24),     # 64 MiB float blocks: chunks under the limit
+    ((64, 1000, 1000), (8, 128, 128), 1, 2**26),      # whole-axis (clipped) blocks of odd length
+    ((300, 257), (64, 64), 1, 20000),
+])
+def test_output_chunks_are_whole_blocks_or_divide_them_under_the_limit(shape, chunks, itemsize, target):
+    block = block_shape(shape, chunks, target)
+    out = output_chunks(block, chunks, itemsize, limit=4 * 2**20)
+    assert all(c <= o <= b for c, o, b in zip(chunks, out, block))
+    assert np.prod(out) * itemsize <= 4 * 2**20 or out == tuple(min(c, b) for c, b in zip(chunks, block))
+    # Every output chunk lies inside one block: no two blocks ever write the same chunk object.
+    for b in plan_blocks(shape, chunks, (0,) * len(shape), target):
+        for (c0, c1), o, n in zip(b.core, out, shape):
+            assert c0 % o == 0 and (c1 % o == 0 or c1 == n)
+    if np.prod(block) * itemsize <= 4 * 2**20:
+        assert out == block  # a block that fits is one chunk
 
 
 def test_mismatched_dimensions_are_refused():

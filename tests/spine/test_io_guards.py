@@ -207,11 +207,12 @@ def test_input_urls_are_checked_where_they_are_before_a_job_is_queued(s3):
 
     boto3.client("s3").put_object(Bucket="bucket", Key="image.npy", Body=b"\x93NUMPY")
     check_url("s3://bucket/image.npy", "image")  # there: no error
-    for url in ("s3://bucket/missing.npy", "s3://no-such-bucket/image.npy", "s3://bucket/"):
+    for url in ("s3://bucket/never-written.npy", "s3://no-such-bucket/image.npy", "s3://bucket/"):
         with pytest.raises(BadInput, match="does not exist"):
             check_url(url, "image")
-    with pytest.raises(BadInput, match="no zarr volume at s3://bucket/in.zarr"):
-        check_url("s3://bucket/in.zarr", "image")
+    # (moto's buckets live as long as the test process: names no other test writes)
+    with pytest.raises(BadInput, match="no zarr volume at s3://bucket/never-written.zarr"):
+        check_url("s3://bucket/never-written.zarr", "image")
     # No credentials anywhere (a fresh process: s3fs keeps its filesystems per process).
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env |= {"AWS_ENDPOINT_URL": s3["AWS_ENDPOINT_URL"], "AWS_DEFAULT_REGION": "us-east-1",
