@@ -99,8 +99,8 @@ class Attempt:
                                 "checkpoint": hooks.last_uri}
         if result.stopped_by == "stop_request" and result.epochs_done < plan.epochs:
             return {**body, "outcome": "handed_back"}
-        if result.stopped_by == "time_budget":
-            body["epochs_total"] = result.epochs_done  # the budget capped the count
+        if result.stopped_by in ("time_budget", "plateau"):
+            body["epochs_total"] = result.epochs_done  # the budget capped the count, or training had converged
         with self.timed("upload_model_s"):
             body["model"] = self.store.put_file(result.checkpoint, f"{self.prefix}/model.ckpt")
         if spec.kind in ("segment", "denoise"):

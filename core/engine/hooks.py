@@ -14,6 +14,7 @@ class StopReason(str, Enum):
     EPOCHS = "epochs"  # all plan.epochs are done (over all resumes)
     TIME_BUDGET = "time_budget"  # plan.time_budget_s of training seconds are used up
     STOP_REQUEST = "stop_request"  # hooks.should_stop() turned True; resume to continue
+    PLATEAU = "plateau"  # the held-out strokes stopped improving (plan.stop_at_plateau; plan.plateaued)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from dlorch.core.engine.augment import augment_batch
 from dlorch.core.engine.losses import sparse_ce_dice_loss
 from dlorch.core.engine.network import build_unet, memory_format
-from dlorch.core.engine.plan import SegmentationPlan
+from dlorch.core.engine.plan import PLATEAU_MIN_GAIN, SegmentationPlan
 
 # Key of the engine's own section in a Lightning checkpoint; prediction needs only this.
 CKPT_KEY = "dlorch"
@@ -50,6 +50,10 @@ class SegmentationModule(pl.LightningModule):
         self.best_score = -math.inf
         self.best_epoch = -1
         self.best_val_iou = -1.0
+        # The highest held-out IoU so far and the epochs trained when it was reached: what the
+        # early stop at a plateau measures (the kept weights follow update_best's tolerance).
+        self.peak_val_iou = -1.0
+        self.peak_epochs = 0
         self.epoch_metrics: dict[str, float] = {}
         self._train_sum = 0.0
         self._train_n = 0
@@ -187,6 +191,9 @@ class SegmentationModule(pl.LightningModule):
             self.best_val_iou = m.get("val_iou", -1.0)
         if "val_iou" in m:
             m["best_val_iou"] = self.best_val_iou
+            if m["val_iou"] > self.peak_val_iou + PLATEAU_MIN_GAIN:
+                self.peak_val_iou, self.peak_epochs = m["val_iou"], self.current_epoch + 1
+            m["peak_val_iou"], m["peak_epoch"] = self.peak_val_iou, float(self.peak_epochs)
         m["best_epoch"] = float(self.best_epoch + 1)
         m["lr"] = self.current_lr()
 
@@ -197,6 +204,8 @@ class SegmentationModule(pl.LightningModule):
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
             "best_val_iou": self.best_val_iou,
+            "peak_val_iou": self.peak_val_iou,
+            "peak_epochs": self.peak_epochs,
             "ema": self.ema,
             "label_counts": self.label_counts.cpu(),
             "train_prior": (self.label_counts / self.label_counts.sum().clamp(min=1)).cpu().tolist(),
@@ -208,6 +217,8 @@ class SegmentationModule(pl.LightningModule):
         self.best_score = own.get("best_score", -math.inf)
         self.best_epoch = own.get("best_epoch", -1)
         self.best_val_iou = own.get("best_val_iou", -1.0)
+        self.peak_val_iou = own.get("peak_val_iou", -1.0)
+        self.peak_epochs = own.get("peak_epochs", 0)
         self.ema = own.get("ema")
         if own.get("label_counts") is not None:
             self.label_counts = own["label_counts"].to(torch.float64)

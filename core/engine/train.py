@@ -21,7 +21,7 @@ from dlorch.core.engine.hooks import Progress, StopReason, TrainHooks, TrainResu
 from dlorch.core.engine.inputs import check_labels
 from dlorch.core.engine.intensity import normalize
 from dlorch.core.engine.module import SegmentationModule
-from dlorch.core.engine.plan import SegmentationPlan
+from dlorch.core.engine.plan import SegmentationPlan, plateaued
 from dlorch.core.engine.sampling import TrainPatches, ValTiles
 from dlorch.core.engine.threads import ThreadTuner
 
@@ -100,6 +100,9 @@ class RunControl(pl.Callback):
         self.epochs_done = trainer.current_epoch + 1
         if self.epochs_done >= self.plan.epochs:
             self.stopped_by = StopReason.EPOCHS
+        elif self.plan.stop_at_plateau and plateaued(self.epochs_done, pl_module.best_epoch + 1, pl_module.peak_epochs,
+                                                     self.plan.epochs):
+            self.stopped_by = StopReason.PLATEAU
         elif self.stop_requested:
             self.stopped_by = StopReason.STOP_REQUEST
         elif self.budget_spent():
@@ -119,7 +122,8 @@ class RunControl(pl.Callback):
         self._written = self._written[-KEEP_CHECKPOINTS:]
 
     def state_dict(self) -> dict:
-        return {"train_seconds": self.train_seconds, "epochs_done": self.epochs_done, "metrics": self.metrics}
+        return {"train_seconds": self.train_seconds, "epochs_done": self.epochs_done, "metrics": self.metrics,
+                "finished": self.stopped_by == StopReason.PLATEAU}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.train_seconds = float(state_dict.get("train_seconds", 0.0))
@@ -192,6 +196,8 @@ def train_segmentation(
         state = read_run_state(pathlib.Path(resume_from))
         done, train_seconds = int(state.get("epochs_done", 0)), float(state.get("train_seconds", 0.0))
         finished = StopReason.EPOCHS if done >= plan.epochs else None
+        if finished is None and state.get("finished"):  # it had stopped at a plateau
+            finished = StopReason.PLATEAU
         if finished is None and plan.time_budget_s is not None and train_seconds >= plan.time_budget_s:
             finished = StopReason.TIME_BUDGET
         if finished is not None:

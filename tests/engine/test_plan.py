@@ -207,3 +207,25 @@ def test_test_time_augmentation_is_on_where_it_is_cheap_next_to_training():
     from dlorch.core.engine.zoo import apply_variant
 
     assert not apply_variant(_derive(image_shape=(64, 256, 256)), "other-geometry").tta
+
+
+def test_an_automatic_plan_stops_at_a_plateau_and_a_given_epoch_count_does_not():
+    assert _derive().stop_at_plateau and any("ends early" in r for r in _derive().reasons)
+    assert not _derive(epochs=30).stop_at_plateau
+    assert not _derive(val_strokes=0, val_tiles=0).stop_at_plateau  # nothing held out: nothing to see a plateau by
+
+
+@pytest.mark.parametrize("done, kept, peak, planned, stop", [
+    (27, 22, 9, 66, True),     # ISBI: best at epoch 9, last kept at 22, none kept since
+    (26, 22, 9, 66, False),
+    (8, 2, 2, 66, False),      # an early peak: at least a quarter of the epochs run first
+    (17, 2, 2, 66, True),
+    (20, 18, 2, 66, False),    # still keeping later weights
+    (4, 1, 1, 8, True),        # at least 3 epochs since the last kept
+    (3, 1, 1, 8, False),
+    (50, 0, 0, 66, False),     # no held-out score yet
+])
+def test_plateau_rule(done, kept, peak, planned, stop):
+    from dlorch.core.engine.plan import plateaued
+
+    assert plateaued(done, kept, peak, planned) is stop

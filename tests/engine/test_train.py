@@ -102,3 +102,29 @@ def test_labels_must_match_the_plan(tiny_data, tmp_path):
     plan = fast_plan(image, labels, epochs=1).model_copy(update={"num_classes": 3})
     with pytest.raises(ValueError, match="re-plan"):
         train_segmentation(image, labels, plan, workdir=tmp_path, resume_from=None, hooks=NoHooks())
+
+
+def test_automatic_training_ends_at_a_plateau_of_the_held_out_strokes(tiny_data, tmp_path):
+    from dlorch.core.engine.plan import plateaued
+
+    image, labels = tiny_data
+    plan = fast_plan(image, labels, epochs=40, stop_at_plateau=True)
+    hooks = RecordingHooks()
+    result = train_segmentation(image, labels, plan, workdir=tmp_path / "a", resume_from=None, hooks=hooks)
+    assert result.stopped_by == "plateau" and result.epochs_done < plan.epochs
+    # It stopped at the first epoch end where the rule held, given the held-out peaks as they came.
+    held = [plateaued(p.epochs_done, int(p.metrics["best_epoch"]), int(p.metrics["peak_epoch"]), plan.epochs)
+            for _, p in hooks.checkpoints]
+    assert held.index(True) == len(held) - 1
+    last = hooks.checkpoints[-1][1].metrics
+    kept, peak = int(last["best_epoch"]), int(last["peak_epoch"])
+    assert result.epochs_done == max(kept + max(3, -(-peak // 2)), 10)  # nothing kept for a while; 25% of 40 at least
+    # A resume from its last checkpoint (a node lost before reporting) finishes at once.
+    again = RecordingHooks()
+    result2 = train_segmentation(image, labels, plan, workdir=tmp_path / "b", resume_from=result.checkpoint, hooks=again)
+    assert result2.stopped_by == "plateau" and again.polls == 0 and result2.epochs_done == result.epochs_done
+    # The same plan with the user's epoch count runs them all.
+    fixed = fast_plan(image, labels, epochs=12)
+    assert not fixed.stop_at_plateau
+    assert train_segmentation(image, labels, fixed, workdir=tmp_path / "c", resume_from=None,
+                              hooks=NoHooks()).epochs_done == 12
