@@ -229,3 +229,18 @@ def test_plateau_rule(done, kept, peak, planned, stop):
     from dlorch.core.engine.plan import plateaued
 
     assert plateaued(done, kept, peak, planned) is stop
+
+
+def test_the_prediction_window_is_the_devices_not_the_training_images():
+    # Trained on 512 px slices, a model predicts a 1024 px volume one window per slice, not nine
+    # overlapping 512 px ones (2.25x the voxels); a small image still gets one window its own size.
+    from dlorch.core.engine.predict import prediction_grid
+
+    plan = _derive()
+    assert plan.infer_roi == [1024, 1024]
+    big = prediction_grid(plan, (4, 1024, 1024))
+    assert big.roi == (1024, 1024) and big.inside((0, 0), (1024, 1024)) == [(0, 0)]
+    small = prediction_grid(plan, (4, 300, 200))
+    assert small.roi == (320, 224) and len(small.inside((0, 0), (300, 200))) == 1
+    wide = prediction_grid(plan, (1, 512, 2048))
+    assert wide.roi == (512, 1024) and [s for _, s in wide.inside((0, 0), (512, 2048))] == [0, 768, 1024]
