@@ -33,22 +33,47 @@ class Block:
         return math.prod(b - a for a, b in self.core)
 
 
-def block_shape(shape: tuple[int, ...], chunks: tuple[int, ...], target_voxels: int) -> tuple[int, ...]:
-    """A block shape made of whole chunks, near ``target_voxels``, growing the in-plane axes first.
+def block_shape(shape: tuple[int, ...], chunks: tuple[int, ...], target_voxels: int,
+                reach: Callable[[Region], Region] | None = None) -> tuple[int, ...]:
+    """A block shape made of whole chunks, up to 1.5x ``target_voxels``, that reads least beyond its core.
 
     Whole chunks keep every block's writes disjoint at the storage level, so blocks written
-    concurrently never touch the same chunk object.
+    concurrently never touch the same chunk object. Each axis is the chunk times a power of two,
+    or the whole axis. Of those shapes near the target (half to 1.5 times it), the one whose blocks
+    read the fewest voxels in all, per voxel written, wins; on a tie the larger. What a block reads is
+    what it computes: a 2D network with 1024 px windows cut into blocks of half a slice ran both
+    halves' windows twice (two slices per block, 0.55 s per Mvoxel against 0.26 s for a whole slice).
+
+    Args:
+        shape, chunks: the volume's shape and zarr chunk shape.
+        target_voxels: wanted core voxels.
+        reach: what a core must read (``plan_blocks``); None reads the core alone.
     """
-    size = list(chunks)
-    order = list(range(len(shape)))[::-1]  # X, then Y, then Z...
-    grown = True
-    while grown and math.prod(size) < target_voxels:
-        grown = False
-        for ax in order:
-            if size[ax] < shape[ax] and math.prod(size) * 2 <= target_voxels * 1.5:
-                size[ax] = min(shape[ax], size[ax] + chunks[ax] * max(1, size[ax] // chunks[ax]))
-                grown = True
-    return tuple(min(s, n) for s, n in zip(size, shape))
+    reach = reach or (lambda core: core)
+    sizes = [sorted({min(n, c * 2**k) for k in range(64) if c * 2 ** max(0, k - 1) < n} | {min(c, n)})
+             for n, c in zip(shape, chunks)]
+    # Reading is separable per axis (windows and halos are), so the blocks' total read is the product
+    # over axes of each axis's summed read lengths: an axis and a size are costed once.
+    spread = [{s: _read_along(shape, ax, s, reach) / n for s in options}
+              for ax, (n, options) in enumerate(zip(shape, sizes))]
+    candidates = [(math.prod(c), c) for c in itertools.product(*sizes) if math.prod(c) <= 1.5 * target_voxels]
+    if not candidates:
+        return tuple(o[0] for o in sizes)
+    near = [(v, c) for v, c in candidates if v >= target_voxels / 2] or [max(candidates)]
+    return min(near, key=lambda vc: (round(math.prod(spread[ax][s] for ax, s in enumerate(vc[1])), 6), -vc[0]))[1]
+
+
+def _read_along(shape: tuple[int, ...], axis: int, size: int, reach: Callable[[Region], Region],
+                most: int = 33) -> float:
+    """Voxels read along ``axis`` by blocks of ``size`` over it, summed (at most ``most`` blocks measured, scaled)."""
+    starts = list(range(0, shape[axis], size))
+    picked = starts if len(starts) <= most else [starts[round(i * (len(starts) - 1) / (most - 1))] for i in range(most)]
+    total = 0
+    for a in picked:
+        core = tuple((a, min(a + size, n)) if ax == axis else (0, n) for ax, n in enumerate(shape))
+        lo, hi = reach(core)[axis]
+        total += hi - lo
+    return total * len(starts) / len(picked)
 
 
 def plan_blocks(shape: tuple[int, ...], chunks: tuple[int, ...], halo: tuple[int, ...],
@@ -65,15 +90,15 @@ def plan_blocks(shape: tuple[int, ...], chunks: tuple[int, ...], halo: tuple[int
     """
     if not (len(shape) == len(chunks) == len(halo)):
         raise ValueError(f"shape {shape}, chunks {chunks} and halo {halo} differ in length")
-    size = block_shape(tuple(shape), tuple(chunks), target_voxels)
+    if reach is None:
+        def reach(core: Region) -> Region:
+            return tuple((max(0, a - h), min(n, b + h)) for (a, b), h, n in zip(core, halo, shape))
+    size = block_shape(tuple(shape), tuple(chunks), target_voxels, reach)
     ranges = [range(0, n, s) for n, s in zip(shape, size)]
     blocks = []
     for i, starts in enumerate(itertools.product(*ranges)):
         core = tuple((s, min(s + b, n)) for s, b, n in zip(starts, size, shape))
-        read = tuple((max(0, a - h), min(n, b + h)) for (a, b), h, n in zip(core, halo, shape))
-        if reach is not None:
-            read = reach(core)
-        blocks.append(Block(i, core, read))
+        blocks.append(Block(i, core, reach(core)))
     return blocks
 
 

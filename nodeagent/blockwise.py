@@ -108,7 +108,8 @@ def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
         else:
             target = choose_block_voxels(voxels_per_s, total_memory_bytes(), bytes_per_voxel)
         blocks = plan_blocks(shape, tuple(vol.chunks), (0,) * vol.ndim, target, reach)
-        chunks = output_chunks(block_shape(shape, tuple(vol.chunks), target), tuple(vol.chunks), np.dtype(dtype).itemsize)
+        chunks = output_chunks(block_shape(shape, tuple(vol.chunks), target, reach), tuple(vol.chunks),
+                               np.dtype(dtype).itemsize)
         create_volume(output, shape, chunks, dtype,
                       attributes={"dlorch_job": job.id, "model": spec.model, **attributes}, input_url=spec.image)
     return {"outcome": "split", "output": output, **shared, "voxels": math.prod(shape),

@@ -89,3 +89,35 @@ def test_a_block_reads_exactly_the_windows_that_touch_its_core():
             touching = [s for s in grid.starts(ax) if s < b and s + 64 > a]
             assert sorted({w[ax] for w in inside}) == touching
             assert lo[ax] == touching[0] and hi[ax] == min(touching[-1] + 64, grid.shape[ax])
+
+
+def test_a_block_covers_whole_windows_rather_than_recompute_them():
+    # 1024 px windows over 1024 px slices: half-slice blocks would each run the whole slice's window.
+    from dlorch.core.blocks import WindowGrid
+
+    grid = WindowGrid((1024, 1024), (1024, 1024), 0.25)
+    assert block_shape((120, 1024, 1024), (1, 256, 256), 2**20, grid.read_region) == (1, 1024, 1024)
+    blocks = plan_blocks((120, 1024, 1024), (1, 256, 256), (0, 0, 0), 2**20, reach=grid.read_region)
+    assert len(blocks) == 120 and all(b.read == b.core for b in blocks)
+
+
+@pytest.mark.parametrize("shape,chunks,roi,target", [
+    ((12, 200, 300), (2, 32, 32), (64, 64), 20000),
+    ((40, 96, 130), (4, 16, 16), (48, 48, 48), 30000),
+])
+def test_the_block_shape_reads_least_of_all_shapes_near_the_target(shape, chunks, roi, target):
+    import itertools
+
+    from dlorch.core.blocks import WindowGrid
+
+    grid = WindowGrid(shape[-len(roi):], roi, 0.25)
+
+    def total_read(size):
+        blocks = [tuple((s, min(s + b, n)) for s, b, n in zip(starts, size, shape))
+                  for starts in itertools.product(*(range(0, n, b) for n, b in zip(shape, size)))]
+        return sum(np.prod([hi - lo for lo, hi in grid.read_region(core)]) for core in blocks)
+
+    chosen = block_shape(shape, chunks, target, grid.read_region)
+    options = [sorted({min(n, c * 2**k) for k in range(12)}) for n, c in zip(shape, chunks)]
+    near = [s for s in itertools.product(*options) if target / 2 <= np.prod(s) <= 1.5 * target]
+    assert chosen in near and total_read(chosen) == min(total_read(s) for s in near)
