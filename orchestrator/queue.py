@@ -13,7 +13,10 @@ The queue is a cache: every message can be rebuilt from the ledger.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sqlite3
 import time
 import uuid
 from typing import Any
@@ -25,12 +28,17 @@ from dlorch.core.wire import ForgedMessage, Signer
 log = logging.getLogger("dlorch.queue")
 
 
+# The tables huey's SqliteStorage keeps (and SQLite its own): all a dlorch queue file may hold.
+SQLITE_QUEUE_TABLES = {"kv", "schedule", "task", "counter", "sqlite_sequence"}
+
+
 def _huey(url: str, name: str):
     p = urlparse(url)
     if p.scheme == "sqlite":
         from huey import SqliteHuey
 
         path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else p.path
+        _check_queue_file(path, url)
         return SqliteHuey(name=name, filename=path, strict_fifo=True, timeout=30)
     if p.scheme in ("redis", "rediss", "unix"):
         try:
@@ -44,6 +52,25 @@ def _huey(url: str, name: str):
         pool = ConnectionPool.from_url(url, socket_connect_timeout=3, socket_timeout=15)
         return PriorityRedisHuey(name=name, connection_pool=pool, read_timeout=1)
     raise BadInput(f"unsupported queue URL {url!r}; use sqlite:///path.db or redis://host:6379/0")
+
+
+def _check_queue_file(path: str, url: str) -> None:
+    """Refuse a SQLite file that holds another application's tables: huey would add its own to it.
+
+    Read-only and before huey opens it, so nothing is written to a database that is not dlorch's.
+    A file that is no database at all is left to SQLite's own error, which the queue reports.
+    """
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("select name from sqlite_master where type = 'table'")}
+    except sqlite3.Error:
+        return
+    foreign = sorted(tables - SQLITE_QUEUE_TABLES)
+    if foreign:
+        raise BadInput(f"the queue file {path} is another database (tables {', '.join(foreign[:5])}); give --queue a "
+                       f"file of dlorch's own, e.g. sqlite:///{os.path.join(os.path.dirname(path) or '.', 'queue.db')}")
 
 
 class Channel:

@@ -1,6 +1,8 @@
 """Bad input exits non-zero with one line that names the problem: never a traceback, never lost data."""
 
+import contextlib
 import json
+import sqlite3
 
 import numpy as np
 import pytest
@@ -215,6 +217,14 @@ def test_unusable_store_queue_or_key_settings_are_one_line(env, tmp_path):
     _one_line_error(dlorch("--queue", f"sqlite:///{tmp_path / 'bad.db'}", "jobs", env=env, check=False),
                     "file is not a database", "--queue")
     _one_line_error(dlorch("--queue", "redis://127.0.0.1:99999", "jobs", env=env, check=False), "bad queue URL")
+    other = tmp_path / "app.db"  # another application's database: refused, and left as it was
+    with contextlib.closing(sqlite3.connect(other)) as db:
+        db.execute("create table users (name text)")
+        db.commit()
+    before = other.read_bytes()
+    _one_line_error(dlorch("--queue", f"sqlite:///{other}", "jobs", env=env, check=False),
+                    "is another database (tables users)", "--queue")
+    assert other.read_bytes() == before
     home = tmp_path / "home"
     home.mkdir()
     (home / "secret.key").write_bytes(b"")
