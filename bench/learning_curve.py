@@ -2,12 +2,13 @@
 
 The quality benchmark scores one end point, which on five painted slices moves by a few
 hundredths from run to run with the measured step time. This one runs a fixed schedule
-(``--epochs`` of ``--steps`` each, one thread by default, so it is deterministic) and after
+(``--epochs`` of ``--steps`` each; with ``DLORCH_THREADS=1`` it is deterministic) and after
 every epoch predicts the held-out slices with the current averaged weights (EMA, the weights
 the engine validates and keeps), so two settings are compared over the whole curve. Plan
-fields can be overridden (``--set crf_weight=0.1``). Prints a table and writes JSON.
+fields can be overridden, a nested one in part (``--set weight_decay=0.05
+'augment={"elastic_prob": 0.8}'``). Prints a line per epoch and writes JSON.
 
-    DLORCH_THREADS=1 python bench/learning_curve.py --name crf --set crf_weight=0.1 [--epochs 20] [--steps 60]
+    DLORCH_THREADS=1 python bench/learning_curve.py --name wd --set weight_decay=0.05 [--epochs 20] [--steps 60]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from dlorch.core.engine.module import CKPT_KEY
 from dlorch.core.engine.network import build_unet
+from dlorch.core.engine.plan import SegmentationPlan
 from dlorch.core.engine.segment import NoHooks, Progress, plan_segmentation, predict_probabilities, train_segmentation
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -49,8 +51,6 @@ class CurveHooks(NoHooks):
 
     def on_checkpoint(self, path: pathlib.Path, progress: Progress) -> None:
         own = torch.load(path, map_location="cpu", weights_only=True)[CKPT_KEY]
-        from dlorch.core.engine.plan import SegmentationPlan
-
         plan = SegmentationPlan.model_validate(own["plan"])
         plan = plan.model_copy(update={"train_prior": list(own["train_prior"])})
         net = build_unet(plan.spatial_dims, 1, plan.num_classes, plan.filters, plan.norm, plan.input_scale)
@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
     plan = plan_segmentation(image, strokes, epochs=args.epochs)
     overrides = {"steps_per_epoch": args.steps, "time_budget_s": None, "stop_at_plateau": False}
     overrides.update({k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)})
-    plan = plan.model_copy(update=overrides)
+    merged = plan.model_dump()
+    for key, value in overrides.items():  # a nested field (augment) takes a partial dict
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    plan = SegmentationPlan.model_validate(merged)
     print(f"{args.name}: {args.epochs} epochs x {args.steps} steps, overrides {overrides}", flush=True)
 
     hooks = CurveHooks(image, truth)
