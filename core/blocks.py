@@ -50,8 +50,7 @@ def block_shape(shape: tuple[int, ...], chunks: tuple[int, ...], target_voxels: 
         reach: what a core must read (``plan_blocks``); None reads the core alone.
     """
     reach = reach or (lambda core: core)
-    sizes = [sorted({min(n, c * 2**k) for k in range(64) if c * 2 ** max(0, k - 1) < n} | {min(c, n)})
-             for n, c in zip(shape, chunks)]
+    sizes = [_doublings(c, n) for n, c in zip(shape, chunks)]
     # Reading is separable per axis (windows and halos are), so the blocks' total read is the product
     # over axes of each axis's summed read lengths: an axis and a size are costed once.
     spread = [{s: _read_along(shape, ax, s, reach) / n for s in options}
@@ -61,6 +60,14 @@ def block_shape(shape: tuple[int, ...], chunks: tuple[int, ...], target_voxels: 
         return tuple(o[0] for o in sizes)
     near = [(v, c) for v, c in candidates if v >= target_voxels / 2] or [max(candidates)]
     return min(near, key=lambda vc: (round(math.prod(spread[ax][s] for ax, s in enumerate(vc[1])), 6), -vc[0]))[1]
+
+
+def _doublings(chunk: int, n: int) -> list[int]:
+    """The chunk, twice it, four times... up to the whole axis of length ``n``."""
+    sizes = [min(chunk, n)]
+    while sizes[-1] < n:
+        sizes.append(min(sizes[-1] * 2, n))
+    return sizes
 
 
 def _read_along(shape: tuple[int, ...], axis: int, size: int, reach: Callable[[Region], Region],

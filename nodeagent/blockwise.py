@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dlorch.core.blocks import Block, block_shape, choose_block_voxels, output_chunks, plan_blocks
+from dlorch.core.blocks import Block, choose_block_voxels, output_chunks, plan_blocks
 from dlorch.core.errors import BadInput, Unreachable
 from dlorch.core.spec import JobSpec
 from dlorch.core.store import DataStore
@@ -108,8 +108,8 @@ def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
         else:
             target = choose_block_voxels(voxels_per_s, total_memory_bytes(), bytes_per_voxel)
         blocks = plan_blocks(shape, tuple(vol.chunks), (0,) * vol.ndim, target, reach)
-        chunks = output_chunks(block_shape(shape, tuple(vol.chunks), target, reach), tuple(vol.chunks),
-                               np.dtype(dtype).itemsize)
+        block = tuple(b - a for a, b in blocks[0].core)  # the first block has the whole block shape
+        chunks = output_chunks(block, tuple(vol.chunks), np.dtype(dtype).itemsize)
         create_volume(output, shape, chunks, dtype,
                       attributes={"dlorch_job": job.id, "model": spec.model, **attributes}, input_url=spec.image)
     return {"outcome": "split", "output": output, **shared, "voxels": math.prod(shape),
