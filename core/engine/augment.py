@@ -18,19 +18,26 @@ from pydantic import BaseModel
 
 
 class AugmentConfig(BaseModel):
-    """Strength of each augmentation; all are drawn per sample."""
+    """Strength of each augmentation; all are drawn per sample.
+
+    Strong by default: a few thousand painted pixels are learnt by heart within a few hundred steps,
+    and every sample warped and re-lit differently is what holds that off. On ISBI's strokes
+    (``bench/learning_curve.py``, 20 epochs of 60 steps, one thread) these settings peaked at 0.729
+    dense mean IoU and ended at 0.722, against 0.710 and 0.696 with the milder ones they replaced
+    (warps for 30% of samples, 3 px elastic, +-15% intensity, noise 0.05).
+    """
 
     flips: bool = True
     rot90: bool = True
-    affine_prob: float = 0.3  # share of samples given a small rotation and zoom
+    affine_prob: float = 0.8  # share of samples given a small rotation and zoom
     max_rotation_deg: float = 15.0
     max_zoom: float = 0.1  # zoom factor drawn from [1 - max_zoom, 1 + max_zoom]
-    elastic_prob: float = 0.3
-    elastic_px: float = 3.0  # standard deviation of the displacement, in pixels
+    elastic_prob: float = 0.8
+    elastic_px: float = 5.0  # standard deviation of the displacement, in pixels
     elastic_grid: int = 5  # control points per axis of the smooth displacement field
-    intensity_scale: float = 0.15  # contrast factor drawn from [1 - s, 1 + s]
-    intensity_shift: float = 0.15  # offset drawn from [-s, s], in z-score units
-    noise_std: float = 0.05  # Gaussian noise std drawn from [0, noise_std]
+    intensity_scale: float = 0.3  # contrast factor drawn from [1 - s, 1 + s]
+    intensity_shift: float = 0.3  # offset drawn from [-s, s], in z-score units
+    noise_std: float = 0.1  # Gaussian noise std drawn from [0, noise_std]
 
 
 def _uniform(gen: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
