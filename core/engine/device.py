@@ -61,7 +61,10 @@ def detect_runtime() -> Runtime:
 
 
 def apply_threads(runtime: Runtime) -> None:
-    """Let torch use every usable core, but only on CPU: on a GPU node the cores feed the GPU."""
+    """Let torch use every usable core, but only on CPU: on a GPU node the cores feed the GPU.
+
+    Every engine entry point calls this first, so it also sets up ``keep_freed_memory`` (once per process).
+    """
     keep_freed_memory()
     if runtime.accelerator == "cpu":
         torch.set_num_threads(runtime.cpu_threads)
