@@ -16,7 +16,7 @@ from dlorch.core.engine.denoise_plan import DenoisingPlan
 from dlorch.core.engine.denoise_posterior import POSTERIOR_REACH, estimate_noise_var, posterior_mean
 from dlorch.core.engine.device import apply_threads, detect_runtime
 from dlorch.core.engine.inputs import as_stack
-from dlorch.core.engine.network import memory_format, placed
+from dlorch.core.engine.network import fold_batch_norm, memory_format, placed
 from dlorch.core.engine.predict import window_batch
 from dlorch.core.engine.tiling import blend_windows, window_grid
 
@@ -28,7 +28,7 @@ def load_denoiser(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, DenoisingP
         checkpoint: a ``.ckpt`` written by ``train_denoising``.
 
     Returns:
-        (network in eval mode on CPU, its plan).
+        (network in eval mode on CPU with its batch norms folded into its convolutions, its plan).
 
     Raises:
         ValueError: the file is not a dlorch denoising checkpoint.
@@ -56,7 +56,7 @@ def load_denoiser(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, DenoisingP
     except RuntimeError:  # torch lists every mismatched tensor, on a hundred lines
         raise ValueError(f"{checkpoint}: its weights do not fit the network its plan describes; use the .ckpt its "
                          "training wrote") from None
-    return net.eval(), plan
+    return fold_batch_norm(net), plan
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dlorch.core.engine.device import apply_threads, detect_runtime
 from dlorch.core.engine.inputs import as_stack
 from dlorch.core.engine.intensity import IntensityStats, normalize
 from dlorch.core.engine.module import CKPT_KEY
-from dlorch.core.engine.network import build_unet, memory_format, placed
+from dlorch.core.engine.network import build_unet, fold_batch_norm, memory_format, placed
 from dlorch.core.engine.plan import SegmentationPlan
 from dlorch.core.engine.priors import adjust_priors, estimate_priors
 from dlorch.core.engine.tiling import blend_windows, window_grid
@@ -27,7 +27,7 @@ def load_model(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, SegmentationP
         checkpoint: a ``.ckpt`` written by ``train_segmentation``.
 
     Returns:
-        (network in eval mode on CPU, its plan).
+        (network in eval mode on CPU with its batch norms folded into its convolutions, its plan).
 
     Raises:
         ValueError: the file is not a dlorch segmentation checkpoint.
@@ -57,7 +57,7 @@ def load_model(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, SegmentationP
     except RuntimeError:  # torch lists every mismatched tensor, on a hundred lines
         raise ValueError(f"{checkpoint}: its weights do not fit the network its plan describes; use the .ckpt its "
                          "training wrote") from None
-    return net.eval(), plan
+    return fold_batch_norm(net), plan
 
 
 def predict_probabilities(checkpoint: pathlib.Path | None, image: np.ndarray, *,

@@ -195,3 +195,40 @@ def test_freed_activations_are_kept_for_the_next_window():
     for _ in range(5):
         torch.ones(2**24).sum()
     assert faults() - before < 2000
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_folded_batch_norms_give_the_same_output_with_no_norm_left(dims):
+    from monai.networks.nets import DynUNet
+
+    from dlorch.core.engine.network import build_unet, fold_batch_norm
+
+    torch.manual_seed(0)
+    nets = [build_unet(dims, 1, 3, [8, 16, 32], "batch"),
+            DynUNet(dims, 1, 2, [3, 3, 3], [1, 2, 2], [2, 2], filters=[8, 12, 16], norm_name="batch", res_block=True)]
+    for net in nets:
+        for m in net.modules():  # running statistics and affine parameters far from identity
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.2, 3)
+                m.weight.data.uniform_(0.5, 2), m.bias.data.uniform_(-0.5, 0.5)
+        net.eval()
+        folded = fold_batch_norm(net)
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+        assert any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())  # a copy
+        x = torch.randn(2, 1, *([16] * dims))
+        with torch.no_grad():
+            np.testing.assert_allclose(folded(x).numpy(), net(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_loaded_model_has_its_norms_folded_and_predicts_as_its_training_weights(checkpoint, tiny_data):
+    from dlorch.core.engine.module import CKPT_KEY
+    from dlorch.core.engine.network import build_unet
+
+    net, plan = load_model(checkpoint)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    own = torch.load(checkpoint, map_location="cpu", weights_only=True)[CKPT_KEY]
+    trained = build_unet(plan.spatial_dims, 1, plan.num_classes, plan.filters, plan.norm, plan.input_scale)
+    trained.load_state_dict(own["best_state"])
+    x = torch.from_numpy(normalize(tiny_data[0])[:, None])
+    with torch.no_grad():
+        np.testing.assert_allclose(net(x).numpy(), trained.eval()(x).numpy(), rtol=1e-4, atol=1e-4)
