@@ -173,7 +173,12 @@ class _Hooks:
         self.last_uri: str | None = attempt.job.checkpoint
 
     def should_stop(self) -> bool:
-        return self.attempt.stop.is_set() or self.attempt.lease_lost.is_set()
+        # A lost lease abandons the epoch at once: its checkpoint could never be accepted (fencing),
+        # and another node already runs the job from the last accepted one. A stop request (drain,
+        # SIGTERM) instead finishes the epoch, whose checkpoint is accepted: no progress is lost.
+        if self.attempt.lease_lost.is_set():
+            raise LeaseLost(self.attempt.lease_lost.reason or "lease lost")
+        return self.attempt.stop.is_set()
 
     def on_checkpoint(self, path: Path, progress: Any) -> None:
         a = self.attempt

@@ -40,7 +40,11 @@ class TrainHooks(Protocol):
     """Callbacks from the training loop to the job runner."""
 
     def should_stop(self) -> bool:
-        """Polled at every batch end; True finishes the current epoch, checkpoints it and returns."""
+        """Polled at every batch end; True finishes the current epoch, checkpoints it and returns.
+
+        An exception raised here abandons the call at once, mid-epoch and with no checkpoint written
+        (a job runner whose lease is gone: that epoch's work could never be accepted); it propagates.
+        """
         ...
 
     def on_checkpoint(self, path: pathlib.Path, progress: Progress) -> None:

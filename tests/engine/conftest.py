@@ -73,3 +73,17 @@ class RecordingHooks:
         self.checkpoints.append((path, progress))
         if self.raise_on_checkpoint is not None:
             raise self.raise_on_checkpoint
+
+
+class AbandoningHooks(RecordingHooks):
+    """Raises ``error`` from ``should_stop`` at poll ``at``: the job runner learnt its lease is gone."""
+
+    def __init__(self, error: Exception, at: int):
+        super().__init__()
+        self.error, self.at = error, at
+
+    def should_stop(self) -> bool:
+        super().should_stop()
+        if self.polls >= self.at:
+            raise self.error
+        return False

@@ -27,7 +27,7 @@ from dlorch.core.engine.denoise_predict import denoise_with_details
 from dlorch.core.engine.denoise_train import read_run_state
 from dlorch.core.engine.device import detect_runtime
 
-from .conftest import RecordingHooks
+from .conftest import AbandoningHooks, RecordingHooks
 
 
 def make_noisy(shape=(2, 48, 48), sigma=0.4, offset=0.0, seed=0) -> tuple[np.ndarray, np.ndarray]:
@@ -226,6 +226,17 @@ def test_training_refuses_an_image_the_plan_was_not_made_for(tmp_path):
 
 
 # --- training: checkpoints, stop and resume -----------------------------------------------------
+
+
+def test_an_exception_from_should_stop_abandons_the_epoch_at_once_without_a_checkpoint(tmp_path):
+    class LeaseLost(Exception):
+        pass
+
+    noisy, _ = make_noisy((2, 48, 48))
+    hooks = AbandoningHooks(LeaseLost(), at=2)
+    with pytest.raises(LeaseLost):
+        train_denoising(noisy, None, fast_plan(noisy, epochs=2, steps=6), workdir=tmp_path, resume_from=None, hooks=hooks)
+    assert hooks.polls == 2 and hooks.checkpoints == [] and not list(tmp_path.glob("*.ckpt"))
 
 
 def test_stop_then_resume_trains_exactly_the_planned_epochs(tmp_path):

@@ -7,7 +7,7 @@ from dlorch.core.engine.module import CKPT_KEY
 from dlorch.core.engine.segment import NoHooks, train_segmentation
 from dlorch.core.engine.train import read_run_state
 
-from .conftest import RecordingHooks, fast_plan
+from .conftest import AbandoningHooks, RecordingHooks, fast_plan
 
 
 def _weights(ckpt_path):
@@ -95,6 +95,18 @@ def test_an_exception_from_on_checkpoint_propagates(tiny_data, tmp_path):
         train_segmentation(
             image, labels, plan, workdir=tmp_path, resume_from=None, hooks=RecordingHooks(raise_on_checkpoint=LeaseLost())
         )
+
+
+def test_an_exception_from_should_stop_abandons_the_epoch_at_once_without_a_checkpoint(tiny_data, tmp_path):
+    class LeaseLost(Exception):
+        pass
+
+    image, labels = tiny_data
+    plan = fast_plan(image, labels, epochs=2, steps=6)
+    hooks = AbandoningHooks(LeaseLost(), at=2)
+    with pytest.raises(LeaseLost):
+        train_segmentation(image, labels, plan, workdir=tmp_path, resume_from=None, hooks=hooks)
+    assert hooks.polls == 2 and hooks.checkpoints == [] and not list(tmp_path.glob("*.ckpt"))
 
 
 def test_labels_must_match_the_plan(tiny_data, tmp_path):

@@ -30,8 +30,8 @@ def test_sigstopped_zombie_writes_nothing_and_stops(home, tmp_path):
         c.wait_job(jid, lambda j: j["status"] == "running" and j["attempts"][-1]["node"] == "healthy", 90)
         before = c.job(jid)
         zombie.send_signal(signal.SIGCONT)
-        # It learns at its next heartbeat, but stops at its epoch's end (a stop never cuts an epoch short),
-        # and that epoch now shares the 2 cores with the healthy node's: 60 s was once too little in CI.
+        # It learns at its next heartbeat and abandons the epoch at the next batch end (its checkpoint could
+        # never be accepted); a batch now shares the 2 cores with the healthy node's training.
         wait_for(lambda: "lost" in c.node_log("zombie"), 180, what="the zombie to learn it lost the lease")
         done = c.wait_job(jid, lambda j: j["status"] == "succeeded", 300, what="completion on the healthy node")
         first = done["attempts"][0]
