@@ -191,11 +191,11 @@ def _compute(r: "_Ready", model: Any) -> np.ndarray:
 
         done = denoise_with_details(None, r.region, model=model, noise_var=r.ctx.noise_var, **where)
         return done.image[r.block.crop()]
-    from dlorch.core.engine.predict import predict_probabilities
+    from dlorch.core.engine.predict import labels_from_probabilities, predict_probabilities
 
     probs = predict_probabilities(None, r.region, stats=r.ctx.stats, model=model, priors=r.ctx.priors,
                                   tta=r.ctx.spec.options.get("tta"), **where)
-    return (probs[(slice(None), *r.block.crop())].argmax(0) + 1).astype(np.uint8)
+    return labels_from_probabilities(probs[(slice(None), *r.block.crop())])
 
 
 @dataclass

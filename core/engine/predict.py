@@ -169,5 +169,20 @@ def predict_segmentation(checkpoint: pathlib.Path, image: np.ndarray, tta: bool 
     Returns:
         uint8 array of the image's shape with values 1..K.
     """
-    probs = predict_probabilities(checkpoint, image, tta=tta)
-    return (probs.argmax(0) + 1).astype(np.uint8)
+    return labels_from_probabilities(predict_probabilities(checkpoint, image, tta=tta))
+
+
+def labels_from_probabilities(probs: np.ndarray) -> np.ndarray:
+    """The most probable class of every pixel of (K, ...) probabilities, as uint8 1..K (ties: the lower class).
+
+    One comparison per class over contiguous planes, instead of ``argmax(0)``, which walks the
+    class axis with a stride of the whole image: on a 2 x 1024 x 1024 block of random
+    probabilities 6 ms instead of 34 (one thread).
+    """
+    best = probs[0].copy()
+    labels = np.ones(best.shape, dtype=np.uint8)
+    for k in range(1, probs.shape[0]):
+        higher = probs[k] > best
+        np.putmask(labels, higher, k + 1)
+        np.maximum(best, probs[k], out=best)
+    return labels

@@ -232,3 +232,15 @@ def test_a_loaded_model_has_its_norms_folded_and_predicts_as_its_training_weight
     x = torch.from_numpy(normalize(tiny_data[0])[:, None])
     with torch.no_grad():
         np.testing.assert_allclose(net(x).numpy(), trained.eval()(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_labels_from_probabilities_are_the_argmax_plus_one_with_ties_to_the_lower_class(k):
+    from dlorch.core.engine.predict import labels_from_probabilities
+
+    probs = np.random.default_rng(k).random((k, 7, 33, 20)).astype(np.float32)
+    probs[:, :, :4] = 0.5  # ties everywhere in these rows
+    probs = probs[:, :, 2:, 1:]  # a block's crop: not contiguous
+    labels = labels_from_probabilities(probs)
+    assert labels.dtype == np.uint8 and labels.shape == probs.shape[1:]
+    np.testing.assert_array_equal(labels, probs.argmax(0) + 1)
