@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dlorch.core.blocks import Block, choose_block_voxels, output_chunks, plan_blocks
+from dlorch.core.chunkfiles import chunk_reader
 from dlorch.core.errors import BadInput, Unreachable
 from dlorch.core.spec import JobSpec
 from dlorch.core.store import DataStore
@@ -301,7 +302,8 @@ class BlockWorker:
         checkpoint = fetch_cached(self.store, self.cache, spec.model, timings)
         priors = np.asarray(raw["priors"], dtype=float) if raw.get("priors") else None
         stats = IntensityStats.model_validate(raw["norm"]) if raw.get("norm") else None
-        ctx = _Context(spec, raw["output"], stats, priors, raw.get("noise_var"), checkpoint, open_volume(spec.image))
+        ctx = _Context(spec, raw["output"], stats, priors, raw.get("noise_var"), checkpoint,
+                       chunk_reader(open_volume(spec.image)))
         if len(self.contexts) >= 8:
             self.contexts.pop(next(iter(self.contexts)))
         self.contexts[job_id] = ctx
