@@ -100,6 +100,8 @@ def measure(root: Path, n: int, queue: str | None, model: Path, volume: Path, bl
     return {"agents": n, "blocks": b["total"], "wall_s": wall, "end_to_end_s": b["finished_at"] - job["created_at"],
             "split_s": job["attempts"][0]["timings"].get("total_s", 0.0), "per_block_s": per_block,
             "critical_overhead_per_block_ms": 1000 * max(0.0, n * wall - work) / b["total"],
+            # the share of the agents' timelines spent on model work; the rest is dlorch's (and waiting)
+            "busy_share": work / (n * wall),
             "orchestration_ops_per_block_ms": 1000 * ops / b["total"],
             "orchestrator_time_per_block_ms": 1000 * orchestrator / b["total"],
             "orchestrator_cpu_per_block_ms": 1000 * orchestrator_cpu / b["total"],
@@ -196,6 +198,18 @@ def main() -> None:
                        "efficiency_rounds": [r[n][0] for r in rounds],
                        "machine_efficiency_median": float(np.median([r[n][1] for r in rounds])),
                        "machine_efficiency_rounds": [r[n][1] for r in rounds]} for n in args.agents}
+        # Efficiency = (how much slower a block computes beside n - 1 others) x (how busy the agents are
+        # with model work): the first is the machine's, the second dlorch's. Pooled over the rounds, as
+        # totals, since single rounds swing with the VM's speed.
+        for n in args.agents:
+            mine = [r for r in rows if r["agents"] == n]
+            ones = [r for r in rows if r["agents"] == 1]
+            if not ones:
+                continue
+            summary[n]["efficiency_pooled"] = sum(r["wall_s"] for r in ones) / (n * sum(r["wall_s"] for r in mine))
+            summary[n]["compute_ratio_pooled"] = (sum(r["per_block_s"]["compute_s"] for r in ones) /
+                                                  sum(r["per_block_s"]["compute_s"] for r in mine))
+            summary[n]["busy_share_median"] = float(np.median([r["busy_share"] for r in mine]))
         noop_vol = root / "noop.zarr"
         zarr.create_array(str(noop_vol), shape=(args.noop_blocks, 16, 16), chunks=(1, 16, 16), dtype="uint8")[...] = \
             np.random.default_rng(0).integers(0, 255, (args.noop_blocks, 16, 16), dtype=np.uint8)
@@ -231,6 +245,10 @@ def main() -> None:
               f"({', '.join(f'{e:.3f}' for e in m['efficiency_rounds'])}); the same model work in {n} bare processes "
               f"(no dlorch) scales {m['machine_efficiency_median']:.3f} "
               f"({', '.join(f'{e:.3f}' for e in m['machine_efficiency_rounds'])})")
+        if "efficiency_pooled" in m:
+            print(f"   pooled over the rounds: efficiency {m['efficiency_pooled']:.3f} = a block's compute alone / beside "
+                  f"{n - 1} other(s) {m['compute_ratio_pooled']:.3f} (the machine) x agents busy with model work "
+                  f"{m['busy_share_median']:.3f} of the wall time (dlorch), roughly")
     print(f"near-no-op (last row: {noop['blocks']} blocks of 16x16, {noop['agents']} agents): "
           f"{noop['tasks_per_s']:.1f} tasks/s")
     args.out.parent.mkdir(parents=True, exist_ok=True)

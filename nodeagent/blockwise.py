@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dlorch.core.blocks import Block, choose_block_voxels, output_chunks, plan_blocks
-from dlorch.core.chunkfiles import chunk_reader
+from dlorch.core.chunkfiles import chunk_files
 from dlorch.core.errors import BadInput, Unreachable
 from dlorch.core.spec import JobSpec
 from dlorch.core.store import DataStore
@@ -303,7 +303,7 @@ class BlockWorker:
         priors = np.asarray(raw["priors"], dtype=float) if raw.get("priors") else None
         stats = IntensityStats.model_validate(raw["norm"]) if raw.get("norm") else None
         ctx = _Context(spec, raw["output"], stats, priors, raw.get("noise_var"), checkpoint,
-                       chunk_reader(open_volume(spec.image)))
+                       chunk_files(open_volume(spec.image)))
         if len(self.contexts) >= 8:
             self.contexts.pop(next(iter(self.contexts)))
         self.contexts[job_id] = ctx
@@ -321,7 +321,7 @@ class BlockWorker:
                 values = _compute(r, model)
                 t2 = time.perf_counter()
                 if r.ctx.sink is None:
-                    r.ctx.sink = open_volume(r.ctx.output, mode="r+")
+                    r.ctx.sink = chunk_files(open_volume(r.ctx.output, mode="r+"))
                 r.ctx.sink[r.block.core_slices()] = values
                 t3 = time.perf_counter()
                 t.update(model_load_s=t1 - t0, compute_s=t2 - t1, write_s=t3 - t2)
