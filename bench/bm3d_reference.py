@@ -13,7 +13,6 @@ reference only; dlorch does not depend on it).
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -53,10 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
                  ("per slice", f"{min(per_slice):.2f} - {max(per_slice):.2f} dB"),
                  ("seconds (one core)", f"{seconds:.0f}")]:
         print(f"  {k:<22} {v}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
-    return report
+    return denoise_quality.save(report, args.out)
 
 
 if __name__ == "__main__":

@@ -165,9 +165,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     report = run(args.time_budget, args.data, supervised=args.supervised)
     print_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    return save(report, args.out)
+
+
+def save(report: dict, out: pathlib.Path) -> dict:
+    """Write ``report`` as JSON to ``out`` and say so; returns it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
     return report
 
 
