@@ -1,8 +1,8 @@
 """Regions of a local zarr array read from and written to its chunk files directly.
 
 zarr-python reads through an asyncio event loop on another thread and decodes in a thread pool:
-a 1024x1024 uint8 block of sixteen 256x256 zstd chunks took 9-14 ms of CPU, of which opening,
-reading and decoding the sixteen files is 3.5 ms. An agent reads its next block while the current
+a 1024x1024 uint8 block of sixteen 256x256 zstd chunks took 11 ms of CPU, of which opening,
+reading and decoding the sixteen files is about 4 ms. An agent reads its next block while the current
 one computes, so on a node with a spare core that time is free; on a node where every core runs an
 agent (the 2-core benchmark at N = 2) it is taken from the model. This reader does only the file
 work, for the layouts it fully understands: a local array, not sharded, C order, no filters, raw
