@@ -116,7 +116,7 @@ def check_output_path(path: str | Path, inputs: Iterable[str | Path] = (), fmt: 
     """Raise ``BadInput`` unless an output can be written at ``path`` without destroying anything.
 
     Refused: an output that is one of ``inputs``; a parent path that is a file, or a directory
-    without write permission (missing directories are created by the writer); an existing directory for a .tif/.npy; an existing path for a .zarr that is not a zarr
+    where a file cannot be created (tried; missing directories are created by the writer); an existing directory for a .tif/.npy; an existing path for a .zarr that is not a zarr
     array (only a previous output, which is an array, may be replaced). A URL (``s3://...``) is
     checked by ``dlorch.core.volumes.check_output_volume``.
 
@@ -142,6 +142,8 @@ def check_output_path(path: str | Path, inputs: Iterable[str | Path] = (), fmt: 
         raise BadInput(f"cannot write {path}: {existing} is a file, not a directory; choose another path")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise BadInput(f"cannot write {path}: no permission to write in {existing}; choose another path")
+    if existing is not None:
+        _probe_write(path, existing)
     if not parent.is_dir():
         return
     if not (path.exists() or path.is_symlink()):
@@ -150,6 +152,19 @@ def check_output_path(path: str | Path, inputs: Iterable[str | Path] = (), fmt: 
         check_output_volume(str(path))  # only a zarr array, a previous output, may be replaced
     elif path.is_dir():
         raise BadInput(f"output {path} is a directory; give a file name ending in {path.suffix or '.' + fmt}")
+
+
+def _probe_write(path: Path, directory: Path) -> None:
+    """Create and remove an empty file in ``directory``: ``os.access`` answers yes to root everywhere,
+    also where the write then fails (an NFS export that squashes root, a read-only or pseudo
+    filesystem such as /proc), and a job would otherwise train for minutes before its output fails."""
+    probe = directory / f".dlorch-probe-{uuid.uuid4().hex}"
+    try:
+        probe.touch(exist_ok=False)
+    except OSError as e:
+        raise BadInput(f"cannot write {path}: creating a file in {directory} failed ({e.strerror}); "
+                       "choose another path") from None
+    probe.unlink(missing_ok=True)
 
 
 def write_image(array: np.ndarray, path: Path, fmt: str | None = None) -> Path:

@@ -78,9 +78,26 @@ def test_output_paths_that_cannot_be_written_are_one_clear_line(tmp_path):
                 call()
             assert "\n" not in str(e.value)
     assert (tmp_path / "dir.tif" / "precious.txt").exists()
+    assert not list(tmp_path.glob(".dlorch-probe-*"))  # the write probe leaves nothing behind
     # Missing directories are created, as before.
     write_image(a, tmp_path / "new" / "dir" / "o.npy")
     np.testing.assert_array_equal(np.load(tmp_path / "new" / "dir" / "o.npy"), a)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_directory_that_says_writable_but_is_not_is_refused_before_a_job(home, tmp_path):
+    """/proc passes os.access for root (as an NFS export that squashes root does) but takes no new file:
+    the output is tried before the job is queued, not after it has trained."""
+    from dlorch.core.imageio import check_output_path
+
+    with pytest.raises(BadInput, match=r"cannot write /proc/dlorch-nope/o\.tif: creating a file in /proc failed"):
+        check_output_path("/proc/dlorch-nope/o.tif")
+    img, _ = synthetic_pair(tmp_path)
+    cp = dlorch("denoise", str(img), "-o", "/proc/dlorch-nope/o.tif", env=cli_env(), check=False)
+    assert cp.returncode != 0 and "job" not in cp.stdout + cp.stderr, cp.stderr
+    lines = [ln for ln in cp.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write /proc/dlorch-nope/o.tif: creating a file in /proc"), lines
+    assert lines[0].endswith("choose another path"), lines
 
 
 def test_an_output_that_is_an_input_is_refused(tmp_path):
