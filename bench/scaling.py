@@ -112,23 +112,29 @@ def measure(root: Path, n: int, queue: str | None, model: Path, volume: Path, bl
 BARE = """
 import sys, time, numpy as np, torch, zarr
 torch.set_num_threads(1)
+from dlorch.core.chunkfiles import chunk_files
 from dlorch.core.engine.intensity import intensity_stats
-from dlorch.core.engine.predict import load_model, predict_probabilities
+from dlorch.core.engine.predict import labels_from_probabilities, load_model, predict_probabilities
+from dlorch.core.engine.priors import estimate_priors
 model = load_model(__import__("pathlib").Path(sys.argv[1]))
-vol = zarr.open_array(sys.argv[2], mode="r")
+vol = chunk_files(zarr.open_array(sys.argv[2], mode="r"))  # the agents' read path
 zs = range(int(sys.argv[3]), int(sys.argv[4]))
-stats = intensity_stats(np.asarray(vol[0]))
-predict_probabilities(None, np.asarray(vol[0]), stats=stats, model=model, priors=None)  # warm-up
+first = np.asarray(vol[0])
+stats = intensity_stats(first)
+raw = predict_probabilities(None, first, stats=stats, model=model, priors=None)  # warm-up
+prior = model[1].train_prior
+priors = estimate_priors(raw, np.asarray(prior)) if prior else None  # once per volume, as the split does
 t0 = time.perf_counter()
 for z in zs:
-    predict_probabilities(None, np.asarray(vol[z]), stats=stats, model=model, priors=None).argmax(0)
+    labels_from_probabilities(predict_probabilities(None, np.asarray(vol[z]), stats=stats, model=model, priors=priors))
 print(time.perf_counter() - t0)
 """
 
 
 def bare_parallel(n: int, model: Path, volume: Path, slices: int) -> float:
     """The machine's own ceiling: n plain processes (one torch thread each, no dlorch) each predicting
-    ``slices`` slices at once; returns the slowest one's seconds (equal work per process)."""
+    ``slices`` slices at once, with the agents' model work (the same read path, the volume's priors,
+    labels by comparison) done serially; returns the slowest one's seconds (equal work per process)."""
     procs = [subprocess.Popen([sys.executable, "-c", BARE, str(model), str(volume), str(i * slices),
                                str((i + 1) * slices)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "DLORCH_THREADS": "1"}) for i in range(n)]
