@@ -116,8 +116,9 @@ def check_output_path(path: str | Path, inputs: Iterable[str | Path] = (), fmt: 
     """Raise ``BadInput`` unless an output can be written at ``path`` without destroying anything.
 
     Refused: an output that is one of ``inputs``; a parent path that is a file, or a directory
-    where a file cannot be created (tried; missing directories are created by the writer); an existing directory for a .tif/.npy; an existing path for a .zarr that is not a zarr
-    array (only a previous output, which is an array, may be replaced). A URL (``s3://...``) is
+    where a file cannot be created (tried; missing directories are created by the writer); an
+    existing directory for a .tif/.npy; an existing path for a .zarr that is not a zarr array
+    (only a previous output, which is an array, may be replaced). A URL (``s3://...``) is
     checked by ``dlorch.core.volumes.check_output_volume``.
 
     Args:
