@@ -14,6 +14,29 @@ def default_home() -> Path:
     return Path(os.environ.get("DLORCH_HOME") or Path.home() / ".dlorch")
 
 
+# DLORCH_PRECISION: the compute precision, as Lightning names it. "32" keeps everything in float32
+# (e.g. for outputs comparable across nodes with and without bf16 units); "bf16" asks for bf16
+# autocast. Unset: the engine chooses per device (``engine.device.detect_runtime``).
+PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}
+
+
+def requested_precision() -> str | None:
+    """The precision ``DLORCH_PRECISION`` asks for (a Lightning precision name), None when unset.
+
+    Raises:
+        BadInput: any other value; the CLI checks it before a command runs.
+    """
+    wanted = os.environ.get("DLORCH_PRECISION", "").strip().lower()
+    if not wanted:
+        return None
+    if wanted not in PRECISIONS:
+        from dlorch.core.errors import BadInput
+
+        raise BadInput(f"DLORCH_PRECISION={wanted!r} is not a precision; set it to {' or '.join(PRECISIONS)}, "
+                       "or unset it to let each device choose")
+    return PRECISIONS[wanted]
+
+
 class Settings(BaseSettings):
     """Where state lives and how the pieces talk. Empty URLs mean the embedded default."""
 

@@ -17,7 +17,7 @@ import typer
 from dlorch.core.errors import BadInput, DlorchError
 from dlorch.core.spec import MAX_EPOCHS, MAX_PRIORITY, MIN_PRIORITY, parse_spec
 from dlorch.orchestrator.inputs import model_uri, training_inputs, upload
-from dlorch.core.settings import Settings
+from dlorch.core.settings import Settings, requested_precision
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Self-configuring deep-learning segmentation on a queue of idle GPUs.")
@@ -529,6 +529,7 @@ def main() -> None:
     from typer._click import exceptions as click  # typer carries its own click; its exceptions are these
 
     try:
+        requested_precision()  # a bad DLORCH_PRECISION: one line now, not a failed job later
         code = app(args=argv, prog_name="dlorch", standalone_mode=False)
     except click.NoArgsIsHelpError as e:
         text = e.ctx.get_help() if e.ctx else ""  # typer's rich help prints itself and returns ""

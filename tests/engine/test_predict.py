@@ -20,7 +20,8 @@ def checkpoint(tiny_data, tmp_path_factory):
     return train_segmentation(image, labels, plan, workdir=workdir, resume_from=None, hooks=NoHooks()).checkpoint
 
 
-def test_prediction_equals_a_whole_image_forward_pass_when_the_image_fits(checkpoint, tiny_data):
+def test_prediction_equals_a_whole_image_forward_pass_when_the_image_fits(checkpoint, tiny_data, monkeypatch):
+    monkeypatch.setenv("DLORCH_PRECISION", "32")  # the windows' arithmetic, to float32's tolerance
     image = tiny_data[0]
     probs = predict_probabilities(checkpoint, image, priors=None)
     net, plan = load_model(checkpoint)
@@ -28,6 +29,21 @@ def test_prediction_equals_a_whole_image_forward_pass_when_the_image_fits(checkp
         whole = torch.softmax(net(torch.from_numpy(normalize(image)[:, None])), 1).numpy().transpose(1, 0, 2, 3)
     assert probs.shape == (plan.num_classes, *image.shape)
     np.testing.assert_allclose(probs, whole, atol=1e-5)
+
+
+def test_bf16_prediction_keeps_float32s_labels(checkpoint, tiny_data, monkeypatch):
+    """bf16 autocast (chosen on CPUs with bf16 units, and on GPUs) rounds every product to 8 bits of
+    mantissa: the probabilities move by about a hundredth, a label only where two classes tie."""
+    image = tiny_data[0]
+    monkeypatch.setenv("DLORCH_PRECISION", "32")
+    full = predict_probabilities(checkpoint, image, priors=None)
+    monkeypatch.setenv("DLORCH_PRECISION", "bf16")
+    half = predict_probabilities(checkpoint, image, priors=None)
+    assert half.dtype == np.float32 and half.shape == full.shape
+    assert not np.array_equal(half, full)  # bf16 did run
+    assert np.abs(half - full).max() < 0.05
+    assert ((half.argmax(0) == full.argmax(0)) | (np.abs(full[0] - full[1]) < 0.05)).all()
+    np.testing.assert_allclose(half.sum(0), 1.0, atol=1e-5)
 
 
 def test_label_map_has_the_image_shape_and_classes_1_to_k(checkpoint, tiny_data):
