@@ -324,9 +324,10 @@ def test_floats_stay_floats_with_the_input_shape_and_no_clipping(n2v_run):
     assert ints.dtype == np.float32 and ints.shape == (40, 40)
 
 
-def test_tiled_prediction_equals_a_whole_image_pass_when_the_image_fits(n2v_run):
+def test_tiled_prediction_equals_a_whole_image_pass_when_the_image_fits(n2v_run, monkeypatch):
     checkpoint, noisy, _ = n2v_run
     model = load_denoiser(checkpoint)
+    monkeypatch.setenv("DLORCH_PRECISION", "32")  # the windows' arithmetic, to float32's tolerance
     # The network's output (the posterior step is per-pixel arithmetic on top of it).
     whole = denoise_with_details(None, noisy, model=model, roi=[64, 64], posterior=False).image
     net, plan = model
@@ -337,6 +338,13 @@ def test_tiled_prediction_equals_a_whole_image_pass_when_the_image_fits(n2v_run)
     tiled = denoise_with_details(None, noisy, model=model, roi=[32, 32], posterior=False).image  # 3x3 windows
     err = np.abs(tiled - whole)
     assert err.mean() < 0.05 * noisy.std() and np.median(err) < 0.02 * noisy.std()
+    # bf16 autocast (GPUs, CPUs with bf16 units) rounds the products, not the output: still floats, near float32's.
+    monkeypatch.setenv("DLORCH_PRECISION", "bf16")
+    half = denoise_with_details(None, noisy, model=model, roi=[64, 64], posterior=False).image
+    err = np.abs(half - whole) / noisy.std()
+    print(f"bf16 against float32, in noise std: mean {err.mean():.4f}, max {err.max():.4f}")
+    assert half.dtype == np.float32 and not np.array_equal(half, whole)
+    assert err.mean() < 0.01 and err.max() < 0.1 and not np.allclose(half, np.round(half))
 
 
 def test_a_block_denoised_alone_equals_the_whole_pass_over_its_core(n2v_run):
@@ -418,7 +426,7 @@ def test_a_near_isotropic_volume_is_planned_in_3d_and_serial_sections_in_2d():
     assert sections.spatial_dims == 2 and len(sections.patch_size) == 2
 
 
-def test_noise2void_in_3d_improves_psnr_and_tiles_like_a_whole_pass(tmp_path):
+def test_noise2void_in_3d_improves_psnr_and_tiles_like_a_whole_pass(tmp_path, monkeypatch):
     noisy, clean = make_noisy_volume()
     stats = mean_std(noisy)
     plan = derive_denoising_plan(image_shape=noisy.shape, mode="n2v", input_stats=stats, target_stats=stats,
@@ -436,6 +444,7 @@ def test_noise2void_in_3d_improves_psnr_and_tiles_like_a_whole_pass(tmp_path):
     before, after = psnr(noisy, clean, span), psnr(out.image, clean, span)
     print(f"3D PSNR noisy {before:.2f} dB -> denoised {after:.2f} dB (network alone {psnr(out.network_output, clean, span):.2f})")
     assert after > before + 1.5
+    monkeypatch.setenv("DLORCH_PRECISION", "32")  # trained as the device chose; the windows compared in float32
     whole = denoise_with_details(None, noisy, model=model, posterior=False).image
     net, plan = model
     with torch.no_grad():

@@ -244,3 +244,17 @@ def test_the_prediction_window_is_the_devices_not_the_training_images():
     assert small.roi == (320, 224) and len(small.inside((0, 0), (300, 200))) == 1
     wide = prediction_grid(plan, (1, 512, 2048))
     assert wide.roi == (512, 1024) and [s for _, s in wide.inside((0, 0), (512, 2048))] == [0, 768, 1024]
+
+
+def test_tta_is_on_exactly_when_seven_more_passes_fit_in_half_the_training():
+    from dlorch.core.engine.plan import TTA_SHARE, choose_tta
+
+    # A forward pass of 2 x 32^3 voxels in 0.1 s: a 64 x 256 x 256 volume with 0.25 overlap is
+    # 64 x 256 x 256 / (2 x 32^3) / 0.75^3 = 151.7 such passes, 15.2 s; seven more 106 s.
+    predict_s = 0.1 / (2 * 32**3) * 64 * 256 * 256 / 0.75**3
+    on, why = choose_tta((64, 256, 256), 3, [32, 32, 32], 2, 0.1, train_seconds=7 * predict_s / TTA_SHARE + 1)
+    assert on and why.startswith("test-time augmentation on: 8 flips/rotations would add ~106 s to ~15 s")
+    off, why = choose_tta((64, 256, 256), 3, [32, 32, 32], 2, 0.1, train_seconds=7 * predict_s / TTA_SHARE - 1)
+    assert not off and why.startswith("test-time augmentation off") and "over 50% of ~211 s" in why
+    assert choose_tta((64, 256, 256), 3, [32, 32, 32], 2, None, 100.0) == (False, "test-time augmentation off: "
+                                                                          "prediction speed not measured")

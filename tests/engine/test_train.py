@@ -116,9 +116,13 @@ def test_labels_must_match_the_plan(tiny_data, tmp_path):
         train_segmentation(image, labels, plan, workdir=tmp_path, resume_from=None, hooks=NoHooks())
 
 
-def test_automatic_training_ends_at_a_plateau_of_the_held_out_strokes(tiny_data, tmp_path):
+def test_automatic_training_ends_at_a_plateau_of_the_held_out_strokes(tiny_data, tmp_path, monkeypatch):
     from dlorch.core.engine.plan import plateaued
 
+    # The tiny problem's held-out IoU takes a handful of values, so whether a run plateaus within 40
+    # epochs depends on its exact (seeded) trajectory: float32's does at epoch 35; bf16's, where a CPU
+    # has bf16 units, keeps matching its best and trains on. The rule is what is tested here.
+    monkeypatch.setenv("DLORCH_PRECISION", "32")
     image, labels = tiny_data
     plan = fast_plan(image, labels, epochs=40, stop_at_plateau=True)
     hooks = RecordingHooks()
