@@ -235,6 +235,7 @@ class NodeInfo(_Strict):
     memory_bytes: int
     gpus: list[dict[str, Any]] = Field(default_factory=list)
     torch: str = ""
+    precision: str = ""  # what its engine computes in: "32-true", "bf16-mixed", "16-mixed" (Lightning's names)
     platform: str = ""
     registered_at: float
     heartbeat_at: float

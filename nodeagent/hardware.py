@@ -63,8 +63,24 @@ def torch_version() -> str:
         return ""
 
 
+def precision() -> str:
+    """The precision this node's engine computes in (``engine.device.detect_runtime``), or empty.
+
+    Shown by ``dlorch nodes``: in a fleet of mixed hardware, nodes with bf16 units (GPUs, CPUs with
+    AVX512-BF16 or AMX) compute in bf16 and the others in float32, so their blocks of one volume
+    differ by that rounding; ``DLORCH_PRECISION=32`` on every node makes them agree.
+    """
+    try:
+        from dlorch.core.engine.device import detect_runtime
+
+        return detect_runtime().precision
+    except Exception:  # no torch, or a bad DLORCH_PRECISION (the CLI refused it before this runs)
+        return ""
+
+
 def describe(node_id: str) -> dict[str, Any]:
     """The node's registration record (see ``spec.NodeInfo``)."""
     return {"id": node_id, "hostname": socket.gethostname(), "pid": os.getpid(), "cpus": cpu_count(),
             "memory_bytes": total_memory_bytes(), "gpus": gpus(), "torch": torch_version(),
+            "precision": precision(),
             "platform": f"{platform.system()} {platform.machine()} py{platform.python_version()}"}

@@ -68,16 +68,19 @@ def job_detail(j: Job) -> None:
             console.print(f"    - {r}")
 
 
+_PRECISION = {"32-true": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16"}
+
+
 def nodes_table(nodes: list[NodeInfo], now: float, lease_s: float) -> None:
     """``dlorch nodes``."""
     t = Table(box=None)
-    for col in ("id", "host", "pid", "state", "cpus", "mem GiB", "gpus", "torch", "job", "heartbeat"):
+    for col in ("id", "host", "pid", "state", "cpus", "mem GiB", "gpus", "torch", "precision", "job", "heartbeat"):
         t.add_column(col)
     for n in nodes:
         gpus = ", ".join(f"{g['name']} {g['memory_bytes'] / 2**30:.0f}G" for g in n.gpus) or "-"
         state = n.state if n.alive(now, lease_s) else "lost"
         t.add_row(n.id, n.hostname, str(n.pid), state, str(n.cpus), f"{n.memory_bytes / 2**30:.1f}", gpus,
-                  n.torch, n.job or "-", _ago(n.heartbeat_at, now))
+                  n.torch, _PRECISION.get(n.precision, n.precision or "-"), n.job or "-", _ago(n.heartbeat_at, now))
     console.print(t)
 
 

@@ -60,8 +60,16 @@ def test_fifo_with_priority_across_two_agents(home, tmp_path):
             assert "succeeded" in row and f"{epochs[name]}/{epochs[name]}" in row and "agent-" in row
         nodes = json.loads(dlorch("nodes", "--json", env=env).stdout)
         assert {n["id"] for n in nodes} == {"agent-1", "agent-2"}
+        from dlorch.core.engine.device import detect_runtime
+
         for n in nodes:
             assert n["cpus"] >= 1 and n["memory_bytes"] > 0 and n["pid"] > 0 and "heartbeat_at" in n
+            assert n["precision"] == detect_runtime().precision  # the agents run on this machine
+        listing = dlorch("nodes", env=env).stdout
+        assert "precision" in listing.splitlines()[0]
+        assert {"agent-1", "agent-2"} <= {line.split()[0] for line in listing.splitlines()[1:] if line.strip()}
+        assert all(({"bf16-mixed": "bf16", "32-true": "fp32"}[detect_runtime().precision] in line.split())
+                   for line in listing.splitlines()[1:] if line.strip())
     finally:
         _stop(*agents, up)
 
