@@ -68,7 +68,7 @@ def precision() -> str:
 
     Shown by ``dlorch nodes``: in a fleet of mixed hardware, nodes with bf16 units (GPUs, CPUs with
     AVX512-BF16 or AMX) compute in bf16 and the others in float32, so their blocks of one volume
-    differ by that rounding; ``DLORCH_PRECISION=32`` on every node makes them agree.
+    differ by that rounding; ``DLORCH_PRECISION=32`` on every node keeps them to float32's.
     """
     try:
         from dlorch.core.engine.device import detect_runtime

@@ -76,7 +76,7 @@ def cpu_has_bf16() -> bool:
     There bf16 autocast halves the bytes every convolution moves and runs its products natively:
     measured on a 2-core AMD EPYC (Zen 4), a training step of the ISBI plan (8 x 256 x 256 at half
     resolution, two threads) 113 -> 85 ms and a 1024 x 1024 prediction window on one thread
-    ~140 -> ~80 ms. CPUs without those units only emulate bf16 in oneDNN, slower than float32, so
+    99 -> 63 ms, with the same IoU and PSNR. CPUs without those units only emulate bf16 in oneDNN, slower than float32, so
     they stay in float32.
     """
     try:
