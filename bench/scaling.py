@@ -155,6 +155,7 @@ def main() -> None:
 
     import zarr
 
+    from dlorch.core.engine.device import detect_runtime
     from dlorch.core.engine.hooks import NoHooks
     from dlorch.core.engine.segment import plan_segmentation, train_segmentation
 
@@ -224,8 +225,9 @@ def main() -> None:
     finally:
         if redis:
             redis.kill()
+    precision = detect_runtime().precision  # the agents inherit this environment, so theirs too
     print(f"queue: {args.queue}; volume {big.shape} uint8, one 1024x1024 slice per block, "
-          f"model {plan.filters} {plan.infer_roi}")
+          f"model {plan.filters} {plan.infer_roi}, precision {precision}")
     hdr = ["round", "agents", "blocks", "wall s", "efficiency", "Mvox/s", "compute", "read*", "write", "model load",
            "claim*", "report", "wait", "ledger", "crit. ms", "ops ms", "orch. ms", "orch. cpu", "downloads"]
     print("".join(f"{h:>11}" for h in hdr))
@@ -258,7 +260,8 @@ def main() -> None:
     print(f"near-no-op (last row: {noop['blocks']} blocks of 16x16, {noop['agents']} agents): "
           f"{noop['tasks_per_s']:.1f} tasks/s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"queue": args.queue, "rows": rows, "summary": summary, "noop": noop}, indent=1))
+    args.out.write_text(json.dumps({"queue": args.queue, "precision": precision, "rows": rows, "summary": summary,
+                                    "noop": noop}, indent=1))
     print(f"wrote {args.out}")
     shutil.rmtree(root, ignore_errors=True)
 
