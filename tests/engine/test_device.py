@@ -1,5 +1,6 @@
 """Where the engine computes: the precision chosen per device and its override."""
 
+import os
 import subprocess
 import sys
 
@@ -34,7 +35,7 @@ def test_an_unknown_precision_is_refused_in_one_line(monkeypatch):
     with pytest.raises(BadInput, match="DLORCH_PRECISION='fp8' is not a precision; set it to 32 or bf16"):
         detect_runtime()
     done = subprocess.run([sys.executable, "-m", "dlorch.orchestrator.cli", "status"], capture_output=True,
-                          text=True, env={**__import__("os").environ, "DLORCH_PRECISION": "fp8"}, timeout=120)
+                          text=True, env={**os.environ, "DLORCH_PRECISION": "fp8"}, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "error: DLORCH_PRECISION='fp8' is not a precision; set it to 32 or bf16, or unset it to let each device choose"]
