@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import json
 import os
 import pathlib
 import platform
@@ -56,7 +58,8 @@ def ram_bytes() -> int:
 
 def detect_runtime() -> Runtime:
     """Pick CUDA with bf16 (or fp16) autocast when available, else the CPU: with bf16 autocast where
-    its cores multiply bf16 natively (``cpu_has_bf16``), in float32 elsewhere.
+    its cores multiply bf16 natively (``cpu_has_bf16``) and that measurably beats float32 there
+    (``cpu_bf16_faster``), in float32 elsewhere.
 
     ``DLORCH_PRECISION`` overrides the choice (``settings.requested_precision``).
     """
@@ -65,19 +68,19 @@ def detect_runtime() -> Runtime:
         precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
         memory = int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
         return Runtime("cuda", wanted or precision, usable_cpus(), memory)
-    precision = "bf16-mixed" if cpu_has_bf16() else "32-true"
-    return Runtime("cpu", wanted or precision, usable_cpus(), ram_bytes())
+    precision = wanted or ("bf16-mixed" if cpu_has_bf16() and cpu_bf16_faster() else "32-true")
+    return Runtime("cpu", precision, usable_cpus(), ram_bytes())
 
 
 @functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX) and torch's oneDNN uses it.
 
-    There bf16 autocast halves the bytes every convolution moves and runs its products natively:
+    There bf16 autocast can halve the bytes every convolution moves and run its products natively:
     measured on a 2-core AMD EPYC (Zen 4), a training step of the ISBI plan (8 x 256 x 256 at half
     resolution, two threads) 113 -> 85 ms and a 1024 x 1024 prediction window on one thread
     99 -> 63 ms, with the same IoU and PSNR. CPUs without those units only emulate bf16 in oneDNN, slower than float32, so
-    they stay in float32.
+    they stay in float32. Having the units is not enough: see ``cpu_bf16_faster``.
     """
     try:
         flags = pathlib.Path("/proc/cpuinfo").read_text()
@@ -88,6 +91,126 @@ def cpu_has_bf16() -> bool:
         return native and torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+# bf16 must beat float32 by this factor in the probe to be chosen. The probe's ratio spread
+# +-0.1 between runs on a shared VM; where bf16 pays it pays more (0.64-0.75 of float32's time on
+# Zen 4), and where it does not the probe read 1.1-1.3.
+BF16_MARGIN = 0.9
+
+
+def bf16_pays(fp32_s: float, bf16_s: float, margin: float = BF16_MARGIN) -> bool:
+    """Whether bf16 autocast is worth it, from the probe's seconds for the same work in each precision."""
+    return fp32_s > 0 and bf16_s > 0 and bf16_s <= margin * fp32_s
+
+
+def probe_bf16_seconds(repeats: int = 3) -> tuple[float, float]:
+    """Seconds of a small U-Net's training step plus inference pass, in float32 and in bf16 autocast.
+
+    The 2D plan's network (widths 16-192) on four 128 x 128 images, the size it trains at after
+    its 2x pooling, on one thread: about two seconds in all. The two precisions
+    alternate, so a neighbour's load slows both alike; medians of ``repeats`` after a warm-up each.
+    """
+    import statistics
+    import time
+
+    from dlorch.core.engine.network import build_unet
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        net = build_unet(2, 1, 2, [16, 24, 48, 96, 192])
+        x = torch.randn(4, 1, 128, 128, generator=gen)
+
+        def once(bf16: bool) -> float:
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = net(x).float().square().mean()
+            loss.backward()
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                net(x)
+            net.zero_grad(set_to_none=True)
+            return time.perf_counter() - t0
+
+        once(False), once(True)
+        fp32, bf16 = [], []
+        for _ in range(repeats):
+            fp32.append(once(False))
+            bf16.append(once(True))
+        return statistics.median(fp32), statistics.median(bf16)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def precision_cache_path() -> pathlib.Path:
+    """Where the probe's verdict is kept for this machine: ``$XDG_CACHE_HOME/dlorch`` or ``~/.cache/dlorch``,
+    one file per CPU model and torch version (delete it to measure again)."""
+    import hashlib
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    key = hashlib.sha256(f"{cpu}|{torch.__version__}".encode()).hexdigest()[:16]
+    base = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+    return base / "dlorch" / f"cpu-precision-{key}.json"
+
+
+def measured_bf16_verdict(path: pathlib.Path, probe=probe_bf16_seconds) -> dict:
+    """The machine's verdict on bf16, read from ``path`` or measured by ``probe`` and kept there.
+
+    Kept so that every process on a machine computes in the same precision (agents predicting
+    blocks of one volume side by side must agree to the bit) and the second of a second is paid
+    once per machine. The first process to write wins: one that measured too adopts the kept
+    verdict. An unreadable or foreign file is measured over; an unwritable cache is measured per process.
+    """
+    kept = _read_verdict(path)
+    if kept is not None:
+        return kept
+    fp32_s, bf16_s = probe()
+    verdict = {"bf16": bf16_pays(fp32_s, bf16_s), "fp32_s": round(fp32_s, 5), "bf16_s": round(bf16_s, 5),
+               "margin": BF16_MARGIN, "torch": torch.__version__}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(verdict))
+        try:
+            os.link(tmp, path)  # atomic, and fails where another process got there first
+        except FileExistsError:
+            theirs = _read_verdict(path)
+            if theirs is not None:
+                return theirs
+            os.replace(tmp, path)  # an unreadable file: ours replaces it whole
+        except OSError:  # a file system without hard links: last writer wins, still whole
+            os.replace(tmp, path)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return verdict
+
+
+def _read_verdict(path: pathlib.Path) -> dict | None:
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return kept if isinstance(kept, dict) and isinstance(kept.get("bf16"), bool) else None
+
+
+@functools.cache
+def cpu_bf16_faster() -> bool:
+    """Whether bf16 autocast is measurably faster than float32 on this CPU (``measured_bf16_verdict``).
+
+    The bf16 units alone do not decide it: on a 2-core Intel Xeon VM with AVX512-BF16 (and no AMX),
+    bf16 made the ISBI plan's training step slower (0.278 -> 0.300 s, two threads) and its
+    validation pass 33% slower, while on AMD Zen 4 the same flag made both 25-36% faster.
+    """
+    return bool(measured_bf16_verdict(precision_cache_path())["bf16"])
 
 
 def apply_threads(runtime: Runtime) -> None:
