@@ -116,15 +116,15 @@ def test_labels_must_match_the_plan(tiny_data, tmp_path):
         train_segmentation(image, labels, plan, workdir=tmp_path, resume_from=None, hooks=NoHooks())
 
 
-def test_automatic_training_ends_at_a_plateau_of_the_held_out_strokes(tiny_data, tmp_path, monkeypatch):
+def test_automatic_training_ends_at_a_plateau_of_the_held_out_strokes(tiny_data, tmp_path):
     from dlorch.core.engine.plan import plateaued
 
-    # The tiny problem's held-out IoU takes a handful of values, so whether a run plateaus within 40
-    # epochs depends on its exact (seeded) trajectory: float32's does at epoch 35; bf16's, where a CPU
-    # has bf16 units, keeps matching its best and trains on. The rule is what is tested here.
-    monkeypatch.setenv("DLORCH_PRECISION", "32")
+    # Whether the tiny problem's own trajectory plateaus within 40 epochs depends on the CPU's
+    # float rounding (float32 on AMD Zen 4 did at epoch 35, on an Intel Xeon it did not; bf16 did
+    # not). A negative tolerance keeps the first weights whatever comes after, so the rule must
+    # end training once its minimum share has run and the peak allows, on any CPU.
     image, labels = tiny_data
-    plan = fast_plan(image, labels, epochs=40, stop_at_plateau=True)
+    plan = fast_plan(image, labels, epochs=40, stop_at_plateau=True, select_tolerance=-1.0)
     hooks = RecordingHooks()
     result = train_segmentation(image, labels, plan, workdir=tmp_path / "a", resume_from=None, hooks=hooks)
     assert result.stopped_by == "plateau" and result.epochs_done < plan.epochs
@@ -134,6 +134,7 @@ def test_automatic_training_ends_at_a_plateau_of_the_held_out_strokes(tiny_data,
     assert held.index(True) == len(held) - 1
     last = hooks.checkpoints[-1][1].metrics
     kept, peak = int(last["best_epoch"]), int(last["peak_epoch"])
+    assert kept == 1 and result.epochs_done < 40
     assert result.epochs_done == max(kept + max(3, -(-peak // 2)), 10)  # nothing kept for a while; 25% of 40 at least
     # A resume from its last checkpoint (a node lost before reporting) finishes at once.
     again = RecordingHooks()
