@@ -119,9 +119,10 @@ def probe_bf16_seconds(repeats: int = 3) -> tuple[float, float]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        gen = torch.Generator().manual_seed(0)
-        net = build_unet(2, 1, 2, [16, 24, 48, 96, 192])
-        x = torch.randn(4, 1, 128, 128, generator=gen)
+        with torch.random.fork_rng(devices=[]):  # the caller's seeded stream is left where it was
+            torch.manual_seed(0)
+            net = build_unet(2, 1, 2, [16, 24, 48, 96, 192])
+            x = torch.randn(4, 1, 128, 128)
 
         def once(bf16: bool) -> float:
             t0 = time.perf_counter()
@@ -163,7 +164,7 @@ def measured_bf16_verdict(path: pathlib.Path, probe=probe_bf16_seconds) -> dict:
     """The machine's verdict on bf16, read from ``path`` or measured by ``probe`` and kept there.
 
     Kept so that every process on a machine computes in the same precision (agents predicting
-    blocks of one volume side by side must agree to the bit) and the second of a second is paid
+    blocks of one volume side by side must agree to the bit) and the probe's two seconds are paid
     once per machine. The first process to write wins: one that measured too adopts the kept
     verdict. An unreadable or foreign file is measured over; an unwritable cache is measured per process.
     """

@@ -86,3 +86,18 @@ def test_an_unknown_precision_is_refused_in_one_line(monkeypatch):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "error: DLORCH_PRECISION='fp8' is not a precision; set it to 32 or bf16, or unset it to let each device choose"]
+
+
+def test_the_probe_times_both_precisions_and_leaves_the_callers_random_stream_and_threads_alone():
+    import torch
+
+    from dlorch.core.engine.device import probe_bf16_seconds
+
+    threads = torch.get_num_threads()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    fp32_s, bf16_s = probe_bf16_seconds(repeats=1)
+    assert torch.equal(torch.rand(3), expected)  # a seeded training run after it draws what it would have
+    assert torch.get_num_threads() == threads
+    assert 0 < fp32_s < 30 and 0 < bf16_s < 30
