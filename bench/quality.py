@@ -128,6 +128,7 @@ def run_segmentation(
         "total_seconds": total_s,
         "epochs_done": result.epochs_done,
         "epochs_planned": plan.epochs,
+        "epochs_total": result.epochs_total or plan.epochs,  # re-fitted to the budget as the epochs ran
         "steps_per_epoch": plan.steps_per_epoch,
         "stopped_by": result.stopped_by,
         "best_epoch": result.metrics.get("best_epoch"),
@@ -157,7 +158,7 @@ def print_segmentation(r: dict) -> None:
         ("mean IoU, no prior fix",
          f"{r['raw_argmax_mean_iou']:.4f}  (priors: train {_fmt(r['train_prior'])}, image {_fmt(r['estimated_image_prior'])})"),
         ("plan seconds", f"{r['plan_seconds']:.1f}"),
-        ("train seconds", f"{r['train_seconds']:.1f}  ({r['epochs_done']}/{r['epochs_planned']} epochs, "
+        ("train seconds", f"{r['train_seconds']:.1f}  ({r['epochs_done']}/{r['epochs_total']} epochs, {r['epochs_planned']} planned, "
                           f"stopped by {r['stopped_by']})"),
         ("predict seconds", f"{r['predict_seconds']:.1f}"),
         ("total seconds", f"{r['total_seconds']:.1f}"),

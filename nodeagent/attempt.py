@@ -94,10 +94,11 @@ class Attempt:
         hooks = _Hooks(self, plan.model_dump(mode="json"), plan.epochs)
         with self.timed("train_s"):
             result = task.train(image, aux, plan, workdir=self.workdir / "train", resume_from=resume, hooks=hooks)
-        body: dict[str, Any] = {"epochs_done": result.epochs_done, "epochs_total": plan.epochs,
+        total = result.epochs_total or plan.epochs  # training may have re-fitted the count to the budget
+        body: dict[str, Any] = {"epochs_done": result.epochs_done, "epochs_total": total,
                                 "plan": plan.model_dump(mode="json"), "metrics": result.metrics,
                                 "checkpoint": hooks.last_uri}
-        if result.stopped_by == "stop_request" and result.epochs_done < plan.epochs:
+        if result.stopped_by == "stop_request" and result.epochs_done < total:
             return {**body, "outcome": "handed_back"}
         if result.stopped_by in ("time_budget", "plateau"):
             body["epochs_total"] = result.epochs_done  # the budget capped the count, or training had converged
@@ -186,6 +187,7 @@ class _Hooks:
             raise LeaseLost(a.lease_lost.reason or "lease lost")
         with a.timed("upload_checkpoint_s"):
             uri = a.store.put_file(Path(path), f"{a.prefix}/ckpt/epoch-{progress.epochs_done:05d}.ckpt")
+        self.epochs_total = progress.epochs_total  # re-fitted to the time budget as training runs
         reply = a.report({"type": "progress", "epochs_done": progress.epochs_done,
                           "epochs_total": self.epochs_total, "checkpoint": uri, "plan": self.plan,
                           "metrics": dict(progress.metrics)})

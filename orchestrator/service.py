@@ -214,8 +214,8 @@ class Orchestrator(BlockHandlers):
                 raise StaleWrite(f"checkpoint {ckpt} is outside attempt {token}'s keys")
             att.epochs_done = job.epochs_done = int(msg["epochs_done"])
             att.lease_expires_at = now + self.settings.lease_s
-            if msg.get("epochs_total") and job.epochs_total is None:
-                job.epochs_total = int(msg["epochs_total"])
+            if msg.get("epochs_total") and (job.epochs_total is None or int(msg["epochs_total"]) > job.epochs_total):
+                job.epochs_total = int(msg["epochs_total"])  # grows when training re-fits it to the budget
             if msg.get("plan") and job.plan is None:
                 job.plan = msg["plan"]
             if ckpt and resumed is None:

@@ -34,6 +34,7 @@ class TrainResult:
     stopped_by: str  # a StopReason value
     checkpoint: pathlib.Path  # last checkpoint written; it holds the best weights for prediction
     metrics: dict[str, float]
+    epochs_total: int = 0  # the epoch count it ran toward (a plan's may be re-fitted); 0: the plan's
 
 
 class TrainHooks(Protocol):

@@ -21,7 +21,7 @@ from dlorch.core.engine.hooks import Progress, StopReason, TrainHooks, TrainResu
 from dlorch.core.engine.inputs import check_labels
 from dlorch.core.engine.intensity import normalize
 from dlorch.core.engine.module import SegmentationModule
-from dlorch.core.engine.plan import SegmentationPlan, plateaued
+from dlorch.core.engine.plan import SegmentationPlan, extended_epochs, plateaued
 from dlorch.core.engine.sampling import TrainPatches, ValTiles
 from dlorch.core.engine.threads import ThreadTuner
 
@@ -98,6 +98,9 @@ class RunControl(pl.Callback):
         self._tick()
         pl_module.update_best()
         self.epochs_done = trainer.current_epoch + 1
+        # Shared with the module, whose learning rate follows it from the next step on.
+        self.plan.epochs = extended_epochs(self.plan.epochs, self.plan.epochs_ceiling, self.epochs_done,
+                                           self.train_seconds, self.plan.time_budget_s)
         if self.epochs_done >= self.plan.epochs:
             self.stopped_by = StopReason.EPOCHS
         elif self.plan.stop_at_plateau and plateaued(self.epochs_done, pl_module.best_epoch + 1, pl_module.peak_epochs,
@@ -123,7 +126,7 @@ class RunControl(pl.Callback):
 
     def state_dict(self) -> dict:
         return {"train_seconds": self.train_seconds, "epochs_done": self.epochs_done, "metrics": self.metrics,
-                "finished": self.stopped_by == StopReason.PLATEAU}
+                "finished": self.stopped_by == StopReason.PLATEAU, "epochs": self.plan.epochs}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.train_seconds = float(state_dict.get("train_seconds", 0.0))
@@ -169,7 +172,8 @@ def train_segmentation(
     A checkpoint ``epoch-NNNN.ckpt`` is written to ``workdir`` at every epoch end and
     announced through ``hooks.on_checkpoint``; only the newest two written by this call are
     kept. A stop request finishes the current epoch first, so resuming continues at the next
-    epoch and the epochs trained over all resumes add up to exactly ``plan.epochs``.
+    epoch and the epochs trained over all resumes add up to exactly ``plan.epochs`` (as re-fitted
+    to the time budget where the plan allows it: ``extended_epochs``; ``TrainResult.epochs_total``).
 
     Args:
         image: (Y, X) or (Z, Y, X) image, the one the plan was made for.
@@ -192,16 +196,20 @@ def train_segmentation(
     workdir.mkdir(parents=True, exist_ok=True)
 
     train_seconds = 0.0
+    plan = plan.model_copy(deep=True)  # its epoch count may be re-fitted (extended_epochs); the caller's stays
     if resume_from is not None:
         state = read_run_state(pathlib.Path(resume_from))
         done, train_seconds = int(state.get("epochs_done", 0)), float(state.get("train_seconds", 0.0))
+        if plan.epochs_ceiling is not None:  # the count as re-fitted before this resume
+            plan.epochs = min(plan.epochs_ceiling, max(plan.epochs, int(state.get("epochs", plan.epochs))))
         finished = StopReason.EPOCHS if done >= plan.epochs else None
         if finished is None and state.get("finished"):  # it had stopped at a plateau
             finished = StopReason.PLATEAU
         if finished is None and plan.time_budget_s is not None and train_seconds >= plan.time_budget_s:
             finished = StopReason.TIME_BUDGET
         if finished is not None:
-            return TrainResult(done, finished.value, pathlib.Path(resume_from), dict(state.get("metrics", {})))
+            return TrainResult(done, finished.value, pathlib.Path(resume_from), dict(state.get("metrics", {})),
+                               plan.epochs)
 
     runtime = detect_runtime()
     apply_threads(runtime)
@@ -222,7 +230,7 @@ def train_segmentation(
         accelerator=runtime.accelerator,
         devices=1,
         precision=runtime.precision,
-        max_epochs=plan.epochs,
+        max_epochs=max(plan.epochs, plan.epochs_ceiling or 0),  # RunControl ends the run at plan.epochs
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -244,4 +252,5 @@ def train_segmentation(
     if control.last_checkpoint is None:
         raise RuntimeError("training ended without writing a checkpoint")
     stopped_by = control.stopped_by or StopReason.EPOCHS
-    return TrainResult(control.epochs_done, stopped_by.value, control.last_checkpoint, dict(control.metrics))
+    return TrainResult(control.epochs_done, stopped_by.value, control.last_checkpoint, dict(control.metrics),
+                       plan.epochs)

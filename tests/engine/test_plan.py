@@ -97,6 +97,32 @@ def test_automatic_epochs_fit_the_budget():
 def test_a_fast_device_stops_at_the_data_step_target():
     plan = _derive(step_seconds=0.001, eval_seconds=0.0005, time_budget=10_000.0)
     assert plan.epochs * plan.steps_per_epoch < 10_000 / 0.001 / 10
+    assert plan.epochs_ceiling is None  # the data, not the budget, set the count: nothing to re-fit
+
+
+def test_a_budget_limited_count_may_be_re_fitted_up_to_the_data_step_target():
+    plan = _derive()  # 330 s at 0.25 s per step: the budget limits it
+    assert plan.epochs_ceiling is not None and plan.epochs < plan.epochs_ceiling
+    assert plan.epochs_ceiling * plan.steps_per_epoch >= 4000  # the data's step target
+    assert any("re-fitted" in r for r in plan.reasons)
+    assert _derive(epochs=7).epochs_ceiling is None  # the user's count is run as given
+    assert SegmentationPlan.model_validate_json(plan.model_dump_json()) == plan
+
+
+@pytest.mark.parametrize("planned, ceiling, done, seconds, budget, expected", [
+    (26, 70, 1, 13.5, 600.0, 40),    # epochs of 13.5 s, not the 20.7 s measured: 552 s fit 40
+    (26, 70, 2, 27.0, 600.0, 40),    # the same, later
+    (26, 30, 2, 27.0, 600.0, 30),    # never past the data's step target
+    (26, 70, 2, 60.0, 600.0, 26),    # slower than planned: never shortened (the time cap ends it)
+    (26, 70, 25, 545.0, 600.0, 26),  # the budget is spent: the plan stands
+    (26, None, 2, 27.0, 600.0, 26),  # a count that is final
+    (26, 70, 2, 27.0, None, 26),     # no budget to fit
+    (26, 70, 0, 0.0, 600.0, 26),     # nothing measured yet
+])
+def test_epochs_are_re_fitted_to_the_budget_from_their_real_length(planned, ceiling, done, seconds, budget, expected):
+    from dlorch.core.engine.plan import extended_epochs
+
+    assert extended_epochs(planned, ceiling, done, seconds, budget) == expected
 
 
 def test_plan_round_trips_through_json(tiny_data):

@@ -72,6 +72,29 @@ def test_time_budget_cuts_the_epoch_and_is_kept_across_resumes(tiny_data, tmp_pa
     assert result2.stopped_by == "time_budget" and again.polls == 0 and result2.epochs_done == 1
 
 
+def test_epochs_faster_than_planned_extend_the_count_to_fill_the_budget_across_resumes(tiny_data, tmp_path):
+    image, labels = tiny_data
+    # Planned as if the budget fitted 2 epochs; these epochs take a second or so, so 300 s fit the
+    # data's target of 5 at the first epoch end.
+    plan = fast_plan(image, labels, epochs=2, epochs_ceiling=5, time_budget_s=300.0)
+    hooks = RecordingHooks(stop_after_checkpoints=2)  # a drain during the third epoch, which finishes it
+    first = train_segmentation(image, labels, plan, workdir=tmp_path / "a", resume_from=None, hooks=hooks)
+    assert plan.epochs == 2  # the caller's plan is left as it was
+    assert [p.epochs_total for _, p in hooks.checkpoints] == [5, 5, 5]
+    assert first.stopped_by == "stop_request" and first.epochs_done == 3 and first.epochs_total == 5
+    stored = torch.load(first.checkpoint, weights_only=True)[CKPT_KEY]["plan"]
+    assert stored["epochs"] == 5 and read_run_state(first.checkpoint)["epochs"] == 5
+    # Another node resumes with the job's plan as first made: the re-fitted count comes with the checkpoint.
+    again = RecordingHooks()
+    second = train_segmentation(image, labels, plan, workdir=tmp_path / "b", resume_from=first.checkpoint, hooks=again)
+    assert second.stopped_by == "epochs" and second.epochs_done == 5 and second.epochs_total == 5
+    assert [p.epochs_done for _, p in again.checkpoints] == [4, 5]
+    # A count the user gave (no ceiling) is run as given.
+    fixed = train_segmentation(image, labels, fast_plan(image, labels, epochs=2, time_budget_s=300.0),
+                               workdir=tmp_path / "c", resume_from=None, hooks=NoHooks())
+    assert fixed.epochs_done == 2 and fixed.epochs_total == 2
+
+
 def test_checkpoint_holds_plan_best_weights_and_seconds(tiny_data, tmp_path):
     image, labels = tiny_data
     plan = fast_plan(image, labels, epochs=2)

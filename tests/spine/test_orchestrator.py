@@ -62,6 +62,20 @@ def test_claim_progress_finish(orch, tmp_path):
     assert orch.ledger.node("n1").job is None and orch.ledger.node("n1").state == "idle"
 
 
+def test_an_epoch_count_re_fitted_by_training_grows_the_jobs_total(orch, tmp_path):
+    jid = _submit(orch)  # automatic epochs: the total comes from the node's plan
+    _take(orch, "n1")
+    ck = f"{tmp_path}/jobs/{jid}/attempts/1/ckpt/epoch-0000%d.ckpt"
+    for done, total in [(1, 26), (2, 40), (3, 40)]:
+        assert orch.handle({"type": "progress", "job": jid, "token": 1, "node": "n1", "epochs_done": done,
+                            "epochs_total": total, "checkpoint": ck % done, "plan": {"epochs": 26}})["ok"]
+    job = orch.ledger.get(jid)
+    assert (job.epochs_done, job.epochs_total) == (3, 40) and job.plan == {"epochs": 26}  # the plan as first made
+    orch.handle({"type": "progress", "job": jid, "token": 1, "node": "n1", "epochs_done": 4, "epochs_total": 26,
+                 "checkpoint": ck % 4})  # a smaller total never shrinks it (re-fitting only extends)
+    assert orch.ledger.get(jid).epochs_total == 40
+
+
 def test_duplicate_message_is_idempotent(orch):
     jid = _submit(orch)
     orch._enqueue(orch.ledger.get(jid), orch.clock_())  # the queue now holds the same message twice
