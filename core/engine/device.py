@@ -9,7 +9,7 @@ import json
 import os
 import pathlib
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -82,15 +82,23 @@ def cpu_has_bf16() -> bool:
     99 -> 63 ms, with the same IoU and PSNR. CPUs without those units only emulate bf16 in oneDNN, slower than float32, so
     they stay in float32. Having the units is not enough: see ``cpu_bf16_faster``.
     """
-    try:
-        flags = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no way to tell cheaply, so the safe choice
+    flags = _cpuinfo()
+    if not flags:  # not Linux: no way to tell cheaply, so the safe choice
         return False
     native = any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
     try:
         return native and torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+@functools.cache
+def _cpuinfo() -> str:
+    """``/proc/cpuinfo`` once per process ("" where there is none)."""
+    try:
+        return pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 # bf16 must beat float32 by this factor in the probe to be chosen. The probe's ratio spread
@@ -105,41 +113,22 @@ def bf16_pays(fp32_s: float, bf16_s: float, margin: float = BF16_MARGIN) -> bool
 
 
 def probe_bf16_seconds(repeats: int = 3) -> tuple[float, float]:
-    """Seconds of a small U-Net's training step plus inference pass, in float32 and in bf16 autocast.
+    """Seconds of a training step plus an inference pass of a small U-Net, in float32 and in bf16 autocast.
 
-    The 2D plan's network (widths 16-192) on four 128 x 128 images, the size it trains at after
-    its 2x pooling, on one thread: about two seconds in all. The two precisions
-    alternate, so a neighbour's load slows both alike; medians of ``repeats`` after a warm-up each.
+    The plan's own step timing (``calibrate.measure_seconds``) on the 2D plan's network (widths
+    16-192) with four 128 x 128 images, the size it trains at after its 2x pooling, on one thread:
+    about two seconds in all. The caller's random stream and thread count are left as they were.
     """
-    import statistics
-    import time
+    from dlorch.core.engine.calibrate import measure_seconds
 
-    from dlorch.core.engine.network import build_unet
-
+    cpu = Runtime("cpu", "32-true", 1)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        with torch.random.fork_rng(devices=[]):  # the caller's seeded stream is left where it was
-            torch.manual_seed(0)
-            net = build_unet(2, 1, 2, [16, 24, 48, 96, 192])
-            x = torch.randn(4, 1, 128, 128)
-
-        def once(bf16: bool) -> float:
-            t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = net(x).float().square().mean()
-            loss.backward()
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                net(x)
-            net.zero_grad(set_to_none=True)
-            return time.perf_counter() - t0
-
-        once(False), once(True)
-        fp32, bf16 = [], []
-        for _ in range(repeats):
-            fp32.append(once(False))
-            bf16.append(once(True))
-        return statistics.median(fp32), statistics.median(bf16)
+        with torch.random.fork_rng(devices=[]):  # measure_seconds seeds; a seeded caller draws on unchanged
+            fp32, bf16 = (sum(measure_seconds([16, 24, 48, 96, 192], [128, 128], 4, 2,
+                                              replace(cpu, precision=p), repeats=repeats))
+                          for p in ("32-true", "bf16-mixed"))
+        return fp32, bf16
     finally:
         torch.set_num_threads(threads)
 
@@ -149,12 +138,8 @@ def precision_cache_path() -> pathlib.Path:
     one file per CPU model and torch version (delete it to measure again)."""
     import hashlib
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo().splitlines() if ln.startswith("model name")),
+               platform.processor() or platform.machine())
     key = hashlib.sha256(f"{cpu}|{torch.__version__}".encode()).hexdigest()[:16]
     base = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
     return base / "dlorch" / f"cpu-precision-{key}.json"
