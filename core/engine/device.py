@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -136,8 +137,6 @@ def probe_bf16_seconds(repeats: int = 3) -> tuple[float, float]:
 def precision_cache_path() -> pathlib.Path:
     """Where the probe's verdict is kept for this machine: ``$XDG_CACHE_HOME/dlorch`` or ``~/.cache/dlorch``,
     one file per CPU model and torch version (delete it to measure again)."""
-    import hashlib
-
     cpu = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo().splitlines() if ln.startswith("model name")),
                platform.processor() or platform.machine())
     key = hashlib.sha256(f"{cpu}|{torch.__version__}".encode()).hexdigest()[:16]
