@@ -84,7 +84,10 @@ class Settings(BaseSettings):
         if not key_file.exists():
             root.mkdir(parents=True, exist_ok=True)
             tmp = key_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(os.urandom(32).hex().encode())
+            # 0600 from its first byte: the key signs every message, so no other user may read it
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(os.urandom(32).hex().encode())
             try:
                 os.link(tmp, key_file)  # first writer wins; others read its key
             except FileExistsError:
@@ -93,6 +96,11 @@ class Settings(BaseSettings):
                 if not key_file.exists():
                     os.replace(tmp, key_file)
             tmp.unlink(missing_ok=True)
+        if key_file.stat().st_mode & 0o077:
+            try:
+                key_file.chmod(0o600)  # a key made by an older version, readable by others
+            except OSError:
+                pass
         key = key_file.read_bytes().strip()
         if not key:
             from dlorch.core.errors import BadInput

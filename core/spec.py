@@ -11,6 +11,7 @@ Job states and the legal moves between them (the orchestrator enforces them, com
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from enum import Enum
@@ -217,6 +218,21 @@ class Job(_Strict):
         d["node"] = self.node
         d["attempts"] = [a.model_dump(mode="json") for a in self.attempts]
         return d
+
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_id(kind: str, value: object) -> str:
+    """``value`` if it is a safe job or node id (it becomes part of ledger keys and store paths), else BadInput.
+
+    Ids are checked at the edge, so that ``../jobs/j-1`` as a node id or ``../../x`` as a job id can never
+    name another record or a path outside the ledger.
+    """
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        raise BadInput(f"invalid {kind} id {str(value)[:80]!r}: use at most 128 letters, digits, '.', '_' or '-', "
+                       "starting with a letter or digit")
+    return value
 
 
 def new_job_id(now: float | None = None) -> str:

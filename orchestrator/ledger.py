@@ -13,7 +13,7 @@ from typing import Callable, Iterable, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from dlorch.core.errors import BadInput, StaleWrite, first_problem
-from dlorch.core.spec import TRANSITIONS, Job, JobStatus, NodeInfo
+from dlorch.core.spec import TRANSITIONS, Job, JobStatus, NodeInfo, check_id
 from dlorch.orchestrator.statestore import StateStore
 
 log = logging.getLogger("dlorch.orchestrator")
@@ -39,16 +39,16 @@ class Ledger:
     # -- jobs ---------------------------------------------------------------------------------
     def create(self, job: Job) -> None:
         """Record a new job; fails if the id exists."""
-        self.store.put(f"jobs/{job.id}", _dump(job), if_none_match=True)
+        self.store.put(f"jobs/{check_id('job', job.id)}", _dump(job), if_none_match=True)
 
     def find(self, job_id: str) -> Job | None:
         """A job, or None if there is no such record."""
-        got = self.store.get(f"jobs/{job_id}")
+        got = self.store.get(f"jobs/{check_id('job', job_id)}")
         return self._parse(Job, f"jobs/{job_id}", got[0]) if got else None
 
     def read(self, job_id: str) -> tuple[Job, str]:
         """A job and its etag."""
-        got = self.store.get(f"jobs/{job_id}")
+        got = self.store.get(f"jobs/{check_id('job', job_id)}")
         if got is None:
             raise BadInput(f"no job {job_id!r}; `dlorch jobs` lists them")
         return self._parse(Job, f"jobs/{job_id}", got[0]), got[1]
@@ -59,7 +59,7 @@ class Ledger:
 
     def resolve(self, ref: str) -> str:
         """The full id of a job given its id or a unique prefix/suffix."""
-        if self.store.get(f"jobs/{ref}") is not None:
+        if self.store.get(f"jobs/{check_id('job', ref)}") is not None:
             return ref
         ids = [k.split("/", 1)[1] for k in self.store.list("jobs")]
         hits = [i for i in ids if i.endswith(ref) or i.startswith(ref)]
@@ -129,21 +129,21 @@ class Ledger:
     # -- block plans ------------------------------------------------------------------------------
     def put_block_plan(self, job_id: str, plan: dict) -> None:
         """Record a blockwise job's blocks (geometry, normalisation); written once, at the split."""
-        self.store.put(f"blockplans/{job_id}", json.dumps(plan, separators=(",", ":")).encode())
+        self.store.put(f"blockplans/{check_id('job', job_id)}", json.dumps(plan, separators=(",", ":")).encode())
 
     def block_plan(self, job_id: str) -> dict | None:
         """A blockwise job's recorded blocks, or None."""
-        got = self.store.get(f"blockplans/{job_id}")
+        got = self.store.get(f"blockplans/{check_id('job', job_id)}")
         return json.loads(got[0]) if got else None
 
     # -- nodes --------------------------------------------------------------------------------
     def put_node(self, node: NodeInfo) -> None:
         """Record a node's registration or heartbeat (the orchestrator is its only writer)."""
-        self.store.put(f"nodes/{node.id}", _dump(node))
+        self.store.put(f"nodes/{check_id('node', node.id)}", _dump(node))
 
     def node(self, node_id: str) -> NodeInfo | None:
         """A node by id, or None."""
-        got = self.store.get(f"nodes/{node_id}")
+        got = self.store.get(f"nodes/{check_id('node', node_id)}")
         return self._parse_or_skip(NodeInfo, f"nodes/{node_id}", got[0]) if got else None
 
     def nodes(self) -> list[NodeInfo]:
