@@ -294,7 +294,7 @@ class BlockWorker:
 
     def _context(self, job_id: str, raw: dict | None, timings: dict[str, float]) -> _Context:
         from dlorch.core.engine.intensity import IntensityStats
-        from dlorch.nodeagent.attempt import fetch_cached
+        from dlorch.nodeagent.nodecache import fetch_cached
 
         if raw is None:  # we said we had it, but dropped it since: the orchestrator sends it next time
             raise RuntimeError(f"no context for job {job_id} on this node")
