@@ -73,6 +73,9 @@ def _check_queue_file(path: str, url: str) -> None:
                        f"file of dlorch's own, e.g. sqlite:///{os.path.join(os.path.dirname(path) or '.', 'queue.db')}")
 
 
+REPLY_TO = "reply_to"  # the request id a reply answers, inside its signed body
+
+
 class Channel:
     """One named channel: send, receive (verified), and a key-value slot for replies."""
 
@@ -137,8 +140,8 @@ class Channel:
     REPLY_TTL_S = 300  # an unclaimed reply (its asker gave up) expires
 
     def put_reply(self, key: str, message: dict[str, Any]) -> None:
-        """Leave a signed reply under ``key``."""
-        data = self.signer.seal(message)
+        """Leave a signed reply under ``key``, bound to it: a reply moved under another key is refused."""
+        data = self.signer.seal({**message, REPLY_TO: key})
         conn = getattr(self.storage, "conn", None)
         if conn is not None and hasattr(conn, "blpop"):  # Redis: a list the asker blocks on
             rkey = f"dlorch.reply.{self.name}.{key}"
@@ -162,7 +165,17 @@ class Channel:
             data = self._io(lambda: self.storage.pop_data(f"reply:{key}"))
         if data is EmptyData or data is None:
             return None
-        return self.signer.open(data)
+        try:
+            reply = self.signer.open(data)
+        except ForgedMessage as e:  # junk under a reply key must not end the asker: drop it, keep waiting
+            self.rejected += 1
+            log.warning("rejected a reply on %s: %s", self.name, e)
+            return None
+        if reply.pop(REPLY_TO, None) != key:
+            self.rejected += 1
+            log.warning("rejected a reply on %s: signed for another request (a replay)", self.name)
+            return None
+        return reply
 
     def close(self) -> None:
         """Release connections."""

@@ -1,0 +1,66 @@
+"""Replies are bound to their request, and junk under a reply key is dropped, on SQLite and on a real redis-server."""
+
+import logging
+
+import pytest
+
+from dlorch.core.errors import DlorchError, Unreachable
+from dlorch.core.wire import Signer
+from dlorch.orchestrator.queue import Queue
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def queue_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'q.db'}"
+    else:
+        yield request.getfixturevalue("redis_server").url
+
+
+def _plant(q: Queue, key: str, data: bytes) -> None:
+    """Write raw bytes where the reply to ``key`` lands, as anyone with access to the queue could."""
+    conn = getattr(q.events.storage, "conn", None)
+    if conn is not None and hasattr(conn, "blpop"):
+        conn.rpush(f"dlorch.reply.{q.events.name}.{key}", data)
+    else:
+        q.events.storage.put_data(f"reply:{key}", data)
+
+
+@pytest.mark.parametrize("junk", [b"not json", b'{"ok":true}', b'{"ok":true}\n' + b"0" * 64])
+def test_junk_under_a_reply_key_is_dropped_not_raised(queue_url, junk, caplog):
+    q = Queue(queue_url, Signer(b"s"))
+    _plant(q, "r1", junk)
+    with caplog.at_level(logging.WARNING, logger="dlorch.queue"):
+        assert q.events.take_reply("r1") is None
+    assert q.events.rejected == 1
+    assert any("rejected a reply" in r.message for r in caplog.records)
+
+
+def test_a_signed_reply_moved_to_another_request_is_refused(queue_url):
+    q = Queue(queue_url, Signer(b"s"))
+    q.events.put_reply("r1", {"ok": True, "drain": True})
+    recorded = q.events.storage.pop_data("reply:r1") if not hasattr(getattr(q.events.storage, "conn", None), "blpop") \
+        else q.events.storage.conn.lpop("dlorch.reply.events.r1")
+    _plant(q, "r2", recorded)  # a recorded reply replayed to another request
+    assert q.events.take_reply("r2") is None
+    assert q.events.rejected == 1
+
+
+def test_a_request_answered_only_by_junk_ends_as_unreachable_not_a_crash(queue_url):
+    q = Queue(queue_url, Signer(b"s"))
+
+    class Planting:  # plants junk under the reply key of every request sent
+        def __init__(self, ch):
+            self.ch = ch
+
+        def __getattr__(self, name):
+            return getattr(self.ch, name)
+
+        def send(self, message, priority=0):
+            self.ch.send(message, priority)
+            _plant(q, message["rid"], b"junk")
+
+    q.events = Planting(q.events)
+    with pytest.raises(Unreachable):
+        q.request({"type": "ping"}, timeout=0.5, retry_every=0.2)
+    assert issubclass(Unreachable, DlorchError)
