@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from tests.conftest import synthetic_pair
-from tests.harness import Cluster
+from tests.system.harness import Cluster
 
 KILLS = 10
 TRAIN_EPOCHS = 3

@@ -9,7 +9,8 @@ import venv
 import zipfile
 from pathlib import Path
 
-from tests.conftest import REPO, dlorch
+from tests.conftest import REPO
+from tests.system.harness import dlorch
 
 
 def test_wheel_installs_into_a_fresh_venv_without_top_level_collisions(tmp_path):

@@ -7,7 +7,8 @@ import sqlite3
 import numpy as np
 import pytest
 
-from tests.conftest import cli_env, dlorch, job_json, synthetic_pair
+from tests.conftest import synthetic_pair
+from tests.system.harness import cli_env, dlorch, job_json
 
 
 def _one_line_error(cp, *needles):

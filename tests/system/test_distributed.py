@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import cli_env, dlorch, job_json, spawn, synthetic_pair, wait_for
+from tests.conftest import synthetic_pair
+from tests.system.harness import cli_env, dlorch, job_json, spawn, wait_for
 
 
 def _jobs(env):

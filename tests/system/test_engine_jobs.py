@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from tests.conftest import cli_env, dlorch, job_json, synthetic_pair
+from tests.conftest import synthetic_pair
+from tests.system.harness import cli_env, dlorch, job_json
 
 
 def _volume(tmp, shape=(64, 256, 256)):

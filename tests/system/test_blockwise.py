@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import cli_env, dlorch, free_port, synthetic_pair
-from tests.harness import Cluster
+from tests.conftest import free_port, synthetic_pair
+from tests.system.harness import Cluster, cli_env, dlorch
 
 BLOCK_VOXELS = "8192"
 

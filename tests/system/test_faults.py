@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.conftest import free_port, synthetic_pair, wait_for
-from tests.harness import Cluster
+from tests.conftest import free_port, synthetic_pair
+from tests.system.harness import Cluster, wait_for
 
 
 def _ckpts(home: Path, jid: str, token: int) -> list[str]:
