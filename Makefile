@@ -1,13 +1,15 @@
 # Two commands do all the set-up on a fresh Debian machine with Python 3.11:
 #   make demo   — virtual environment, install, train on ISBI strokes, predict, print IoU
-#   make test   — the same environment plus redis-server, then the test suite (what .ci/run calls)
+#   make test   — the same environment plus redis-server, then the whole test suite (what .ci/run calls)
+# and for a quick check while editing:
+#   make test-fast — the unit tests (tests/unit: in-process, no servers, no training), under a minute
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= ../shared/data/isbi2012-em
 OUT    ?= out
 
-.PHONY: demo test install redis bench clean
+.PHONY: demo test test-fast install redis bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +34,9 @@ redis:
 
 test: $(BIN)/.installed redis
 	$(BIN)/python -m pytest -q
+
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -q tests/unit
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/train_overhead.py

@@ -1,12 +1,17 @@
-"""The ledger's CAS contract on S3, through moto's server over HTTP (conditional PUTs)."""
+"""The ledger's compare-and-set contract, run against every state store: a local directory and S3.
+
+S3 is moto's server over HTTP (conditional PUTs), so the same assertions hold for the embedded default and
+for the store a cloud deployment uses.
+"""
 
 import boto3
 import pytest
 
-from dlorch.core.errors import StaleWrite, Unreachable
+from dlorch.core.errors import BadInput, StaleWrite, Unreachable
 from dlorch.core.spec import Job, JobStatus, parse_spec
 from dlorch.orchestrator.ledger import Ledger
 from dlorch.orchestrator.s3state import S3StateStore
+from dlorch.orchestrator.statestore import LocalDirStateStore
 from tests.conftest import free_port
 
 
@@ -22,7 +27,8 @@ def s3_endpoint():
 
 
 @pytest.fixture
-def s3(s3_endpoint, monkeypatch):
+def ledger_bucket(s3_endpoint, monkeypatch):
+    """An empty bucket named "ledger-test", removed again after the test."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
@@ -34,30 +40,49 @@ def s3(s3_endpoint, monkeypatch):
     client.delete_bucket(Bucket="ledger-test")
 
 
-def test_s3_cas_contract(s3, s3_endpoint):
-    st = S3StateStore("ledger-test", "p/ledger", endpoint_url=s3_endpoint)
-    e1 = st.put("jobs/a", b"1", if_none_match=True)
-    with pytest.raises(StaleWrite):
-        st.put("jobs/a", b"2", if_none_match=True)
-    e2 = st.put("jobs/a", b"2", if_match=e1)
-    with pytest.raises(StaleWrite):
-        st.put("jobs/a", b"3", if_match=e1)
-    assert st.get("jobs/a") == (b"2", e2)
-    assert st.get("jobs/b") is None
-    assert st.list("jobs") == ["jobs/a"]
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    """A fresh, empty state store of each kind."""
+    if request.param == "local":
+        return LocalDirStateStore(tmp_path / "ledger")
+    request.getfixturevalue("ledger_bucket")
+    return S3StateStore("ledger-test", "p/ledger", endpoint_url=request.getfixturevalue("s3_endpoint"))
 
 
-def test_s3_ledger_guards_transitions(s3, s3_endpoint):
-    led = Ledger(S3StateStore("ledger-test", "q/ledger", endpoint_url=s3_endpoint))
-    led.create(Job(id="j-1", spec=parse_spec({"kind": "train", "image": "i", "labels": "l"}),
-                   created_at=1, updated_at=1))
-    led.update("j-1", lambda j: setattr(j, "status", JobStatus.RUNNING), expect=[JobStatus.QUEUED])
-    with pytest.raises(StaleWrite):
+def _job(i="j-1"):
+    return Job(id=i, spec=parse_spec({"kind": "train", "image": "i", "labels": "l"}), created_at=1, updated_at=1)
+
+
+class TestStateStoreContract:
+    """What the ledger relies on from any store: conditional writes, and transitions guarded on top of them."""
+
+    def test_cas(self, store):
+        e1 = store.put("jobs/a", b"1", if_none_match=True)
+        with pytest.raises(StaleWrite):
+            store.put("jobs/a", b"2", if_none_match=True)
+        e2 = store.put("jobs/a", b"2", if_match=e1)
+        with pytest.raises(StaleWrite):
+            store.put("jobs/a", b"3", if_match=e1)  # a stale writer
+        assert store.get("jobs/a") == (b"2", e2)
+        assert store.get("jobs/b") is None
+        assert store.list("jobs") == ["jobs/a"]
+
+    def test_ledger_transitions_are_guarded(self, store):
+        led = Ledger(store)
+        led.create(_job())
         led.update("j-1", lambda j: setattr(j, "status", JobStatus.RUNNING), expect=[JobStatus.QUEUED])
-    assert [j.id for j in led.jobs([JobStatus.RUNNING])] == ["j-1"]
+        with pytest.raises(StaleWrite, match="expected queued"):
+            led.update("j-1", lambda j: setattr(j, "status", JobStatus.RUNNING), expect=[JobStatus.QUEUED])
+        assert [j.id for j in led.jobs([JobStatus.RUNNING])] == ["j-1"]
+        led.update("j-1", lambda j: setattr(j, "status", JobStatus.SUCCEEDED))
+        with pytest.raises(StaleWrite, match="illegal transition"):
+            led.update("j-1", lambda j: setattr(j, "status", JobStatus.QUEUED))
+        with pytest.raises(BadInput, match="no job"):
+            led.get("j-nope")
+        assert led.get("1").status is JobStatus.SUCCEEDED  # unique suffix resolves
 
 
-def test_missing_bucket_is_one_line(s3, s3_endpoint):
+def test_missing_bucket_is_one_line(ledger_bucket, s3_endpoint):
     st = S3StateStore("no-such-bucket", "x", endpoint_url=s3_endpoint)
     with pytest.raises(Unreachable, match="bucket 'no-such-bucket' does not exist"):
         st.put("jobs/a", b"1")
