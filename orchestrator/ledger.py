@@ -35,6 +35,7 @@ class Ledger:
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
+        self._conditional_writes_checked = False
 
     # -- jobs ---------------------------------------------------------------------------------
     def create(self, job: Job) -> None:
@@ -164,7 +165,16 @@ class Ledger:
         return (leader, got[1]) if leader is not None else None
 
     def claim_leadership(self, me: Leader, lease_s: float, now: float) -> bool:
-        """Become (or stay) leader if the record is ours, absent, older than a lease, or unreadable."""
+        """Become (or stay) leader if the record is ours, absent, older than a lease, or unreadable.
+
+        The first claim checks that the store honours conditional writes (an S3-compatible endpoint may not);
+        without them two leaders could both win.
+        """
+        if not self._conditional_writes_checked:
+            verify = getattr(self.store, "verify_conditional_writes", None)
+            if verify is not None:
+                verify()
+            self._conditional_writes_checked = True
         got = self.store.get("leader")
         if got is not None:
             current, etag = self._parse_or_skip(Leader, "leader", got[0]), got[1]
@@ -181,7 +191,6 @@ class Ledger:
         except StaleWrite:
             return False
         return True
-
 
     def release_leadership(self, me: Leader) -> None:
         """Step down so that the next orchestrator need not wait out our lease."""

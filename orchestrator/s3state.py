@@ -33,7 +33,43 @@ class S3StateStore:
             kw["IfMatch"] = if_match
         if if_none_match:
             kw["IfNoneMatch"] = "*"
-        return self._call(self.s3.put_object, **kw)["ETag"]
+        try:
+            return self._call(self.s3.put_object, **kw)["ETag"]
+        except StaleWrite:
+            # Ambiguous: botocore retries a conditional PUT whose first try landed but whose answer was lost,
+            # and the retry then fails its own condition. Read back: if the record holds exactly our bytes,
+            # the write is ours and it succeeded.
+            got = self.get(key)
+            if got is not None and got[0] == data and (if_match is not None or if_none_match):
+                return got[1]
+            raise
+
+    def verify_conditional_writes(self) -> None:
+        """Refuse an endpoint that ignores ``If-None-Match`` / ``If-Match``: the ledger's CAS would silently fail.
+
+        Raises:
+            BadInput: a conditional PUT that must fail succeeded.
+        """
+        import uuid
+
+        from dlorch.core.errors import BadInput
+
+        key = self._key(f"_probe/conditional-{uuid.uuid4().hex}")
+        self._call(self.s3.put_object, Bucket=self.bucket, Key=key, Body=b"1")
+        try:
+            for header, condition in (("If-None-Match", {"IfNoneMatch": "*"}),
+                                      ("If-Match", {"IfMatch": '"00000000000000000000000000000000"'})):
+                try:
+                    self._call(self.s3.put_object, Bucket=self.bucket, Key=key, Body=b"2", **condition)
+                except StaleWrite:
+                    continue  # refused, as it must be
+                raise BadInput(f"the S3 endpoint of s3://{self.bucket} ignores conditional writes ({header}); "
+                               "the ledger needs them: use AWS S3 or a store that supports conditional PUTs")
+        finally:
+            try:
+                self._call(self.s3.delete_object, Bucket=self.bucket, Key=key)
+            except Exception:  # a probe left behind is harmless; the verdict stands
+                pass
 
     def list(self, prefix: str) -> list[str]:
         base = self._key(prefix.rstrip("/") + "/x")[: -len("x.json")]
