@@ -51,6 +51,8 @@ class BlockBook:
         total: number of blocks (indices ``0..total-1``).
         voxels: core voxels per block, for throughput.
         max_errors: a block that errors this many times fails the parent.
+        max_losses: a block whose holder is lost (its lease runs out) this many times fails the parent:
+            a poison block that kills every node it is handed to must not be handed out forever.
     """
 
     job_id: str
@@ -63,10 +65,12 @@ class BlockBook:
     done: set[int] = field(default_factory=set)
     leases: dict[int, Lease] = field(default_factory=dict)
     errors: dict[int, int] = field(default_factory=dict)
+    losses: dict[int, int] = field(default_factory=dict)  # times a block's holder vanished with it
     by_node: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     voxels_done: int = 0
     failed: str | None = None  # why the parent failed, once a block ran out of tries
+    max_losses: int = 8
     dirty: bool = False
     _next: int = 0  # lowest index that may still be unassigned (a scan hint)
 
@@ -159,10 +163,21 @@ class BlockBook:
             self._next = min(self._next, index)
 
     def expire(self, now: float) -> list[int]:
-        """Drop leases that ran out; returns their blocks (to be dispatched again)."""
+        """Drop leases that ran out; returns their blocks (to be dispatched again).
+
+        Each expiry counts as a loss of that block's holder; a block lost ``max_losses`` times fails the parent,
+        named, instead of taking down node after node.
+        """
         gone = [i for i, lease in self.leases.items() if lease.expires_at < now]
         for i in gone:
-            del self.leases[i]
+            lost = self.leases.pop(i)
+            if i in self.done:
+                continue
+            self.losses[i] = self.losses.get(i, 0) + 1
+            self.dirty = True
+            if self.losses[i] >= self.max_losses and not self.failed:
+                self.failed = (f"block {i}: {self.losses[i]} nodes were lost while running it (last: {lost.node}); "
+                               "it may exhaust a node's memory or crash its process: check that node's log")
         if gone:
             self._next = min(self._next, min(gone))
         return gone
@@ -172,18 +187,20 @@ class BlockBook:
         """What the parent record keeps: enough to rebuild the book and to show progress."""
         return {"done": len(self.done), "done_ranges": to_ranges(self.done), "by_node": dict(self.by_node),
                 "voxels_done": self.voxels_done, "timings": dict(self.timings),
-                "errors": {str(k): v for k, v in self.errors.items()}}
+                "errors": {str(k): v for k, v in self.errors.items()},
+                "losses": {str(k): v for k, v in self.losses.items()}}
 
     @classmethod
     def restore(cls, job_id: str, model: str, voxels: list[int], blocks: dict[str, Any], max_errors: int,
-                priority: int = 0, created_at: float = 0.0) -> "BlockBook":
+                priority: int = 0, created_at: float = 0.0, max_losses: int = 8) -> "BlockBook":
         """A book from the parent's recorded summary (no leases: the holders re-adopt by heartbeat)."""
-        book = cls(job_id, model, len(voxels), voxels, max_errors, priority, created_at)
+        book = cls(job_id, model, len(voxels), voxels, max_errors, priority, created_at, max_losses=max_losses)
         book.done = from_ranges(blocks.get("done_ranges"))
         book.by_node = dict(blocks.get("by_node") or {})
         book.timings = dict(blocks.get("timings") or {})
         book.voxels_done = int(blocks.get("voxels_done", 0))
         book.errors = {int(k): int(v) for k, v in (blocks.get("errors") or {}).items()}
+        book.losses = {int(k): int(v) for k, v in (blocks.get("losses") or {}).items()}
         return book
 
 

@@ -73,7 +73,7 @@ class BlockHandlers:
         voxels = [Block(b["index"], b["core"], b["read"]).voxels for b in geometry]
         book = BlockBook.restore(job.id, job.spec.model or "", voxels, job.blocks or {},
                                  job.spec.max_attempts or self.settings.max_attempts, job.spec.priority,
-                                 job.created_at)
+                                 job.created_at, max_losses=self.settings.max_node_losses)
         self.books[job.id] = book
         self.block_geometry[job.id] = geometry
         self.block_context[job.id] = {"spec": job.spec.model_dump(mode="json"), "output": job.output,
