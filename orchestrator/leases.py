@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from dlorch.core.spec import AttemptOutcome, Job, JobStatus
 
@@ -51,6 +52,48 @@ def fruitless_attempts(job: Job) -> tuple[int, int]:
         else:
             losses += 1
     return errors, losses
+
+
+class Next(str, Enum):
+    """What becomes of a job once one of its attempts has ended."""
+
+    SUCCEED = "succeed"  # the attempt produced the job's result: the job is done
+    REQUEUE = "requeue"  # queued again: the next attempt resumes from the latest checkpoint
+    FAIL = "fail"  # given up: the error says why
+
+
+@dataclass(frozen=True)
+class AfterAttempt:
+    """The decision on a job whose attempt ended, with the job's error when it fails."""
+
+    next: Next
+    error: str | None = None
+
+
+def after_attempt(job: Job, outcome: AttemptOutcome, *, max_attempts: int, max_node_losses: int,
+                  permanent: bool = False) -> AfterAttempt:
+    """Succeed, requeue or fail a job whose current attempt has just ended with ``outcome``.
+
+    Args:
+        job: the job with the ended attempt already recorded (outcome, epochs, error).
+        outcome: how the attempt ended (not RUNNING or SPLIT).
+        max_attempts: errors in a row without progress before the job fails; the job's own
+            ``spec.max_attempts`` takes precedence.
+        max_node_losses: lost nodes in a row without progress before the job fails.
+        permanent: the node reported an error that no retry can cure (e.g. an unreadable input).
+
+    Returns:
+        SUCCEED, REQUEUE, or FAIL with the error the job is failed with: the attempt's own error,
+        or, when nodes were lost, how many.
+    """
+    if outcome is AttemptOutcome.SUCCEEDED:
+        return AfterAttempt(Next.SUCCEED)
+    errors, losses = fruitless_attempts(job)
+    if permanent or errors >= (job.spec.max_attempts or max_attempts) or losses >= max_node_losses:
+        att = job.current
+        error = att.error if att else None
+        return AfterAttempt(Next.FAIL, error or f"{losses} nodes in a row were lost running it without progress")
+    return AfterAttempt(Next.REQUEUE)
 
 
 def missing_from_queue(

@@ -16,7 +16,7 @@ from dlorch.core.store import DataStore
 from dlorch.core.spec import Attempt, AttemptOutcome, Job, JobStatus, NodeInfo, new_job_id, parse_spec
 from dlorch.orchestrator.ledger import Leader, Ledger
 from dlorch.orchestrator.blockservice import BlockHandlers, Reply
-from dlorch.orchestrator.leases import expired_leases, fruitless_attempts, missing_from_queue
+from dlorch.orchestrator.leases import AfterAttempt, Next, after_attempt, expired_leases, missing_from_queue
 from dlorch.orchestrator.queue import Queue
 
 log = logging.getLogger("dlorch.orchestrator")
@@ -327,51 +327,60 @@ class Orchestrator(BlockHandlers):
 
     def _end_attempt(self, job_id: str, token: int, outcome: AttemptOutcome, now: float,
                      node: str | None = None, msg: dict | None = None, note: str = "") -> Reply:
+        """Record how attempt ``token`` ended and apply the policy's decision: succeed, requeue or fail."""
         msg = msg or {}
-        requeue = False
+        decision: AfterAttempt | None = None
 
         def end(job: Job) -> None:
-            nonlocal requeue
-            prior = next((a for a in job.attempts if a.token == token), None)
-            if prior is not None and prior.outcome is outcome and job.status is not JobStatus.RUNNING:
+            nonlocal decision
+            if self._reported_before(job, token, outcome):
                 return  # the same report again (its first reply was lost): already applied
             att = self._holder(job, token, node)
-            att.outcome, att.ended_at, att.lease_expires_at = outcome, now, None
-            att.timings.update(msg.get("timings") or {})
-            if "epochs_done" in msg:
-                att.epochs_done = job.epochs_done = int(msg["epochs_done"])
-            for field in ("checkpoint", "model", "output"):
-                uri = msg.get(field)
-                if uri:
-                    if not self._owned(uri, job.id, token):
-                        raise StaleWrite(f"{field} {uri} is outside attempt {token}'s keys")
-                    setattr(job, field, uri)
-            job.metrics.update(msg.get("metrics") or {})
-            if msg.get("plan") and job.plan is None:
-                job.plan = msg["plan"]
-            if msg.get("epochs_total"):
-                job.epochs_total = int(msg["epochs_total"])
-            job.updated_at = now
-            if outcome is AttemptOutcome.SUCCEEDED:
+            self._record_end(job, att, outcome, now, msg)
+            decision = after_attempt(job, outcome, max_attempts=self.settings.max_attempts,
+                                     max_node_losses=self.settings.max_node_losses,
+                                     permanent=bool(msg.get("permanent")))
+            if decision.next is Next.SUCCEED:
                 job.status, job.error = JobStatus.SUCCEEDED, None
                 job.log(now, f"attempt {token} succeeded on node {att.node}")
                 return
             if outcome is AttemptOutcome.ERRORED:
-                att.error = msg.get("error") or "unknown error"
                 job.log(now, f"attempt {token} failed on node {att.node}: {att.error}")
             else:
                 job.log(now, note or f"attempt {token} {outcome.value} at epoch {job.epochs_done}")
-            limit = job.spec.max_attempts or self.settings.max_attempts
-            errors, losses = fruitless_attempts(job)
-            if msg.get("permanent") or errors >= limit or losses >= self.settings.max_node_losses:
-                job.status = JobStatus.FAILED
-                job.error = att.error or f"{losses} nodes in a row were lost running it without progress"
+            if decision.next is Next.FAIL:
+                job.status, job.error = JobStatus.FAILED, decision.error
                 job.log(now, f"failed: {job.error}")
-                return
-            job.status, job.next_token = JobStatus.QUEUED, token + 1
-            requeue = True
+            else:
+                job.status, job.next_token = JobStatus.QUEUED, token + 1
 
         job = self._update(job_id, end)
-        if requeue:
+        if decision is not None and decision.next is Next.REQUEUE:
             self._enqueue(job, now)
         return {"ok": True, "status": job.status.value}
+
+    @staticmethod
+    def _reported_before(job: Job, token: int, outcome: AttemptOutcome) -> bool:
+        prior = next((a for a in job.attempts if a.token == token), None)
+        return prior is not None and prior.outcome is outcome and job.status is not JobStatus.RUNNING
+
+    def _record_end(self, job: Job, att: Attempt, outcome: AttemptOutcome, now: float, msg: dict) -> None:
+        """Copy the report onto the attempt and the job; results outside the attempt's keys are refused."""
+        att.outcome, att.ended_at, att.lease_expires_at = outcome, now, None
+        att.timings.update(msg.get("timings") or {})
+        if "epochs_done" in msg:
+            att.epochs_done = job.epochs_done = int(msg["epochs_done"])
+        for field in ("checkpoint", "model", "output"):
+            uri = msg.get(field)
+            if uri:
+                if not self._owned(uri, job.id, att.token):
+                    raise StaleWrite(f"{field} {uri} is outside attempt {att.token}'s keys")
+                setattr(job, field, uri)
+        job.metrics.update(msg.get("metrics") or {})
+        if msg.get("plan") and job.plan is None:
+            job.plan = msg["plan"]
+        if msg.get("epochs_total"):
+            job.epochs_total = int(msg["epochs_total"])
+        if outcome is AttemptOutcome.ERRORED:
+            att.error = msg.get("error") or "unknown error"
+        job.updated_at = now
