@@ -1,4 +1,11 @@
-"""The orchestrator: the single writer of job state. Handles requests, reaps leases, rebuilds the queue."""
+"""The orchestrator: the single writer of job state. Handles requests, reaps leases, rebuilds the queue.
+
+A job's way through it: ``on_submit`` writes it QUEUED and sends a dispatch message; ``on_claim`` gives the
+node a lease under a new attempt token; ``on_progress`` records checkpoints under that attempt's keys and
+renews the lease; ``on_finish`` (or a lease that ``maintain`` finds expired) ends the attempt, and
+``leases.after_attempt`` decides whether the job succeeds, is queued again or fails. The decisions live in
+``leases.py`` as pure functions; this module carries them out against the ledger and the queue.
+"""
 
 from __future__ import annotations
 
