@@ -27,6 +27,8 @@ from dlorch.core.store import DataStore
 from dlorch.core.volumes import check_output_volume, create_volume, open_volume, read_region
 from dlorch.nodeagent.hardware import total_memory_bytes
 from dlorch.nodeagent.interrupts import StopFlag
+from dlorch.nodeagent.nodecache import fetch_cached
+from dlorch.nodeagent.tasks import LoadedModel, Task, task_of
 from dlorch.orchestrator.queue import Queue
 
 if TYPE_CHECKING:
@@ -37,19 +39,15 @@ log = logging.getLogger("dlorch.agent")
 # Slices read to estimate the volume's intensity statistics (shared by every block).
 STAT_SLICES = 16
 
-_models: dict[str, Any] = {}  # loaded networks of this process, by local checkpoint path
+_models: dict[str, LoadedModel] = {}  # loaded networks of this process, by local checkpoint path
 
 
-def _model(path: Path, task: str = "segmentation"):
+def _model(path: Path, task: Task) -> LoadedModel:
     """Load a checkpoint's network once per process (blocks of one job share it)."""
     key = str(path)
     if key not in _models:
-        if task == "denoising":
-            from dlorch.core.engine.denoise_predict import load_denoiser as load
-        else:
-            from dlorch.core.engine.predict import load_model as load
         _models.clear()  # one model at a time keeps memory bounded
-        _models[key] = load(path)
+        _models[key] = task.load(path)
     return _models[key]
 
 
@@ -63,9 +61,9 @@ def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
     or the noise level) is measured here once, on a sample of the volume.
     """
     job, spec = attempt.job, attempt.job.spec
+    task = task_of(spec)
     with attempt.timed("model_load_s"):
-        model = _model(checkpoint, spec.task)
-        plan = model[1]
+        model = _model(checkpoint, task)
     with attempt.timed("plan_blocks_s"):
         output = spec.output or attempt.store.uri(f"jobs/{job.id}/output.zarr")
         check_output_volume(output, spec.image)  # before any work: the output must destroy nothing
@@ -73,101 +71,36 @@ def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
         if vol.ndim not in (2, 3):
             raise BadInput(f"blockwise prediction takes a 2D or 3D volume; {spec.image} has shape {vol.shape}")
         shape = tuple(vol.shape)
-        if vol.ndim == 3 and plan.spatial_dims == 3:  # a 3D network needs neighbouring slices: a central slab
-            box = [min(n, 2 * r) for n, r in zip(shape, plan.infer_roi)]
-            box[0] = min(shape[0], plan.infer_roi[0])
-            slab = tuple(slice((n - b) // 2, (n - b) // 2 + b) for n, b in zip(shape, box))
-            sample = read_region(vol, spec.image, slab)
-        elif vol.ndim == 3:
-            picks = np.unique(np.linspace(0, shape[0] - 1, min(STAT_SLICES, shape[0])).astype(int))
-            sample = np.stack([read_region(vol, spec.image, int(z)) for z in picks])
-        else:
-            sample = read_region(vol, spec.image, ...)
+        sample = _calibration_sample(vol, spec.image, model.plan)
     with attempt.timed("calibrate_s"):
-        if spec.task == "denoising":
-            shared, voxels_per_s = _calibrate_denoiser(sample, model)
-        else:
-            shared, voxels_per_s = _calibrate(sample, model)
-            asked = spec.options.get("tta")
-            if plan.tta if asked is None else asked:
-                voxels_per_s /= 8  # the blocks average 8 flips/rotations; the timing ran one
+        shared, voxels_per_s = task.calibrate(sample, model)
     with attempt.timed("plan_blocks_s"):
-        if spec.task == "denoising":
-            from dlorch.core.engine.denoise_predict import region_for
-
-            def reach(core):
-                return region_for(plan, shape, core)
-
-            dtype, bytes_per_voxel, attributes = "float32", 3 * (4 + 16), {}
-        else:
-            from dlorch.core.engine.predict import prediction_grid
-
-            reach = prediction_grid(plan, shape).read_region
-            dtype, bytes_per_voxel, attributes = "uint8", 3 * (4 + 12 * plan.num_classes), {"classes": plan.num_classes}
+        reach, out = task.reach(model.plan, shape), task.block_output(model.plan)
         if spec.options.get("block_voxels"):
             target = int(spec.options["block_voxels"])
         else:
-            target = choose_block_voxels(voxels_per_s, total_memory_bytes(), bytes_per_voxel)
+            target = choose_block_voxels(voxels_per_s, total_memory_bytes(), out.bytes_per_voxel)
         blocks = plan_blocks(shape, tuple(vol.chunks), (0,) * vol.ndim, target, reach)
         block = tuple(b - a for a, b in blocks[0].core)  # the first block has the whole block shape
-        chunks = output_chunks(block, tuple(vol.chunks), np.dtype(dtype).itemsize)
-        create_volume(output, shape, chunks, dtype,
-                      attributes={"dlorch_job": job.id, "model": spec.model, **attributes}, input_url=spec.image)
+        chunks = output_chunks(block, tuple(vol.chunks), np.dtype(out.dtype).itemsize)
+        create_volume(output, shape, chunks, out.dtype,
+                      attributes={"dlorch_job": job.id, "model": spec.model, **out.attributes}, input_url=spec.image)
     return {"outcome": "split", "output": output, **shared, "voxels": math.prod(shape),
             "blocks": [{"index": b.index, "core": b.core, "read": b.read} for b in blocks]}
 
 
-def _timing_sample(sample: np.ndarray, plan: Any) -> tuple[np.ndarray, np.ndarray]:
-    """A few slices to time (the slab whole for a 3D network), and a small warm-up piece of them."""
-    if plan.spatial_dims == 3:  # the slab as it is: a 3D network needs its slices contiguous
-        few = sample
-    else:
-        few = sample[np.unique(np.linspace(0, len(sample) - 1, min(4, len(sample))).astype(int))] \
-            if sample.ndim == 3 else sample
-    warm = few[:, : plan.infer_roi[-2], : plan.infer_roi[-1]] if plan.spatial_dims == 3 else \
-        (few[:1] if few.ndim == 3 else few)
-    return few, warm
-
-
-def _calibrate(sample: np.ndarray, model: Any) -> tuple[dict[str, Any], float]:
-    """Predict a few sample slices: the volume's statistics and class priors, and this node's voxels per second.
-
-    The statistics and the priors (EM, priors.py) are measured once for the volume, so every
-    block is normalised and corrected alike; per block they would make a block's labels depend on
-    what else happens to lie in it, and on the block size. The throughput sizes the blocks.
-    """
-    from dlorch.core.engine.intensity import intensity_stats
-    from dlorch.core.engine.predict import predict_probabilities
-    from dlorch.core.engine.priors import estimate_priors
-
-    stats = intensity_stats(sample)
-    few, warm = _timing_sample(sample, model[1])
-    predict_probabilities(None, warm, stats=stats, model=model, priors=None)  # warm-up
-    t0 = time.perf_counter()
-    probs = predict_probabilities(None, few, stats=stats, model=model, priors=None)
-    voxels_per_s = few.size / max(time.perf_counter() - t0, 1e-6)
-    priors = None
-    if model[1].train_prior:
-        priors = [float(v) for v in estimate_priors(probs, np.asarray(model[1].train_prior))]
-    return {"norm": stats.model_dump(), "priors": priors}, voxels_per_s
-
-
-def _calibrate_denoiser(sample: np.ndarray, model: Any) -> tuple[dict[str, Any], float]:
-    """Denoise the sample: the volume's noise level (for the posterior step) and this node's voxels per second.
-
-    Inputs are normalised by the training image's statistics, kept in the model; the noise level
-    is estimated once for the volume, for the same reason as segmentation's priors.
-    """
-    from dlorch.core.engine.denoise_predict import network_output, uses_posterior, volume_noise_var
-    from dlorch.core.engine.inputs import as_stack
-
-    plan, stack = model[1], as_stack(sample)
-    _, warm = _timing_sample(sample, plan)
-    network_output(model, as_stack(warm))  # warm-up
-    t0 = time.perf_counter()
-    mu = network_output(model, stack)  # the whole sample: the noise level needs it, and it times the node
-    voxels_per_s = stack.size / max(time.perf_counter() - t0, 1e-6)
-    return {"noise_var": volume_noise_var(stack, mu, plan) if uses_posterior(plan) else None}, voxels_per_s
+def _calibration_sample(vol: Any, url: str, plan: Any) -> np.ndarray:
+    """The part of the volume the calibration measures: a central slab for a 3D network, else spread slices."""
+    shape = tuple(vol.shape)
+    if vol.ndim == 3 and plan.spatial_dims == 3:  # a 3D network needs neighbouring slices: a central slab
+        box = [min(n, 2 * r) for n, r in zip(shape, plan.infer_roi)]
+        box[0] = min(shape[0], plan.infer_roi[0])
+        slab = tuple(slice((n - b) // 2, (n - b) // 2 + b) for n, b in zip(shape, box))
+        return read_region(vol, url, slab)
+    if vol.ndim == 3:
+        picks = np.unique(np.linspace(0, shape[0] - 1, min(STAT_SLICES, shape[0])).astype(int))
+        return np.stack([read_region(vol, url, int(z)) for z in picks])
+    return read_region(vol, url, ...)
 
 
 @dataclass
@@ -175,28 +108,18 @@ class _Context:
     """What every block of one blockwise job shares on this node."""
 
     spec: JobSpec
+    task: Task
     output: str
-    stats: Any  # IntensityStats (segmentation)
-    priors: Any  # the volume's class priors (array), or None for the raw posteriors (segmentation)
-    noise_var: float | None  # the volume's noise level for the posterior step (denoising)
+    calibration: dict[str, Any]  # the volume's shared values, as Task.compute takes them
     checkpoint: Path
     source: Any  # the open input array
     sink: Any = None  # the open output array (opened on first write)
 
 
-def _compute(r: "_Ready", model: Any) -> np.ndarray:
+def _compute(r: "_Ready", model: LoadedModel) -> np.ndarray:
     """A block's output core: labels (uint8) or the denoised image (float32)."""
-    where = {"volume_shape": tuple(r.ctx.source.shape), "origin": tuple(a for a, _ in r.block.read)}
-    if r.ctx.spec.task == "denoising":
-        from dlorch.core.engine.denoise_predict import denoise_with_details
-
-        done = denoise_with_details(None, r.region, model=model, noise_var=r.ctx.noise_var, **where)
-        return done.image[r.block.crop()]
-    from dlorch.core.engine.predict import labels_from_probabilities, predict_probabilities
-
-    probs = predict_probabilities(None, r.region, stats=r.ctx.stats, model=model, priors=r.ctx.priors,
-                                  tta=r.ctx.spec.options.get("tta"), **where)
-    return labels_from_probabilities(probs[(slice(None), *r.block.crop())])
+    return r.ctx.task.compute(model, r.region, r.block.crop(), r.ctx.calibration,
+                              volume_shape=tuple(r.ctx.source.shape), origin=tuple(a for a, _ in r.block.read))
 
 
 @dataclass
@@ -293,16 +216,12 @@ class BlockWorker:
         return ready
 
     def _context(self, job_id: str, raw: dict | None, timings: dict[str, float]) -> _Context:
-        from dlorch.core.engine.intensity import IntensityStats
-        from dlorch.nodeagent.nodecache import fetch_cached
-
         if raw is None:  # we said we had it, but dropped it since: the orchestrator sends it next time
             raise RuntimeError(f"no context for job {job_id} on this node")
         spec = JobSpec.model_validate(raw["spec"])
         checkpoint = fetch_cached(self.store, self.cache, spec.model, timings)
-        priors = np.asarray(raw["priors"], dtype=float) if raw.get("priors") else None
-        stats = IntensityStats.model_validate(raw["norm"]) if raw.get("norm") else None
-        ctx = _Context(spec, raw["output"], stats, priors, raw.get("noise_var"), checkpoint,
+        task = task_of(spec)
+        ctx = _Context(spec, task, raw["output"], task.calibration(raw), checkpoint,
                        chunk_files(open_volume(spec.image)))
         if len(self.contexts) >= 8:
             self.contexts.pop(next(iter(self.contexts)))
@@ -316,7 +235,7 @@ class BlockWorker:
         if r.error is None:
             try:
                 t0 = time.perf_counter()
-                model = _model(r.ctx.checkpoint, r.ctx.spec.task)
+                model = _model(r.ctx.checkpoint, r.ctx.task)
                 t1 = time.perf_counter()
                 values = _compute(r, model)
                 t2 = time.perf_counter()

@@ -1,52 +1,266 @@
-"""The engine's tasks behind one interface, so an attempt trains and predicts without caring which.
+"""The engine's tasks behind one interface, so an attempt and its blocks run without caring which.
 
 Segmentation pairs an image with sparse labels; denoising with nothing (Noise2Void), a second
-noisy acquisition (Noise2Noise) or a clean target (CARE).
+noisy acquisition (Noise2Noise) or a clean target (CARE). A task plans, trains and predicts a whole
+image; for blockwise prediction it loads a model, calibrates on a sample of the volume (what every
+block shares, and this node's speed), says what a block must read, and computes a block.
+The engine is imported inside the methods: an agent starts without torch.
 """
 
 from __future__ import annotations
 
+import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from dlorch.core.spec import JobSpec
 
+Extent = tuple[tuple[int, int], ...]  # (start, stop) along each axis
+
+
+class LoadedModel(NamedTuple):
+    """A checkpoint's network and the plan it was trained with; unpacks as the engine's ``(net, plan)``."""
+
+    network: Any  # torch.nn.Module, in eval mode on the CPU
+    plan: Any  # SegmentationPlan or DenoisingPlan
+
 
 @dataclass(frozen=True)
-class Task:
-    """plan / train / predict of one engine task, with the role of its second input."""
+class BlockOutput:
+    """What the blocks of a task write."""
 
-    aux_role: str | None  # "labels", "target" or None
-    plan_model: Callable[[dict[str, Any]], Any]
-    plan: Callable[..., Any]
-    train: Callable[..., Any]
-    predict: Callable[[Path, np.ndarray], np.ndarray]
+    dtype: str  # of the output array
+    bytes_per_voxel: int  # memory a voxel takes while its block computes: sizes the blocks
+    attributes: dict[str, Any]  # the output array's task-specific attributes
+
+
+class Task(ABC):
+    """One engine task: plan, train and predict an image, and the steps of blockwise prediction."""
+
+    aux_role: str | None = None  # the second input: "labels", "target" or None
+
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
+
+    # -- whole images ---------------------------------------------------------------------------------
+    @abstractmethod
+    def plan_model(self, raw: dict[str, Any]) -> Any:
+        """A plan stored with the job (JSON) as the task's plan."""
+
+    @abstractmethod
+    def plan(self, image: np.ndarray, aux: np.ndarray | None) -> Any:
+        """The training plan for this image (and its second input), as the spec asks."""
+
+    @abstractmethod
+    def train(self, image: np.ndarray, aux: np.ndarray | None, plan: Any, **kwargs: Any) -> Any:
+        """Train by the plan (``workdir``, ``resume_from``, ``hooks`` go to the engine)."""
+
+    @abstractmethod
+    def predict(self, checkpoint: Path, image: np.ndarray) -> np.ndarray:
+        """The output of a trained model for a whole image."""
+
+    # -- blockwise ------------------------------------------------------------------------------------
+    @abstractmethod
+    def load(self, checkpoint: Path) -> LoadedModel:
+        """A trained model, ready to predict blocks."""
+
+    @abstractmethod
+    def calibrate(self, sample: np.ndarray, model: LoadedModel) -> tuple[dict[str, Any], float]:
+        """Measure on a sample of the volume what every block shares, and this node's voxels per second.
+
+        Returns:
+            (the shared values as JSON fields of the ``split`` report, voxels per second of one block).
+        """
+
+    @abstractmethod
+    def calibration(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """The shared values of ``calibrate``, as a block receives them (JSON), ready for ``compute``."""
+
+    @abstractmethod
+    def reach(self, plan: Any, shape: tuple[int, ...]) -> Callable[[Extent], Extent]:
+        """What a block must read, given its core, to come out as in one whole pass over the volume."""
+
+    @abstractmethod
+    def block_output(self, plan: Any) -> BlockOutput:
+        """What the blocks write."""
+
+    @abstractmethod
+    def compute(self, model: LoadedModel, region: np.ndarray, crop: tuple[slice, ...],
+                calibration: dict[str, Any], *, volume_shape: tuple[int, ...], origin: tuple[int, ...]) -> np.ndarray:
+        """A block's output core from its read ``region`` (at ``origin`` in the volume), cropped by ``crop``."""
+
+
+class Segmentation(Task):
+    """Sparse labels to a label image; blocks share the volume's intensity statistics and class priors."""
+
+    aux_role = "labels"
+
+    def plan_model(self, raw):
+        from dlorch.core.engine.segment import SegmentationPlan
+
+        return SegmentationPlan.model_validate(raw)
+
+    def plan(self, image, aux):
+        from dlorch.core.engine.segment import plan_segmentation
+
+        plan = plan_segmentation(image, aux, epochs=self.spec.epochs, time_budget=self.spec.time_budget)
+        if self.spec.options.get("variant"):
+            from dlorch.core.engine.zoo import apply_variant
+
+            plan = apply_variant(plan, self.spec.options["variant"])
+        return plan
+
+    def train(self, image, aux, plan, **kwargs):
+        from dlorch.core.engine.segment import train_segmentation
+
+        return train_segmentation(image, aux, plan, **kwargs)
+
+    def predict(self, checkpoint, image):
+        from dlorch.core.engine.segment import predict_segmentation
+
+        return predict_segmentation(checkpoint, image, tta=self.spec.options.get("tta"))  # None: as the plan chose
+
+    def load(self, checkpoint):
+        from dlorch.core.engine.predict import load_model
+
+        return LoadedModel(*load_model(checkpoint))
+
+    def calibrate(self, sample, model):
+        """Predict a few sample slices: the volume's statistics and class priors, and the node's speed.
+
+        The statistics and the priors (EM, priors.py) are measured once for the volume, so every
+        block is normalised and corrected alike; per block they would make a block's labels depend on
+        what else happens to lie in it, and on the block size. The throughput sizes the blocks.
+        """
+        from dlorch.core.engine.intensity import intensity_stats
+        from dlorch.core.engine.predict import predict_probabilities
+        from dlorch.core.engine.priors import estimate_priors
+
+        stats = intensity_stats(sample)
+        few, warm = _timing_sample(sample, model.plan)
+        predict_probabilities(None, warm, stats=stats, model=model, priors=None)  # warm-up
+        t0 = time.perf_counter()
+        probs = predict_probabilities(None, few, stats=stats, model=model, priors=None)
+        voxels_per_s = few.size / max(time.perf_counter() - t0, 1e-6)
+        priors = None
+        if model.plan.train_prior:
+            priors = [float(v) for v in estimate_priors(probs, np.asarray(model.plan.train_prior))]
+        asked = self.spec.options.get("tta")
+        if model.plan.tta if asked is None else asked:
+            voxels_per_s /= 8  # the blocks average 8 flips/rotations; the timing ran one
+        return {"norm": stats.model_dump(), "priors": priors}, voxels_per_s
+
+    def calibration(self, fields):
+        from dlorch.core.engine.intensity import IntensityStats
+
+        return {"priors": np.asarray(fields["priors"], dtype=float) if fields.get("priors") else None,
+                "stats": IntensityStats.model_validate(fields["norm"]) if fields.get("norm") else None}
+
+    def reach(self, plan, shape):
+        from dlorch.core.engine.predict import prediction_grid
+
+        return prediction_grid(plan, shape).read_region
+
+    def block_output(self, plan):
+        return BlockOutput("uint8", 3 * (4 + 12 * plan.num_classes), {"classes": plan.num_classes})
+
+    def compute(self, model, region, crop, calibration, *, volume_shape, origin):
+        from dlorch.core.engine.predict import labels_from_probabilities, predict_probabilities
+
+        probs = predict_probabilities(None, region, stats=calibration["stats"], model=model,
+                                      priors=calibration["priors"], tta=self.spec.options.get("tta"),
+                                      volume_shape=volume_shape, origin=origin)
+        return labels_from_probabilities(probs[(slice(None), *crop)])
+
+
+class Denoising(Task):
+    """A noisy image to a clean one (float32); blocks share the volume's noise level."""
+
+    def __init__(self, spec: JobSpec) -> None:
+        super().__init__(spec)
+        self.aux_role = "target" if spec.target else None
+
+    def plan_model(self, raw):
+        from dlorch.core.engine.denoise import DenoisingPlan
+
+        return DenoisingPlan.model_validate(raw)
+
+    def plan(self, image, aux):
+        from dlorch.core.engine.denoise import plan_denoising
+
+        spec = self.spec
+        return plan_denoising(image, aux, epochs=spec.epochs, time_budget=spec.time_budget, mode=spec.mode)
+
+    def train(self, image, aux, plan, **kwargs):
+        from dlorch.core.engine.denoise import train_denoising
+
+        return train_denoising(image, aux, plan, **kwargs)
+
+    def predict(self, checkpoint, image):
+        from dlorch.core.engine.denoise import predict_denoising
+
+        return predict_denoising(checkpoint, image)
+
+    def load(self, checkpoint):
+        from dlorch.core.engine.denoise_predict import load_denoiser
+
+        return LoadedModel(*load_denoiser(checkpoint))
+
+    def calibrate(self, sample, model):
+        """Denoise the sample: the volume's noise level (for the posterior step) and the node's speed.
+
+        Inputs are normalised by the training image's statistics, kept in the model; the noise level
+        is estimated once for the volume, for the same reason as segmentation's priors.
+        """
+        from dlorch.core.engine.denoise_predict import network_output, uses_posterior, volume_noise_var
+        from dlorch.core.engine.inputs import as_stack
+
+        plan, stack = model.plan, as_stack(sample)
+        _, warm = _timing_sample(sample, plan)
+        network_output(model, as_stack(warm))  # warm-up
+        t0 = time.perf_counter()
+        mu = network_output(model, stack)  # the whole sample: the noise level needs it, and it times the node
+        voxels_per_s = stack.size / max(time.perf_counter() - t0, 1e-6)
+        return {"noise_var": volume_noise_var(stack, mu, plan) if uses_posterior(plan) else None}, voxels_per_s
+
+    def calibration(self, fields):
+        return {"noise_var": fields.get("noise_var")}
+
+    def reach(self, plan, shape):
+        from dlorch.core.engine.denoise_predict import region_for
+
+        def read_region(core: Extent) -> Extent:
+            return region_for(plan, shape, core)
+
+        return read_region
+
+    def block_output(self, plan):
+        return BlockOutput("float32", 3 * (4 + 16), {})
+
+    def compute(self, model, region, crop, calibration, *, volume_shape, origin):
+        from dlorch.core.engine.denoise_predict import denoise_with_details
+
+        done = denoise_with_details(None, region, model=model, noise_var=calibration["noise_var"],
+                                    volume_shape=volume_shape, origin=origin)
+        return done.image[crop]
 
 
 def task_of(spec: JobSpec) -> Task:
     """The engine task a spec names."""
-    if spec.task == "denoising":
-        from dlorch.core.engine import denoise as e
+    return Denoising(spec) if spec.task == "denoising" else Segmentation(spec)
 
-        def plan(image, aux, spec=spec):
-            return e.plan_denoising(image, aux, epochs=spec.epochs, time_budget=spec.time_budget, mode=spec.mode)
 
-        return Task("target" if spec.target else None, e.DenoisingPlan.model_validate, plan,
-                    e.train_denoising, e.predict_denoising)
-    from dlorch.core.engine import segment as s
-
-    def plan_seg(image, aux, spec=spec):
-        plan = s.plan_segmentation(image, aux, epochs=spec.epochs, time_budget=spec.time_budget)
-        if spec.options.get("variant"):
-            from dlorch.core.engine.zoo import apply_variant
-
-            plan = apply_variant(plan, spec.options["variant"])
-        return plan
-
-    def predict_seg(checkpoint, image, spec=spec):
-        return s.predict_segmentation(checkpoint, image, tta=spec.options.get("tta"))  # None: as the plan chose
-
-    return Task("labels", s.SegmentationPlan.model_validate, plan_seg, s.train_segmentation, predict_seg)
+def _timing_sample(sample: np.ndarray, plan: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A few slices to time (the slab whole for a 3D network), and a small warm-up piece of them."""
+    if plan.spatial_dims == 3:  # the slab as it is: a 3D network needs its slices contiguous
+        few = sample
+    else:
+        few = sample[np.unique(np.linspace(0, len(sample) - 1, min(4, len(sample))).astype(int))] \
+            if sample.ndim == 3 else sample
+    warm = few[:, : plan.infer_roi[-2], : plan.infer_roi[-1]] if plan.spatial_dims == 3 else \
+        (few[:1] if few.ndim == 3 else few)
+    return few, warm
