@@ -1,4 +1,7 @@
-"""User-facing errors: one line that names the problem and the fix, never a traceback."""
+"""User-facing errors: one line that names the problem and the fix, never a traceback, never a credential."""
+
+import logging
+import re
 
 
 class DlorchError(Exception):
@@ -33,4 +36,27 @@ def first_problem(e: Exception) -> str:
 
 def one_line(e: Exception) -> str:
     """An exception's message on one line (readers' messages often span several), or its class name."""
-    return " ".join(str(e).split()) or type(e).__name__
+    return redact(" ".join(str(e).split())) or type(e).__name__
+
+
+# user:password@ in any URL, and password/secret/token query values: what must never reach a log or a message
+_URL_CREDENTIALS = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:@/\s]*):[^@/\s]+@")
+_QUERY_SECRETS = re.compile(r"(?P<head>[?&](?:password|passwd|secret|token|access_key|secret_key)=)[^&\s'\"]+",
+                            re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of any URL in it replaced by ``***`` (``redis://:***@host:6379/0``)."""
+    text = _URL_CREDENTIALS.sub(lambda m: f"{m['head']}:***@", text)
+    return _QUERY_SECRETS.sub(lambda m: f"{m['head']}***", text)
+
+
+class RedactSecrets(logging.Filter):
+    """A handler filter that redacts credentials from every record it passes (message and arguments)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True

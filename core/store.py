@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import fsspec
 from fsspec.core import url_to_fs
 
-from dlorch.core.errors import BadInput, Unreachable
+from dlorch.core.errors import BadInput, Unreachable, redact
 
 
 def local_path(url: str) -> Path | None:
@@ -169,7 +169,8 @@ class DataStore:
         except (ConnectionError, TimeoutError, OSError) as e:
             if self.local_root is not None and not isinstance(e, (ConnectionError, TimeoutError)):
                 raise
-            raise Unreachable(f"store {self.url} unreachable: {e}; check the URL and credentials") from None
+            raise Unreachable(f"store {redact(self.url)} unreachable: {redact(str(e))}; "
+                              "check the URL and credentials") from None
 
 
 def open_url(url: str, mode: str = "rb"):

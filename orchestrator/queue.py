@@ -22,7 +22,7 @@ import uuid
 from typing import Any
 from urllib.parse import urlparse
 
-from dlorch.core.errors import BadInput, Unreachable
+from dlorch.core.errors import BadInput, Unreachable, redact
 from dlorch.core.wire import ForgedMessage, Signer
 
 log = logging.getLogger("dlorch.queue")
@@ -191,7 +191,8 @@ class Channel:
         except Exception as e:  # redis.ConnectionError, sqlite3.OperationalError, ...
             if type(e).__module__.startswith(("redis", "sqlite3")) or isinstance(e, OSError):
                 raise Unreachable(
-                    f"cannot reach queue {self.url}: {e}; start it (redis-server) or fix --queue/DLORCH_QUEUE"
+                    f"cannot reach queue {redact(self.url)}: {redact(str(e))}; "
+                    "start it (redis-server) or fix --queue/DLORCH_QUEUE"
                 ) from None
             raise
 
@@ -235,9 +236,9 @@ class Queue:
             if reply is not None:
                 return reply
         if stop is not None and stop.is_set():
-            raise Unreachable(f"stopped while waiting for an orchestrator on {self.url}")
+            raise Unreachable(f"stopped while waiting for an orchestrator on {redact(self.url)}")
         raise Unreachable(
-            f"no orchestrator answered on {self.url} within {timeout:.0f}s; start one with `dlorch up`"
+            f"no orchestrator answered on {redact(self.url)} within {timeout:.0f}s; start one with `dlorch up`"
         )
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""Replies are bound to their request, and junk under a reply key is dropped, on SQLite and on a real redis-server."""
+"""The queue at its trust boundary: replies bound to their request, junk dropped, no password in an error; on SQLite and a real redis-server."""
 
 import logging
 
@@ -64,3 +64,12 @@ def test_a_request_answered_only_by_junk_ends_as_unreachable_not_a_crash(queue_u
     with pytest.raises(Unreachable):
         q.request({"type": "ping"}, timeout=0.5, retry_every=0.2)
     assert issubclass(Unreachable, DlorchError)
+
+
+def test_an_unreachable_queue_does_not_print_its_password():
+    from tests.conftest import free_port
+
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"  # nothing listens there
+    with pytest.raises(Unreachable) as e:
+        Queue(url, Signer(b"s")).jobs.size()
+    assert "hunter2" not in str(e.value) and ":***@127.0.0.1" in str(e.value)
