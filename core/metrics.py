@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from dlorch.core.errors import BadInput
@@ -39,3 +41,37 @@ def label_map(a: np.ndarray, role: str, where: str) -> np.ndarray:
     if a.dtype.kind == "i" and a.size and a.min() < 0:
         raise BadInput(f"{role} {where} holds negative labels; labels are 0 (unlabelled) and 1..K")
     return np.asarray(a)
+
+
+def score_files(prediction: Path, truth: str, slices: str | None = None) -> dict[str, float]:
+    """``segmentation_scores`` of a label map file against a dense truth file (``file.npz:NAME`` picks an array).
+
+    Args:
+        prediction: the predicted label map.
+        truth: the dense labels.
+        slices: a range of the first axis to score, as ``dlorch evaluate --slices`` takes it (``5:30``, ``7``).
+
+    Raises:
+        BadInput: files that are not label maps, of different shapes, a range that selects nothing, or a
+            truth with no labelled pixel.
+    """
+    from dlorch.core.imageio import read_image, split_key
+
+    pred = label_map(read_image(prediction, role="labels"), "prediction", str(prediction))
+    path, key = split_key(truth)
+    true = label_map(read_image(path, key, role="labels"), "truth", truth)
+    if pred.shape != true.shape:
+        raise BadInput(f"prediction shape {pred.shape} differs from truth shape {true.shape}")
+    if slices:
+        n = pred.shape[0]
+        a, sep, b = slices.partition(":")
+        try:
+            sl = slice(int(a) if a else None, int(b) if b else None) if sep else slice(int(a), int(a) + 1)
+        except ValueError:
+            raise BadInput(f"--slices {slices!r} is not a range such as 5:30") from None
+        pred, true = pred[sl], true[sl]
+        if pred.size == 0:
+            raise BadInput(f"--slices {slices} selects none of the {n} slices; give a range inside 0:{n}")
+    if not (true > 0).any():
+        raise BadInput(f"truth {truth} has no labelled pixel (all 0); score against dense labels 1..K")
+    return segmentation_scores(pred, true)

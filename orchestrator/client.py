@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -10,7 +11,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from dlorch.core.errors import BadInput, DlorchError
 from dlorch.core.settings import Settings
@@ -48,6 +49,10 @@ class Client:
         """Nodes whose heartbeat is within one lease."""
         now = time.time()
         return [n for n in self.ledger.nodes() if n.alive(now, self.settings.lease_s) and not n.drain]
+
+    def nodes(self, now: float, include_left: bool = False) -> list[Any]:
+        """Nodes alive at ``now`` (a heartbeat within one lease, draining or not); with ``include_left``, every one."""
+        return [n for n in self.ledger.nodes() if include_left or n.alive(now, self.settings.lease_s)]
 
     def call(self, message: dict[str, Any]) -> dict[str, Any]:
         """Ask the orchestrator; with none running, act as one for this single request."""
@@ -118,6 +123,12 @@ class LocalService:
         for _ in range(agents):
             self.add_agent(agent_args or [])
 
+    def serve(self, stop: threading.Event) -> None:
+        """Keep the service up until ``stop`` is set; an error of the orchestrator thread is raised here."""
+        while not stop.wait(0.5):
+            if self.error is not None:
+                raise self.error
+
     def _run(self) -> None:
         try:
             self.orch.run(self.stop)
@@ -184,6 +195,17 @@ def ensure_local_service(client: Client, agents: int = 1) -> LocalService | None
     log_dir = (root if root is not None else Path.home() / ".dlorch") / "agent-logs"
     extra = ["--threads", str(max(1, cpu_count() // wanted))] if wanted > 1 else []
     return LocalService(client, agents=wanted, orchestrate=orchestrate, log_dir=log_dir, agent_args=extra)
+
+
+@contextlib.contextmanager
+def local_service(client: Client, agents: int = 1) -> Iterator[LocalService | None]:
+    """``ensure_local_service`` for the length of a ``with`` block, closed (its agents drained) on leaving it."""
+    service = ensure_local_service(client, agents)
+    try:
+        yield service
+    finally:
+        if service is not None:
+            service.close()
 
 
 def status_line(job: Job) -> str:
