@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from dlorch.core.engine.denoise import NoHooks, Progress, plan_denoising, train_denoising
-from dlorch.core.engine.denoise_predict import denoise_with_details
+from dlorch.core.engine.denoise.predict import denoise_with_details
 from dlorch.core.engine.device import detect_runtime
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012-em" / "isbi2012_train.npz"

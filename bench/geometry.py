@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from dlorch.core.engine.segment import NoHooks, plan_segmentation, predict_segmentation, train_segmentation
-from dlorch.core.engine.zoo import apply_variant
+from dlorch.core.engine.segment.zoo import apply_variant
 
 HERE = pathlib.Path(__file__).resolve().parent
 

@@ -24,9 +24,9 @@ import time
 import numpy as np
 import torch
 
-from dlorch.core.engine.module import CKPT_KEY
+from dlorch.core.engine.segment.module import CKPT_KEY
 from dlorch.core.engine.network import build_unet
-from dlorch.core.engine.plan import SegmentationPlan
+from dlorch.core.engine.segment.plan import SegmentationPlan
 from dlorch.core.engine.segment import NoHooks, Progress, plan_segmentation, predict_probabilities, train_segmentation
 
 HERE = pathlib.Path(__file__).resolve().parent

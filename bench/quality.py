@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from dlorch.core.engine.device import detect_runtime
-from dlorch.core.engine.priors import estimate_priors
+from dlorch.core.engine.segment.priors import estimate_priors
 from dlorch.core.engine.segment import (
     NoHooks,
     Progress,

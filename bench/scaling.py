@@ -113,9 +113,9 @@ BARE = """
 import sys, time, numpy as np, torch, zarr
 torch.set_num_threads(1)
 from dlorch.core.chunkfiles import chunk_files
-from dlorch.core.engine.intensity import intensity_stats
-from dlorch.core.engine.predict import labels_from_probabilities, load_model, predict_probabilities
-from dlorch.core.engine.priors import estimate_priors
+from dlorch.core.engine.segment.intensity import intensity_stats
+from dlorch.core.engine.segment.predict import labels_from_probabilities, load_model, predict_probabilities
+from dlorch.core.engine.segment.priors import estimate_priors
 model = load_model(__import__("pathlib").Path(sys.argv[1]))
 vol = chunk_files(zarr.open_array(sys.argv[2], mode="r"))  # the agents' read path
 zs = range(int(sys.argv[3]), int(sys.argv[4]))

@@ -65,7 +65,7 @@ def training_inputs(data: dict, task: str, mode: str | None = None) -> dict:
 
             check_labels(image, arrays["labels"])
         if image is not None and task == "denoising":
-            from dlorch.core.engine.denoise_inputs import check_denoising_inputs
+            from dlorch.core.engine.inputs import check_denoising_inputs
 
             check_denoising_inputs(image, arrays.get("target"), mode)
     except ValueError as e:
@@ -101,9 +101,9 @@ def checkpoint_task(c, uri: str, shown: str | None = None) -> str:
 
     import torch
 
-    from dlorch.core.engine.denoise_module import CKPT_KEY as DENOISE_KEY
-    from dlorch.core.engine.denoise_predict import load_denoiser
-    from dlorch.core.engine.predict import load_model
+    from dlorch.core.engine.denoise.module import CKPT_KEY as DENOISE_KEY
+    from dlorch.core.engine.denoise.predict import load_denoiser
+    from dlorch.core.engine.segment.predict import load_model
 
     shown = shown or uri
     with tempfile.TemporaryDirectory() as tmp:

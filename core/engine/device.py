@@ -120,7 +120,7 @@ def probe_bf16_seconds(repeats: int = 3) -> tuple[float, float]:
     16-192) with four 128 x 128 images, the size it trains at after its 2x pooling, on one thread:
     about two seconds in all. The caller's random stream and thread count are left as they were.
     """
-    from dlorch.core.engine.calibrate import measure_seconds
+    from dlorch.core.engine.segment.calibrate import measure_seconds
 
     cpu = Runtime("cpu", "32-true", 1)
     threads = torch.get_num_threads()

@@ -1,4 +1,7 @@
-"""Input checks shared by planning, training and prediction; every error names its fix."""
+"""Input checks of both tasks, for planning, training, prediction and the CLI; every error names its fix.
+
+NumPy only: the CLI checks a submission with these before anything is uploaded, without importing torch.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import numpy as np
 
 # Smallest slice either task accepts: a U-Net of three levels pads anything smaller out of recognition.
 MIN_EDGE = 8
+# Denoising modes: Noise2Void (the noisy image alone), Noise2Noise (a second noisy acquisition), CARE (a clean target).
+MODES = ("n2v", "n2n", "care")
 
 
 def as_stack(image: np.ndarray, name: str = "image") -> np.ndarray:
@@ -70,3 +75,56 @@ def check_labels(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.
     if missing:
         raise ValueError(f"class ids must be 1..{k} without gaps but {missing} are unpainted; renumber the labels")
     return stack, lab, k
+
+
+def resolve_mode(mode: str | None, has_target: bool) -> str:
+    """The training mode: the caller's, or "n2v" without a target and "care" with one.
+
+    Raises:
+        ValueError: unknown mode, or a mode that does not fit the presence of a target.
+    """
+    if mode is None:
+        return "care" if has_target else "n2v"
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)} or None (automatic), got {mode!r}")
+    if mode == "n2v" and has_target:
+        raise ValueError("mode 'n2v' learns from the noisy image alone; drop target or use mode 'n2n' or 'care'")
+    if mode != "n2v" and not has_target:
+        what = "a second noisy acquisition" if mode == "n2n" else "a clean image"
+        raise ValueError(f"mode {mode!r} needs a target ({what} of the same scene); pass target= or use mode 'n2v'")
+    return mode
+
+
+def check_denoising_inputs(
+    image: np.ndarray, target: np.ndarray | None, mode: str | None
+) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Validate an image (and its target) for denoising.
+
+    Args:
+        image: (Y, X) image or (Z, Y, X) stack of 2D slices, any real dtype.
+        target: None, or an array of the image's shape.
+        mode: "n2v", "n2n", "care" or None for automatic.
+
+    Returns:
+        (image stack (Z, Y, X), target stack or None, resolved mode). Arrays are views where possible.
+
+    Raises:
+        ValueError: wrong axes, empty, non-finite, non-numeric, mismatched shapes, slices smaller
+            than 8x8, or a mode that does not fit the target.
+    """
+    stack = as_stack(image, "image")
+    mode = resolve_mode(mode, target is not None)
+    if min(stack.shape[-2:]) < MIN_EDGE:
+        raise ValueError(
+            f"image slices are {stack.shape[-2]}x{stack.shape[-1]}; denoising needs at least "
+            f"{MIN_EDGE}x{MIN_EDGE} pixels, pass a larger image"
+        )
+    target_stack = None
+    if target is not None:
+        tgt = np.asarray(target)
+        if tgt.shape != np.shape(image):
+            raise ValueError(
+                f"target shape {tgt.shape} differs from image shape {np.shape(image)}; pass a target on the same grid"
+            )
+        target_stack = as_stack(tgt, "target")
+    return stack, target_stack, mode

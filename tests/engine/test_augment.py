@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dlorch.core.engine.augment import AugmentConfig, augment_batch
+from dlorch.core.engine.segment.augment import AugmentConfig, augment_batch
 
 
 def _blobs(shape, seed=0):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dlorch.core.engine.blindspot import blindspot_batch, masked_mse
+from dlorch.core.engine.denoise.blindspot import blindspot_batch, masked_mse
 from dlorch.core.engine.denoise import (
     DenoisingPlan,
     NoHooks,
@@ -18,13 +18,14 @@ from dlorch.core.engine.denoise import (
     predict_denoising,
     train_denoising,
 )
-from dlorch.core.engine.denoise_data import TrainBatches, choose_holdout
-from dlorch.core.engine.denoise_inputs import check_denoising_inputs, mean_std
-from dlorch.core.engine.denoise_module import CKPT_KEY
-from dlorch.core.engine.denoise_plan import derive_denoising_plan
-from dlorch.core.engine.denoise_posterior import estimate_noise_var, local_mean, posterior_mean
-from dlorch.core.engine.denoise_predict import denoise_with_details
-from dlorch.core.engine.denoise_train import read_run_state
+from dlorch.core.engine.denoise.data import TrainBatches, choose_holdout
+from dlorch.core.engine.denoise.intensity import mean_std
+from dlorch.core.engine.inputs import check_denoising_inputs
+from dlorch.core.engine.denoise.module import CKPT_KEY
+from dlorch.core.engine.denoise.plan import derive_denoising_plan
+from dlorch.core.engine.denoise.posterior import estimate_noise_var, local_mean, posterior_mean
+from dlorch.core.engine.denoise.predict import denoise_with_details
+from dlorch.core.engine.denoise.train import read_run_state
 from dlorch.core.engine.device import detect_runtime
 
 from .conftest import AbandoningHooks, RecordingHooks
@@ -349,7 +350,7 @@ def test_tiled_prediction_equals_a_whole_image_pass_when_the_image_fits(n2v_run,
 
 def test_a_block_denoised_alone_equals_the_whole_pass_over_its_core(n2v_run):
     from dlorch.core.blocks import plan_blocks
-    from dlorch.core.engine.denoise_predict import network_output, region_for, volume_noise_var
+    from dlorch.core.engine.denoise.predict import network_output, region_for, volume_noise_var
 
     checkpoint, noisy, _ = n2v_run
     net, plan = load_denoiser(checkpoint)

@@ -4,8 +4,8 @@ from collections import deque
 
 import numpy as np
 
-from dlorch.core.engine.components import label_components_2d, label_strokes
-from dlorch.core.engine.holdout import split_strokes
+from dlorch.core.engine.segment.components import label_components_2d, label_strokes
+from dlorch.core.engine.segment.holdout import split_strokes
 
 
 def _bfs_components(mask):

@@ -2,7 +2,7 @@
 
 import torch
 
-from dlorch.core.engine.losses import sparse_ce_dice_loss
+from dlorch.core.engine.segment.losses import sparse_ce_dice_loss
 
 
 def test_unlabelled_pixels_get_exactly_zero_gradient():

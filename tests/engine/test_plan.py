@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from dlorch.core.engine.device import Runtime
-from dlorch.core.engine.intensity import intensity_stats
-from dlorch.core.engine.plan import (
+from dlorch.core.engine.segment.intensity import intensity_stats
+from dlorch.core.engine.segment.plan import (
     SegmentationPlan,
     anisotropy,
     choose_batch,
@@ -120,7 +120,7 @@ def test_a_budget_limited_count_may_be_re_fitted_up_to_the_data_step_target():
     (26, 70, 0, 0.0, 600.0, 26),     # nothing measured yet
 ])
 def test_epochs_are_re_fitted_to_the_budget_from_their_real_length(planned, ceiling, done, seconds, budget, expected):
-    from dlorch.core.engine.plan import extended_epochs
+    from dlorch.core.engine.segment.plan import extended_epochs
 
     assert extended_epochs(planned, ceiling, done, seconds, budget) == expected
 
@@ -188,14 +188,14 @@ def test_a_gpu_with_more_memory_gets_a_larger_batch():
 
 
 def test_job_specs_accept_exactly_the_zoo_variants():
-    from dlorch.core.engine.zoo import VARIANTS
+    from dlorch.core.engine.segment.zoo import VARIANTS
     from dlorch.core.spec import MODEL_VARIANTS
 
     assert tuple(VARIANTS) == MODEL_VARIANTS  # specs are checked against the names without importing the engine
 
 
 def test_the_other_geometry_candidate_swaps_2d_and_3d():
-    from dlorch.core.engine.zoo import apply_variant, candidate_names
+    from dlorch.core.engine.segment.zoo import apply_variant, candidate_names
 
     assert candidate_names(5)[-1] == "other-geometry"
     stack_2d = _derive(image_shape=(64, 256, 256))  # a stack the automatic plan segments in 2D, half resolution
@@ -210,7 +210,7 @@ def test_the_other_geometry_candidate_swaps_2d_and_3d():
 
 
 def test_validation_of_a_volume_keeps_fewer_bigger_tiles():
-    from dlorch.core.engine.sampling import max_val_tiles
+    from dlorch.core.engine.segment.sampling import max_val_tiles
 
     assert max_val_tiles([256, 256]) == 256  # 2D plans as before
     assert max_val_tiles([64, 64, 64]) == 64  # the same voxels in 3D tiles
@@ -230,7 +230,7 @@ def test_test_time_augmentation_is_on_where_it_is_cheap_next_to_training():
     # Not measured: no basis for the cost, so off.
     assert not _derive(step_seconds=None, eval_seconds=None).tta
     # The other-geometry candidate does not inherit TTA into a dearer geometry.
-    from dlorch.core.engine.zoo import apply_variant
+    from dlorch.core.engine.segment.zoo import apply_variant
 
     assert not apply_variant(_derive(image_shape=(64, 256, 256)), "other-geometry").tta
 
@@ -252,7 +252,7 @@ def test_an_automatic_plan_stops_at_a_plateau_and_a_given_epoch_count_does_not()
     (50, 0, 0, 66, False),     # no held-out score yet
 ])
 def test_plateau_rule(done, kept, peak, planned, stop):
-    from dlorch.core.engine.plan import plateaued
+    from dlorch.core.engine.segment.plan import plateaued
 
     assert plateaued(done, kept, peak, planned) is stop
 
@@ -260,7 +260,7 @@ def test_plateau_rule(done, kept, peak, planned, stop):
 def test_the_prediction_window_is_the_devices_not_the_training_images():
     # Trained on 512 px slices, a model predicts a 1024 px volume one window per slice, not nine
     # overlapping 512 px ones (2.25x the voxels); a small image still gets one window its own size.
-    from dlorch.core.engine.predict import prediction_grid
+    from dlorch.core.engine.segment.predict import prediction_grid
 
     plan = _derive()
     assert plan.infer_roi == [1024, 1024]
@@ -273,7 +273,7 @@ def test_the_prediction_window_is_the_devices_not_the_training_images():
 
 
 def test_tta_is_on_exactly_when_seven_more_passes_fit_in_half_the_training():
-    from dlorch.core.engine.plan import TTA_SHARE, choose_tta
+    from dlorch.core.engine.segment.plan import TTA_SHARE, choose_tta
 
     # A forward pass of 2 x 32^3 voxels in 0.1 s: a 64 x 256 x 256 volume with 0.25 overlap is
     # 64 x 256 x 256 / (2 x 32^3) / 0.75^3 = 151.7 such passes, 15.2 s; seven more 106 s.

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from dlorch.core.engine.device import keep_freed_memory
-from dlorch.core.engine.intensity import normalize
-from dlorch.core.engine.predict import prediction_grid
+from dlorch.core.engine.segment.intensity import normalize
+from dlorch.core.engine.segment.predict import prediction_grid
 from dlorch.core.engine.segment import NoHooks, load_model, predict_probabilities, predict_segmentation, train_segmentation
 
 from .conftest import fast_plan, make_scene
@@ -74,7 +74,7 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
 
 
 def test_prior_shift_is_estimated_and_undone():
-    from dlorch.core.engine.priors import adjust_priors, estimate_priors
+    from dlorch.core.engine.segment.priors import adjust_priors, estimate_priors
 
     rng = np.random.default_rng(0)
     first = rng.random(200_000) < 0.2  # 20% of the image is the first class
@@ -106,7 +106,7 @@ def test_test_time_augmentation_is_equivariant_and_differs_from_plain(checkpoint
     assert tta.shape == plain.shape and np.allclose(tta.sum(0), 1.0, atol=1e-5)
     assert not np.allclose(tta, plain, atol=1e-4)  # it did average something
     # The 8 flips/rotations form a group: TTA of a rotated (or mirrored) image is the rotated TTA output.
-    from dlorch.core.engine.intensity import intensity_stats
+    from dlorch.core.engine.segment.intensity import intensity_stats
 
     stats = intensity_stats(image)
     base = predict_probabilities(checkpoint, image, stats=stats, priors=None, tta=True)
@@ -159,7 +159,7 @@ def test_a_volume_trains_and_predicts_in_3d_and_tiles_like_a_whole_pass(tmp_path
 
 
 def test_a_runaway_prior_estimate_is_not_used():
-    from dlorch.core.engine.priors import estimate_priors
+    from dlorch.core.engine.segment.priors import estimate_priors
 
     rng = np.random.default_rng(1)
     # Overconfident in the rarer class everywhere: EM would push its share to the bound.
@@ -171,8 +171,8 @@ def test_a_runaway_prior_estimate_is_not_used():
 @pytest.mark.parametrize("tta", [False, True])
 def test_a_block_predicted_alone_equals_the_whole_pass_over_its_core(checkpoint, tta):
     from dlorch.core.blocks import plan_blocks
-    from dlorch.core.engine.intensity import intensity_stats
-    from dlorch.core.engine.predict import prediction_grid
+    from dlorch.core.engine.segment.intensity import intensity_stats
+    from dlorch.core.engine.segment.predict import prediction_grid
 
     image, _, _ = make_scene((3, 150, 200), seed=5)
     net, plan = load_model(checkpoint)
@@ -239,7 +239,7 @@ def test_folded_batch_norms_give_the_same_output_with_no_norm_left(dims):
 
 
 def test_a_loaded_model_has_its_norms_folded_and_predicts_as_its_training_weights(checkpoint, tiny_data):
-    from dlorch.core.engine.module import CKPT_KEY
+    from dlorch.core.engine.segment.module import CKPT_KEY
     from dlorch.core.engine.network import build_unet
 
     net, plan = load_model(checkpoint)
@@ -254,7 +254,7 @@ def test_a_loaded_model_has_its_norms_folded_and_predicts_as_its_training_weight
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_labels_from_probabilities_are_the_argmax_plus_one_with_ties_to_the_lower_class(k):
-    from dlorch.core.engine.predict import labels_from_probabilities
+    from dlorch.core.engine.segment.predict import labels_from_probabilities
 
     probs = np.random.default_rng(k).random((k, 7, 33, 20)).astype(np.float32)
     probs[:, :, :4] = 0.5  # ties everywhere in these rows

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from dlorch.core.engine.module import CKPT_KEY
+from dlorch.core.engine.segment.module import CKPT_KEY
 from dlorch.core.engine.segment import NoHooks, train_segmentation
-from dlorch.core.engine.train import read_run_state
+from dlorch.core.engine.segment.train import read_run_state
 
 from .conftest import AbandoningHooks, RecordingHooks, fast_plan
 
@@ -140,7 +140,7 @@ def test_labels_must_match_the_plan(tiny_data, tmp_path):
 
 
 def test_automatic_training_ends_at_a_plateau_of_the_held_out_strokes(tiny_data, tmp_path):
-    from dlorch.core.engine.plan import plateaued
+    from dlorch.core.engine.segment.plan import plateaued
 
     # Whether the tiny problem's own trajectory plateaus within 40 epochs depends on the CPU's
     # float rounding (float32 on AMD Zen 4 did at epoch 35, on an Intel Xeon it did not; bf16 did

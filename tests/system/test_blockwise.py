@@ -124,7 +124,7 @@ def test_orchestrator_killed_mid_job_resumes_blocks_from_the_ledger(home, tmp_pa
 
 def test_a_3d_model_predicts_blockwise_with_a_z_halo_and_identical_bytes(home, tmp_path):
     from dlorch.core.engine.hooks import NoHooks
-    from dlorch.core.engine.intensity import IntensityStats
+    from dlorch.core.engine.segment.intensity import IntensityStats
     from dlorch.core.engine.segment import (plan_segmentation, predict_probabilities, predict_segmentation,
                                             train_segmentation)
     from tests.engine.test_predict import _balls
@@ -155,7 +155,7 @@ def test_a_3d_model_predicts_blockwise_with_a_z_halo_and_identical_bytes(home, t
 
 def test_a_denoising_model_predicts_blockwise_into_float32_like_one_pass(home, tmp_path, monkeypatch):
     from dlorch.core.engine.denoise import NoHooks, train_denoising
-    from dlorch.core.engine.denoise_predict import denoise_with_details
+    from dlorch.core.engine.denoise.predict import denoise_with_details
     from tests.engine.test_denoise import fast_plan, make_noisy
 
     noisy, clean = make_noisy((6, 64, 64), sigma=0.4, offset=-50.0, seed=1)

@@ -22,9 +22,9 @@ The way of a job:
       denoise_posterior.py  n2v: posterior mean of network output and noisy pixel, noise level estimated
 """
 
-from dlorch.core.engine.denoise_plan import DenoisingPlan, plan_denoising
-from dlorch.core.engine.denoise_predict import load_denoiser, predict_denoising
-from dlorch.core.engine.denoise_train import train_denoising
+from dlorch.core.engine.denoise.plan import DenoisingPlan, plan_denoising
+from dlorch.core.engine.denoise.predict import load_denoiser, predict_denoising
+from dlorch.core.engine.denoise.train import train_denoising
 from dlorch.core.engine.hooks import NoHooks, Progress, StopReason, TrainHooks, TrainResult
 
 __all__ = [

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from dlorch.core.engine.blindspot import masked_mse
+from dlorch.core.engine.denoise.blindspot import masked_mse
 from dlorch.core.engine.device import Runtime, apply_threads
 from dlorch.core.engine.network import build_unet, memory_format
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dlorch.core.engine.blindspot import blindspot_batch
+from dlorch.core.engine.denoise.blindspot import blindspot_batch
 
 # Validation is a forward pass per epoch; this many tiles keep it a small share of the epoch.
 MAX_VAL_TILES = 16

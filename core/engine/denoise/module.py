@@ -7,8 +7,8 @@ import math
 import pytorch_lightning as pl
 import torch
 
-from dlorch.core.engine.blindspot import masked_mse
-from dlorch.core.engine.denoise_plan import DenoisingPlan
+from dlorch.core.engine.denoise.blindspot import masked_mse
+from dlorch.core.engine.denoise.plan import DenoisingPlan
 from dlorch.core.engine.network import build_unet, memory_format
 
 # Key of the engine's own section in a Lightning checkpoint; prediction needs only this.

@@ -13,12 +13,13 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel
 
-from dlorch.core.engine.blindspot import mask_density
-from dlorch.core.engine.denoise_calibrate import measure_step_seconds
-from dlorch.core.engine.denoise_data import GRID, MAX_VAL_TILES, choose_holdout
-from dlorch.core.engine.denoise_inputs import check_denoising_inputs, mean_std
+from dlorch.core.engine.denoise.blindspot import mask_density
+from dlorch.core.engine.denoise.calibrate import measure_step_seconds
+from dlorch.core.engine.denoise.data import GRID, MAX_VAL_TILES, choose_holdout
+from dlorch.core.engine.denoise.intensity import mean_std
+from dlorch.core.engine.inputs import check_denoising_inputs
 from dlorch.core.engine.device import Runtime, detect_runtime
-from dlorch.core.engine.plan import MAX_ANISOTROPY_3D, MIN_SLICES_3D, anisotropy
+from dlorch.core.engine.segment.plan import MAX_ANISOTROPY_3D, MIN_SLICES_3D, anisotropy
 
 
 class DenoiseDefaults(BaseModel):

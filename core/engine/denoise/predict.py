@@ -11,13 +11,13 @@ from pydantic import ValidationError
 
 from dlorch.core.blocks import WindowGrid
 from dlorch.core.errors import first_problem
-from dlorch.core.engine.denoise_module import CKPT_KEY, build_denoiser
-from dlorch.core.engine.denoise_plan import DenoisingPlan
-from dlorch.core.engine.denoise_posterior import POSTERIOR_REACH, estimate_noise_var, posterior_mean
+from dlorch.core.engine.denoise.module import CKPT_KEY, build_denoiser
+from dlorch.core.engine.denoise.plan import DenoisingPlan
+from dlorch.core.engine.denoise.posterior import POSTERIOR_REACH, estimate_noise_var, posterior_mean
 from dlorch.core.engine.device import apply_threads, detect_runtime
 from dlorch.core.engine.inputs import as_stack
 from dlorch.core.engine.network import fold_batch_norm, memory_format, placed
-from dlorch.core.engine.predict import window_batch
+from dlorch.core.engine.segment.predict import window_batch
 from dlorch.core.engine.tiling import blend_windows, window_grid
 
 

@@ -15,10 +15,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from dlorch.core.engine.denoise_data import TrainBatches, ValTiles, split_holdout
-from dlorch.core.engine.denoise_inputs import check_denoising_inputs
-from dlorch.core.engine.denoise_module import DenoisingModule
-from dlorch.core.engine.denoise_plan import DenoisingPlan
+from dlorch.core.engine.denoise.data import TrainBatches, ValTiles, split_holdout
+from dlorch.core.engine.inputs import check_denoising_inputs
+from dlorch.core.engine.denoise.module import DenoisingModule
+from dlorch.core.engine.denoise.plan import DenoisingPlan
 from dlorch.core.engine.device import apply_threads, detect_runtime
 from dlorch.core.engine.hooks import Progress, StopReason, TrainHooks, TrainResult
 

@@ -4,9 +4,9 @@ The job runner imports only from here; the modules behind it can be rearranged f
 """
 
 from dlorch.core.engine.hooks import NoHooks, Progress, StopReason, TrainHooks, TrainResult
-from dlorch.core.engine.plan import SegmentationPlan, plan_segmentation
-from dlorch.core.engine.predict import load_model, predict_probabilities, predict_segmentation
-from dlorch.core.engine.train import train_segmentation
+from dlorch.core.engine.segment.plan import SegmentationPlan, plan_segmentation
+from dlorch.core.engine.segment.predict import load_model, predict_probabilities, predict_segmentation
+from dlorch.core.engine.segment.train import train_segmentation
 
 __all__ = [
     "NoHooks",

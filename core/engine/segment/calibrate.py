@@ -14,7 +14,7 @@ import time
 import torch
 
 from dlorch.core.engine.device import Runtime, apply_threads
-from dlorch.core.engine.losses import sparse_ce_dice_loss
+from dlorch.core.engine.segment.losses import sparse_ce_dice_loss
 from dlorch.core.engine.network import build_unet
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dlorch.core.engine.components import label_strokes
+from dlorch.core.engine.segment.components import label_strokes
 
 
 @dataclass

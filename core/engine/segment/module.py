@@ -7,10 +7,10 @@ import math
 import pytorch_lightning as pl
 import torch
 
-from dlorch.core.engine.augment import augment_batch
-from dlorch.core.engine.losses import sparse_ce_dice_loss
+from dlorch.core.engine.segment.augment import augment_batch
+from dlorch.core.engine.segment.losses import sparse_ce_dice_loss
 from dlorch.core.engine.network import build_unet, memory_format
-from dlorch.core.engine.plan import PLATEAU_MIN_GAIN, SegmentationPlan
+from dlorch.core.engine.segment.plan import PLATEAU_MIN_GAIN, SegmentationPlan
 
 # Key of the engine's own section in a Lightning checkpoint; prediction needs only this.
 CKPT_KEY = "dlorch"

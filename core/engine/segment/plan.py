@@ -13,13 +13,13 @@ from dataclasses import replace
 import numpy as np
 from pydantic import BaseModel
 
-from dlorch.core.engine.augment import AugmentConfig
-from dlorch.core.engine.calibrate import measure_seconds
+from dlorch.core.engine.segment.augment import AugmentConfig
+from dlorch.core.engine.segment.calibrate import measure_seconds
 from dlorch.core.engine.device import Runtime, detect_runtime, thread_candidates
-from dlorch.core.engine.holdout import split_strokes
+from dlorch.core.engine.segment.holdout import split_strokes
 from dlorch.core.engine.inputs import check_labels
-from dlorch.core.engine.intensity import IntensityStats, intensity_stats
-from dlorch.core.engine.sampling import max_val_tiles, val_cells
+from dlorch.core.engine.segment.intensity import IntensityStats, intensity_stats
+from dlorch.core.engine.segment.sampling import max_val_tiles, val_cells
 
 
 class DeviceDefaults(BaseModel):

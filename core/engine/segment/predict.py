@@ -12,11 +12,11 @@ from dlorch.core.blocks import WindowGrid
 from dlorch.core.errors import first_problem
 from dlorch.core.engine.device import apply_threads, detect_runtime
 from dlorch.core.engine.inputs import as_stack
-from dlorch.core.engine.intensity import IntensityStats, normalize
-from dlorch.core.engine.module import CKPT_KEY
+from dlorch.core.engine.segment.intensity import IntensityStats, normalize
+from dlorch.core.engine.segment.module import CKPT_KEY
 from dlorch.core.engine.network import build_unet, fold_batch_norm, memory_format, placed
-from dlorch.core.engine.plan import SegmentationPlan
-from dlorch.core.engine.priors import adjust_priors, estimate_priors
+from dlorch.core.engine.segment.plan import SegmentationPlan
+from dlorch.core.engine.segment.priors import adjust_priors, estimate_priors
 from dlorch.core.engine.tiling import blend_windows, window_grid
 
 

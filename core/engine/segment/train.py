@@ -16,13 +16,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from dlorch.core.engine.device import apply_threads, detect_runtime, thread_candidates
-from dlorch.core.engine.holdout import split_strokes
+from dlorch.core.engine.segment.holdout import split_strokes
 from dlorch.core.engine.hooks import Progress, StopReason, TrainHooks, TrainResult
 from dlorch.core.engine.inputs import check_labels
-from dlorch.core.engine.intensity import normalize
-from dlorch.core.engine.module import SegmentationModule
-from dlorch.core.engine.plan import SegmentationPlan, extended_epochs, plateaued
-from dlorch.core.engine.sampling import TrainPatches, ValTiles
+from dlorch.core.engine.segment.intensity import normalize
+from dlorch.core.engine.segment.module import SegmentationModule
+from dlorch.core.engine.segment.plan import SegmentationPlan, extended_epochs, plateaued
+from dlorch.core.engine.segment.sampling import TrainPatches, ValTiles
 from dlorch.core.engine.threads import ThreadTuner
 
 # Checkpoints of this call older than the newest few are deleted: each holds optimizer state

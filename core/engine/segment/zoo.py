@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from dlorch.core.engine.augment import AugmentConfig
-from dlorch.core.engine.plan import (
+from dlorch.core.engine.segment.augment import AugmentConfig
+from dlorch.core.engine.segment.plan import (
     DEFAULTS,
     MIN_SLICES_3D,
     Geometry,
