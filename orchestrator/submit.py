@@ -146,7 +146,7 @@ def upload_spec_inputs(c, data: dict[str, Any]) -> dict[str, Any]:
 
 def candidate_specs(spec: dict[str, Any], n: int) -> dict[str, dict[str, Any]]:
     """One training spec per model variant (by name) for ``--candidates N``, checked before any is submitted."""
-    from dlorch.core.engine.zoo import candidate_names
+    from dlorch.core.engine.segment.zoo import candidate_names
 
     try:
         names = candidate_names(n)
