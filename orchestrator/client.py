@@ -13,9 +13,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from dlorch.core.errors import BadInput, DlorchError
+from dlorch.core.errors import DlorchError
 from dlorch.core.settings import Settings
-from dlorch.core.spec import Job, JobStatus, new_job_id, parse_spec
+from dlorch.core.spec import Job, new_job_id, parse_spec
 from dlorch.core.store import DataStore
 from dlorch.core.wire import Signer
 from dlorch.orchestrator.ledger import Ledger, dead_here
@@ -207,16 +207,3 @@ def local_service(client: Client, agents: int = 1) -> Iterator[LocalService | No
         if service is not None:
             service.close()
 
-
-def status_line(job: Job) -> str:
-    """One line about a job, for progress displays."""
-    epochs = f" epoch {job.epochs_done}/{job.epochs_total or '?'}" if job.spec.trains else ""
-    node = f" on {job.node}" if job.status is JobStatus.RUNNING and job.node else ""
-    return f"{job.status.value}{epochs}{node}"
-
-
-def require_file(path: Path, role: str) -> Path:
-    """A clear one-line error for a missing input."""
-    if not Path(path).exists():
-        raise BadInput(f"{role} file not found: {path}")
-    return Path(path)
