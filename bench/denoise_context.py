@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from dlorch.core.engine.denoise.blindspot import blindspot_batch, masked_mse
-from dlorch.core.engine.denoise.module import lr_factor
+from dlorch.core.engine.module import lr_factor
 from dlorch.core.engine.denoise.plan import BLINDSPOT_CELL, BLINDSPOT_RADIUS, DEFAULTS
 from dlorch.core.engine.denoise.posterior import estimate_noise_var, posterior_mean
 from dlorch.core.engine.network import build_unet

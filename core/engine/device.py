@@ -35,6 +35,10 @@ class Runtime:
         """Dtype for inference autocast, None for full precision."""
         return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.precision)
 
+    def describe(self) -> str:
+        """The device in a plan's words: accelerator, CPU threads and precision."""
+        return f"device {self.accelerator} ({self.cpu_threads} CPU threads), precision {self.precision}"
+
 
 def usable_cpus() -> int:
     """CPU cores this process may run on (respects affinity masks and cgroup pinning).
@@ -116,11 +120,11 @@ def bf16_pays(fp32_s: float, bf16_s: float, margin: float = BF16_MARGIN) -> bool
 def probe_bf16_seconds(repeats: int = 3) -> tuple[float, float]:
     """Seconds of a training step plus an inference pass of a small U-Net, in float32 and in bf16 autocast.
 
-    The plan's own step timing (``calibrate.measure_seconds``) on the 2D plan's network (widths
+    The segmentation plan's own step timing (``segment.plan.measure_seconds``) on the 2D plan's network (widths
     16-192) with four 128 x 128 images, the size it trains at after its 2x pooling, on one thread:
     about two seconds in all. The caller's random stream and thread count are left as they were.
     """
-    from dlorch.core.engine.segment.calibrate import measure_seconds
+    from dlorch.core.engine.segment.plan import measure_seconds
 
     cpu = Runtime("cpu", "32-true", 1)
     threads = torch.get_num_threads()

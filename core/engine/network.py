@@ -1,8 +1,9 @@
-"""The segmentation network: MONAI's DynUNet shaped by the plan (widths, depth, input scale)."""
+"""The network of both tasks: MONAI's DynUNet shaped by the plan (widths, depth, input scale), and its inference form."""
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 import torch
@@ -46,6 +47,12 @@ class Rescaled(torch.nn.Module):
         return F.interpolate(logits.contiguous(), size=size, mode="bilinear", align_corners=False)
 
 
+def choose_filters(patch: list[int], default_filters: list[int]) -> list[int]:
+    """Keep as many levels as leave a bottleneck of at least 8 pixels (and at least 3 levels: DynUNet's minimum)."""
+    downsamplings = max(2, int(math.floor(math.log2(min(patch) / 8))))
+    return list(default_filters[: min(len(default_filters), downsamplings + 1)])
+
+
 def build_unet(
     spatial_dims: int,
     in_channels: int,
@@ -64,7 +71,7 @@ def build_unet(
     Args:
         spatial_dims: 2 or 3.
         in_channels: image channels.
-        out_channels: number of classes.
+        out_channels: output channels (segmentation: classes; denoising: 1).
         filters: channel width of each level, shallow to deep.
         norm: MONAI norm name.
         input_scale: 1, or 2 to run the network at half resolution (2D only).

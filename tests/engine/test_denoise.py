@@ -25,8 +25,8 @@ from dlorch.core.engine.denoise.module import CKPT_KEY
 from dlorch.core.engine.denoise.plan import derive_denoising_plan
 from dlorch.core.engine.denoise.posterior import estimate_noise_var, local_mean, posterior_mean
 from dlorch.core.engine.denoise.predict import denoise_with_details
-from dlorch.core.engine.denoise.train import read_run_state
 from dlorch.core.engine.device import detect_runtime
+from dlorch.core.engine.runcontrol import read_run_state
 
 from .conftest import AbandoningHooks, RecordingHooks
 

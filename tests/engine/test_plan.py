@@ -5,19 +5,12 @@ import json
 import numpy as np
 import pytest
 
+from dlorch.core.engine.anisotropy import anisotropy
 from dlorch.core.engine.device import Runtime
+from dlorch.core.engine.network import choose_filters
+from dlorch.core.engine.segment.geometry import choose_batch, choose_geometry, choose_patch, stroke_survival
 from dlorch.core.engine.segment.intensity import intensity_stats
-from dlorch.core.engine.segment.plan import (
-    SegmentationPlan,
-    anisotropy,
-    choose_batch,
-    choose_filters,
-    choose_geometry,
-    choose_patch,
-    derive_plan,
-    plan_segmentation,
-    stroke_survival,
-)
+from dlorch.core.engine.segment.plan import SegmentationPlan, derive_plan, plan_segmentation
 
 from .conftest import make_data
 

@@ -11,15 +11,19 @@ import math
 from typing import Literal
 
 import numpy as np
+import torch
 from pydantic import BaseModel
 
-from dlorch.core.engine.denoise.blindspot import mask_density
-from dlorch.core.engine.denoise.calibrate import measure_step_seconds
+from dlorch.core.engine.anisotropy import is_volume, measured_anisotropy
+from dlorch.core.engine.calibrate import time_steps
+from dlorch.core.engine.denoise.blindspot import mask_density, masked_mse
 from dlorch.core.engine.denoise.data import GRID, MAX_VAL_TILES, choose_holdout
 from dlorch.core.engine.denoise.intensity import mean_std
-from dlorch.core.engine.inputs import check_denoising_inputs
 from dlorch.core.engine.device import Runtime, detect_runtime
-from dlorch.core.engine.segment.plan import MAX_ANISOTROPY_3D, MIN_SLICES_3D, anisotropy
+from dlorch.core.engine.inputs import check_denoising_inputs
+from dlorch.core.engine.network import build_unet, choose_filters, memory_format
+from dlorch.core.engine.schedule import EpochRules, check_overrides, plan_schedule
+from dlorch.core.engine.tiling import window_reason
 
 
 class DenoiseDefaults(BaseModel):
@@ -42,32 +46,10 @@ DEFAULTS = {
     # Noise2Void learns from ~2% of the pixels a step sees, so on a 2-core CPU the number of
     # steps limits quality more than width: narrow levels (about 2.5x the steps of a
     # [32, 64, 128] net in the same time) but 4 of them, for context around each pixel.
-    "cpu": DenoiseDefaults(
-        patch=64,
-        batch=8,
-        filters=[16, 32, 64, 128],
-        lr=4e-3,
-        infer_roi=1024,
-        budget_s=600,
-        epoch_s=20,
-        wanted_steps=6000,
-        patch3d=32,
-        batch3d=4,
-        infer_roi3d=64,
-    ),
-    "cuda": DenoiseDefaults(
-        patch=128,
-        batch=32,
-        filters=[32, 64, 128, 256],
-        lr=2e-3,
-        infer_roi=1024,
-        budget_s=1800,
-        epoch_s=30,
-        wanted_steps=20000,
-        patch3d=64,
-        batch3d=8,
-        infer_roi3d=128,
-    ),
+    "cpu": DenoiseDefaults(patch=64, batch=8, filters=[16, 32, 64, 128], lr=4e-3, infer_roi=1024, budget_s=600,
+                           epoch_s=20, wanted_steps=6000, patch3d=32, batch3d=4, infer_roi3d=64),
+    "cuda": DenoiseDefaults(patch=128, batch=32, filters=[32, 64, 128, 256], lr=2e-3, infer_roi=1024, budget_s=1800,
+                            epoch_s=30, wanted_steps=20000, patch3d=64, batch3d=8, infer_roi3d=128),
 }
 # Blind spot: one masked pixel per 7x7 cell (~2%, the top of the usual 0.2-2% range: more
 # signal per step, which is what a CPU lacks) replaced by a random pixel of its 5x5 window.
@@ -79,6 +61,12 @@ BLINDSPOT_CELL_3D = 4
 # measured, but validation and checkpoint writes add a little; the time cap ends training
 # when the machine is slower (the lr anneals by time share too).
 BUDGET_STRETCH = 1.1
+# How denoising turns step time into epochs (schedule.py): an epoch sees every training pixel
+# at most about 8 times; the epochs fill BUDGET_STRETCH x the budget.
+EPOCH_RULES = EpochRules(cover_passes=8, unmeasured_steps=50, min_steps=5, budget_fill=BUDGET_STRETCH, refit=False,
+                         target="the step target")
+MODE_WORDS = {"n2v": "Noise2Void (noisy image alone)", "n2n": "Noise2Noise (two noisy acquisitions)",
+              "care": "CARE (clean target)"}
 
 
 class DenoisingPlan(BaseModel):
@@ -101,7 +89,7 @@ class DenoisingPlan(BaseModel):
     final_lr_fraction: float = 0.02  # cosine decay ends at lr * this
     blindspot_cell: int | None  # n2v: one masked pixel per cell x cell block; None otherwise
     blindspot_radius: int | None  # n2v: replacement drawn from the (2r+1)^2 window minus its centre
-    posterior: bool = False  # n2v: recombine the prediction with the noisy pixel (denoise_posterior.py)
+    posterior: bool = False  # n2v: recombine the prediction with the noisy pixel (posterior.py)
     input_mean: float  # normalisation of the network input: (x - mean) / std, no clipping
     input_std: float
     target_mean: float  # the output is un-normalised with these: y * std + mean
@@ -139,10 +127,58 @@ def choose_patch(extent_yx: tuple[int, ...], default: int) -> list[int]:
     return [max(GRID, min(default, GRID * (int(d) // GRID))) for d in extent_yx]
 
 
-def choose_filters(patch: list[int], default_filters: list[int]) -> list[int]:
-    """Keep as many levels as leave a bottleneck of at least 8 pixels (DynUNet needs at least 3 levels)."""
-    downsamplings = max(2, int(math.floor(math.log2(min(patch) / 8))))
-    return list(default_filters[: min(len(default_filters), downsamplings + 1)])
+def choose_patch(extent_yx: tuple[int, ...], default: int) -> list[int]:
+    """Patch per axis: the device default, or the training extent rounded down to 16 (at least 16)."""
+    return [max(GRID, min(default, GRID * (int(d) // GRID))) for d in extent_yx]
+
+
+def holdout_reason(val_slices: list[int], val_rows: int, z: int) -> str:
+    """The plan's line about what validation holds out."""
+    if val_slices:
+        return f"validation: slices {val_slices} held out ({len(val_slices)} of {z}); best weights by their loss"
+    if val_rows:
+        return f"validation: bottom {val_rows} rows of every slice held out; best weights by their loss"
+    return "validation: image too small to hold anything out; the latest weights are kept"
+
+
+def patch_reason(patch: list[int], default_side: int, region: tuple[int, ...], dims: int) -> str:
+    """The plan's line about the patch and the augmentation it allows."""
+    return (
+        f"patch {'x'.join(map(str, patch))}: "
+        + ("device default" if patch == [default_side] * dims else f"training region {'x'.join(map(str, region))} is small")
+        + "; augmented by flips" + (" and 90° rotations" if patch[-1] == patch[-2] else " (non-square: no rotations)")
+        + (" in-plane" if dims == 3 else "")
+    )
+
+
+def loss_rule(mode: str, dims: int) -> tuple[int | None, int | None, list[str]]:
+    """The blind spot of Noise2Void (cell and radius) or none, and the plan's lines about the loss.
+
+    Returns:
+        (blind-spot cell, radius, reasons); the cell and radius are None for n2n and care.
+    """
+    if mode != "n2v":
+        swap = ", input and target swapped at random" if mode == "n2n" else ""
+        return None, None, [f"loss: mean squared error on every pixel{swap}"]
+    cell, radius = (BLINDSPOT_CELL_3D if dims == 3 else BLINDSPOT_CELL), BLINDSPOT_RADIUS
+    box = "x".join([str(cell)] * dims)
+    window = "x".join([str(2 * radius + 1)] * dims)
+    return cell, radius, [
+        f"blind spot: 1 pixel per {box} cell masked ({mask_density(cell, dims):.2%}), replaced by a random "
+        f"other pixel of its {window} window; loss on masked pixels only",
+        "prediction: Gaussian posterior mean of the blind-spot output and the noisy pixel, noise level "
+        "estimated from the image (keeps the detail a pixel's neighbours cannot predict)",
+    ]
+
+
+def validation_tiles(shape: tuple[int, int, int], patch: list[int], val_slices: list[int], val_rows: int,
+                     dims: int) -> int:
+    """How many tiles validation runs at every epoch end (``data.ValTiles`` cuts them), at most ``MAX_VAL_TILES``."""
+    z, y, x = shape
+    if dims == 3:
+        return min(MAX_VAL_TILES, max(1, x // patch[-1]) * max(1, z // patch[0])) if val_rows else 0
+    return min(MAX_VAL_TILES, len(val_slices) * max(1, (y // patch[0]) * (x // patch[1])) if val_slices
+               else (max(1, x // patch[1]) * z if val_rows else 0))
 
 
 def derive_denoising_plan(
@@ -180,122 +216,39 @@ def derive_denoising_plan(
     d = DEFAULTS[runtime.accelerator]
     z, y, x = image_shape
     dims = spatial_dims
-    reasons = [f"device {runtime.accelerator} ({runtime.cpu_threads} CPU threads), precision {runtime.precision}"]
-    what = {"n2v": "Noise2Void (noisy image alone)", "n2n": "Noise2Noise (two noisy acquisitions)",
-            "care": "CARE (clean target)"}[mode]
-    how = "as a volume in 3D" if dims == 3 else "slice by slice in 2D"
-    reasons.append(f"mode {mode}: {what}; {z} slice(s) of {y}x{x}, denoised {how}")
     val_slices, val_rows, region, patch, batch = denoising_geometry((z, y, x), d, dims)
-    if val_slices:
-        reasons.append(
-            f"validation: slices {val_slices} held out ({len(val_slices)} of {z}); best weights by their loss"
-        )
-    elif val_rows:
-        reasons.append(f"validation: bottom {val_rows} rows of every slice held out; best weights by their loss")
-    else:
-        reasons.append("validation: image too small to hold anything out; the latest weights are kept")
-    default_side = d.patch3d if dims == 3 else d.patch
-    reasons.append(
-        f"patch {'x'.join(map(str, patch))}: "
-        + ("device default" if patch == [default_side] * dims else f"training region {'x'.join(map(str, region))} is small")
-        + "; augmented by flips" + (" and 90° rotations" if patch[-1] == patch[-2] else " (non-square: no rotations)")
-        + (" in-plane" if dims == 3 else "")
-    )
     filters = choose_filters(patch, d.filters)
-    reasons.append(f"DynUNet widths {filters}, batch norm: {len(filters) - 1} downsamplings, bottleneck >= 8 px")
-    reasons.append(f"batch {batch} patches per step ({runtime.accelerator} default)")
-    if mode == "n2v":
-        cell, radius = (BLINDSPOT_CELL_3D if dims == 3 else BLINDSPOT_CELL), BLINDSPOT_RADIUS
-        box = "x".join([str(cell)] * dims)
-        window = "x".join([str(2 * radius + 1)] * dims)
-        reasons.append(
-            f"blind spot: 1 pixel per {box} cell masked ({mask_density(cell, dims):.2%}), replaced by a random "
-            f"other pixel of its {window} window; loss on masked pixels only"
-        )
-        reasons.append(
-            "prediction: Gaussian posterior mean of the blind-spot output and the noisy pixel, noise level "
-            "estimated from the image (keeps the detail a pixel's neighbours cannot predict)"
-        )
-    else:
-        cell = radius = None
-        swap = ", input and target swapped at random" if mode == "n2n" else ""
-        reasons.append(f"loss: mean squared error on every pixel{swap}")
-    reasons.append(
-        f"normalisation: input (x - {input_stats[0]:.4g}) / {input_stats[1]:.4g}, output un-normalised with "
-        f"target mean {target_stats[0]:.4g} / std {target_stats[1]:.4g}; no clipping"
-    )
+    cell, radius, loss_reasons = loss_rule(mode, dims)
     # Not clipped to this image: a larger volume predicted later gets windows of up to this side
     # (a 1024x1024 slice on one CPU thread: one window 1.26 s, nine of 512 px 2.07 s).
     infer_roi = [d.infer_roi3d if dims == 3 else d.infer_roi] * dims
-    reasons.append(f"prediction window up to {'x'.join(map(str, infer_roi))} (an image's own size when smaller), "
-                   "gaussian blending, overlap 0.25")
-
-    step_s = step_seconds if step_seconds and step_seconds > 0 else None
-    # An epoch is the checkpoint and stop-request interval: about epoch_s seconds, but on a
-    # tiny image no more steps than it takes to see every pixel about 8 times.
-    train_px = max(1, (z - len(val_slices)) * (y - val_rows) * x)
-    cover = math.ceil(8 * train_px / (batch * math.prod(patch)))
-    by_time = round(d.epoch_s / step_s) if step_s else 50
-    steps_per_epoch = int(np.clip(min(by_time, cover), 5, 250))
-    if step_s:
-        reasons.append(
-            f"measured {step_s:.3f} s/step -> {steps_per_epoch} steps/epoch (~{d.epoch_s:.0f} s epochs"
-            + (", capped by image size)" if cover < by_time else ")")
-        )
-    else:
-        reasons.append(f"step time not measured -> {steps_per_epoch} steps/epoch")
-    if dims == 3:
-        val_tiles = min(MAX_VAL_TILES, max(1, x // patch[-1]) * max(1, z // patch[0])) if val_rows else 0
-    else:
-        val_tiles = min(MAX_VAL_TILES, len(val_slices) * max(1, (y // patch[0]) * (x // patch[1])) if val_slices
-                        else (max(1, x // patch[1]) * z if val_rows else 0))
-    epoch_s = steps_per_epoch * (step_s or 0.0) + math.ceil(val_tiles / batch) * (eval_seconds or 0.0)
-    if epochs is not None:
-        n_epochs, budget = int(epochs), time_budget
-        reasons.append(f"epochs {n_epochs}: user override")
-    else:
-        budget = time_budget if time_budget is not None else d.budget_s
-        wanted = max(1, math.ceil(d.wanted_steps / steps_per_epoch))
-        if epoch_s > 0:
-            n_epochs = min(wanted, max(1, int(budget * BUDGET_STRETCH // epoch_s)))
-            why = (
-                "the step target"
-                if n_epochs == wanted
-                else f"{BUDGET_STRETCH:g} x the {budget:.0f} s budget at ~{epoch_s:.1f} s/epoch; the time cap ends it"
-            )
-            reasons.append(f"epochs {n_epochs} (= {n_epochs * steps_per_epoch} steps): limited by {why}")
-        else:
-            n_epochs = wanted
-            reasons.append(f"epochs {n_epochs}: the step target of {d.wanted_steps} steps")
-    if budget is not None:
-        src = "user cap" if time_budget is not None else f"{runtime.accelerator} default"
-        reasons.append(f"time budget {budget:.0f} s of training across resumes ({src}); lr anneals by time too")
-    reasons.append(f"AdamW lr {d.lr:g}, 3% warm-up then cosine to 2%")
+    reasons = [
+        runtime.describe(),
+        f"mode {mode}: {MODE_WORDS[mode]}; {z} slice(s) of {y}x{x}, denoised "
+        + ("as a volume in 3D" if dims == 3 else "slice by slice in 2D"),
+        holdout_reason(val_slices, val_rows, z),
+        patch_reason(patch, d.patch3d if dims == 3 else d.patch, region, dims),
+        f"DynUNet widths {filters}, batch norm: {len(filters) - 1} downsamplings, bottleneck >= 8 px",
+        f"batch {batch} patches per step ({runtime.accelerator} default)",
+        *loss_reasons,
+        f"normalisation: input (x - {input_stats[0]:.4g}) / {input_stats[1]:.4g}, output un-normalised with "
+        f"target mean {target_stats[0]:.4g} / std {target_stats[1]:.4g}; no clipping",
+        window_reason(infer_roi),
+    ]
+    schedule = plan_schedule(
+        rules=EPOCH_RULES, accelerator=runtime.accelerator, epoch_s=d.epoch_s, default_budget_s=d.budget_s,
+        wanted_steps=d.wanted_steps, train_pixels=max(1, (z - len(val_slices)) * (y - val_rows) * x), patch=patch,
+        batch=batch, val_tiles=validation_tiles((z, y, x), patch, val_slices, val_rows, dims),
+        step_seconds=step_seconds, eval_seconds=eval_seconds, epochs=epochs, time_budget=time_budget,
+    )
     return DenoisingPlan(
-        mode=mode,
-        spatial_dims=dims,
-        image_shape=[z, y, x],
-        epochs=n_epochs,
-        steps_per_epoch=steps_per_epoch,
-        time_budget_s=budget,
-        patch_size=patch,
-        batch_size=batch,
-        filters=filters,
-        lr=d.lr,
-        blindspot_cell=cell,
-        blindspot_radius=radius,
-        posterior=mode == "n2v",
-        input_mean=input_stats[0],
-        input_std=input_stats[1],
-        target_mean=target_stats[0],
-        target_std=target_stats[1],
-        val_slices=val_slices,
-        val_rows=val_rows,
-        infer_roi=infer_roi,
-        seed=seed,
-        planned_on=runtime.accelerator,
-        step_seconds=step_s,
-        reasons=reasons,
+        mode=mode, spatial_dims=dims, image_shape=[z, y, x], epochs=schedule.epochs,
+        steps_per_epoch=schedule.steps_per_epoch, time_budget_s=schedule.time_budget_s, patch_size=patch,
+        batch_size=batch, filters=filters, lr=d.lr, blindspot_cell=cell, blindspot_radius=radius,
+        posterior=mode == "n2v", input_mean=input_stats[0], input_std=input_stats[1], target_mean=target_stats[0],
+        target_std=target_stats[1], val_slices=val_slices, val_rows=val_rows, infer_roi=infer_roi, seed=seed,
+        planned_on=runtime.accelerator, step_seconds=schedule.step_seconds,
+        reasons=[*reasons, *schedule.reasons, f"AdamW lr {d.lr:g}, 3% warm-up then cosine to 2%"],
     )
 
 
@@ -325,10 +278,7 @@ def plan_denoising(
         ValueError: bad shapes or values, a mode that does not fit the target, or
             non-positive overrides.
     """
-    if epochs is not None and int(epochs) < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}; pass None for the automatic count")
-    if time_budget is not None and not time_budget > 0:
-        raise ValueError(f"time_budget must be > 0 seconds, got {time_budget}; pass None for no cap")
+    check_overrides(epochs, time_budget)
     stack, target_stack, mode = check_denoising_inputs(image, target, mode)
     if mode == "n2v":
         input_stats = target_stats = mean_std(stack)
@@ -339,10 +289,8 @@ def plan_denoising(
         input_stats, target_stats = mean_std(stack), mean_std(target_stack)
     runtime = detect_runtime()
     d = DEFAULTS[runtime.accelerator]
-    z = stack.shape[0]
     # A volume close to isotropic is denoised in 3D (the same rule as segmentation's).
-    aniso = anisotropy(stack) if z >= MIN_SLICES_3D else math.inf
-    dims = 3 if aniso <= MAX_ANISOTROPY_3D else 2
+    dims = 3 if is_volume(stack.shape[0], measured_anisotropy(stack)) else 2
     _, _, _, patch, batch = denoising_geometry(stack.shape, d, dims)
     step_s, eval_s = measure_step_seconds(choose_filters(patch, d.filters), patch, batch, "batch", runtime)
     return derive_denoising_plan(
@@ -357,3 +305,44 @@ def plan_denoising(
         time_budget=time_budget,
         spatial_dims=dims,
     )
+
+
+def measure_step_seconds(
+    filters: list[int],
+    patch: list[int],
+    batch: int,
+    norm: str,
+    runtime: Runtime,
+    min_seconds: float = 2.0,
+    min_steps: int = 3,
+    max_steps: int = 40,
+) -> tuple[float, float]:
+    """Seconds of a training step and of a forward-only (validation) batch of the planned network.
+
+    The fastest of the steps run over a short window is taken, not the median of two or three:
+    on a machine shared with other jobs a burst of contention once made three steps 30x slower
+    than usual, and a plan built on that number used a quarter of its budget. Contention only
+    ever lengthens steps, and the time cap in training covers a machine slower than measured.
+
+    Args:
+        filters: DynUNet widths.
+        patch: patch size, 2D (Y, X) or 3D (Z, Y, X).
+        batch: batch size.
+        norm: MONAI norm name.
+        runtime: where to measure.
+        min_seconds, min_steps, max_steps: how long to measure (``calibrate.time_steps``).
+
+    Returns:
+        (seconds per training step, seconds per forward-only batch), the fastest of each.
+    """
+    layout = memory_format(len(patch) + 2)
+
+    def setup(device: torch.device):
+        net = build_unet(len(patch), 1, 1, filters, norm).to(device).to(memory_format=layout)
+        x = torch.randn(batch, 1, *patch, device=device).contiguous(memory_format=layout)
+        weight = (torch.rand(batch, 1, *patch, device=device) < 0.02).float()
+        return net, x, lambda out: masked_mse(out, x, weight)
+
+    train_times, eval_times = time_steps(runtime, setup, min_steps=min_steps, min_seconds=min_seconds,
+                                         max_steps=max_steps)
+    return min(train_times), min(eval_times)

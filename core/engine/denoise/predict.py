@@ -1,4 +1,5 @@
-"""Denoising prediction from a checkpoint: tiled sliding-window inference with Gaussian blending."""
+"""Denoising prediction from a checkpoint: tiled sliding-window inference with Gaussian blending (tiling.py),
+then for Noise2Void the posterior step (posterior.py)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 
 from dlorch.core.blocks import WindowGrid
-from dlorch.core.errors import first_problem
+from dlorch.core.engine.checkpoint import load_network
+from dlorch.core.engine.denoise.intensity import normalise_input
 from dlorch.core.engine.denoise.module import CKPT_KEY, build_denoiser
 from dlorch.core.engine.denoise.plan import DenoisingPlan
 from dlorch.core.engine.denoise.posterior import POSTERIOR_REACH, estimate_noise_var, posterior_mean
 from dlorch.core.engine.device import apply_threads, detect_runtime
 from dlorch.core.engine.inputs import as_stack
-from dlorch.core.engine.network import fold_batch_norm, memory_format, placed
-from dlorch.core.engine.segment.predict import window_batch
-from dlorch.core.engine.tiling import blend_windows, window_grid
+from dlorch.core.engine.network import memory_format, placed
+from dlorch.core.engine.tiling import blend_windows, window_batch, window_grid
 
 
 def load_denoiser(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, DenoisingPlan]:
@@ -33,30 +33,9 @@ def load_denoiser(checkpoint: pathlib.Path) -> tuple[torch.nn.Module, DenoisingP
     Raises:
         ValueError: the file is not a dlorch denoising checkpoint.
     """
-    # weights_only: a checkpoint may come from another node's store; never unpickle code from it.
-    ckpt = torch.load(pathlib.Path(checkpoint), map_location="cpu", weights_only=True)
-    own = ckpt.get(CKPT_KEY) if isinstance(ckpt, dict) else None
-    if not own or "plan" not in own:
-        raise ValueError(f"{checkpoint} is not a dlorch denoising checkpoint; pass a .ckpt from train_denoising")
-    try:
-        plan = DenoisingPlan.model_validate(own["plan"])
-    except ValidationError as e:
-        raise ValueError(f"{checkpoint} holds a damaged plan ({first_problem(e)}); use the .ckpt its training wrote") from None
-    try:
-        net = build_denoiser(plan)
-    except (IndexError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{checkpoint} holds a plan no network can be built from ({e}); use the .ckpt its "
-                         "training wrote") from None
-    state = own.get("best_state")
-    if state is None:
-        prefix = "net."
-        state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    try:
-        net.load_state_dict(state)
-    except RuntimeError:  # torch lists every mismatched tensor, on a hundred lines
-        raise ValueError(f"{checkpoint}: its weights do not fit the network its plan describes; use the .ckpt its "
-                         "training wrote") from None
-    return fold_batch_norm(net), plan
+    net, plan, _ = load_network(checkpoint, key=CKPT_KEY, plan_type=DenoisingPlan, build=build_denoiser,
+                                task="denoising")
+    return net, plan
 
 
 @dataclass
@@ -116,11 +95,6 @@ def network_output(
                 x = torch.from_numpy(normalise_input(stack[z0 : z0 + plan.infer_batch], plan)[:, None]).to(device)
                 out[z0 : z0 + x.shape[0]] = windows(x)[:, 0].float().cpu().numpy()
     return out
-
-
-def normalise_input(stack: np.ndarray, plan: DenoisingPlan) -> np.ndarray:
-    """(x - mean) / std with the training image's statistics, float32, no clipping."""
-    return (np.asarray(stack, dtype=np.float32) - np.float32(plan.input_mean)) / np.float32(plan.input_std)
 
 
 def denoise_with_details(

@@ -1,62 +1,37 @@
-"""Lightning module for sparse-label segmentation: loss, augmentation, lr schedule, best weights."""
+"""Lightning module for sparse-label segmentation: loss, augmentation, weight averaging, held-out IoU, best weights."""
 
 from __future__ import annotations
 
 import math
 
-import pytorch_lightning as pl
 import torch
 
+from dlorch.core.engine.module import TrainingModule
+from dlorch.core.engine.network import build_unet
 from dlorch.core.engine.segment.augment import augment_batch
 from dlorch.core.engine.segment.losses import sparse_ce_dice_loss
-from dlorch.core.engine.network import build_unet, memory_format
 from dlorch.core.engine.segment.plan import PLATEAU_MIN_GAIN, SegmentationPlan
 
 # Key of the engine's own section in a Lightning checkpoint; prediction needs only this.
 CKPT_KEY = "dlorch"
 
 
-def lr_factor(progress: float, warmup: float, final: float) -> float:
-    """Multiplier of the peak lr at a training progress in [0, 1]: linear warm-up, cosine decay.
-
-    Args:
-        progress: share of training done.
-        warmup: share spent warming up.
-        final: multiplier reached at progress 1.
-
-    Returns:
-        The multiplier.
-    """
-    progress = min(max(progress, 0.0), 1.0)
-    if progress < warmup:
-        return max(progress / warmup, 0.01)
-    t = (progress - warmup) / max(1e-9, 1 - warmup)
-    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t))
+def build_segmenter(plan: SegmentationPlan) -> torch.nn.Module:
+    """The plan's U-Net: one input channel, one output channel (a logit) per class."""
+    return build_unet(plan.spatial_dims, 1, plan.num_classes, plan.filters, plan.norm, plan.input_scale)
 
 
-class SegmentationModule(pl.LightningModule):
+class SegmentationModule(TrainingModule):
     """Trains a DynUNet on painted pixels and remembers the weights that scored best on held-out strokes."""
 
     def __init__(self, plan: SegmentationPlan) -> None:
-        super().__init__()
-        self.plan = plan
-        self.net = build_unet(plan.spatial_dims, 1, plan.num_classes, plan.filters, plan.norm, plan.input_scale)
-        self.net = self.net.to(memory_format=memory_format(plan.spatial_dims + 2))
-        # Set by the run-control callback: share of the time budget used, and whether the
-        # budget ran out so the rest of the epoch is skipped.
-        self.time_fraction = 0.0
-        self.skip_rest_of_epoch = False
-        self.best_state: dict[str, torch.Tensor] | None = None
+        super().__init__(plan, build_segmenter(plan))
         self.best_score = -math.inf
-        self.best_epoch = -1
         self.best_val_iou = -1.0
         # The highest held-out IoU so far and the epochs trained when it was reached: what the
         # early stop at a plateau measures (the kept weights follow update_best's tolerance).
         self.peak_val_iou = -1.0
         self.peak_epochs = 0
-        self.epoch_metrics: dict[str, float] = {}
-        self._train_sum = 0.0
-        self._train_n = 0
         self._val: list[torch.Tensor] = []
         # Exponential moving average of the weights (and BN statistics). At a high learning
         # rate the raw weights swing from epoch to epoch; their average is steadier and is
@@ -66,32 +41,6 @@ class SegmentationModule(pl.LightningModule):
         # undone at prediction by priors.py.
         self.label_counts = torch.zeros(plan.num_classes, dtype=torch.float64)
         self._live: dict[str, torch.Tensor] | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.contiguous(memory_format=memory_format(x.dim())))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.net.parameters(), lr=self.plan.lr, weight_decay=self.plan.weight_decay)
-
-    # The schedule is a function of (step, time used), not a stateful scheduler: it resumes
-    # exactly from any checkpoint, and it still anneals when a slow or shared machine makes
-    # the time budget, not the step count, end the training.
-    def current_lr(self) -> float:
-        total = max(1, self.plan.epochs * self.plan.steps_per_epoch)
-        progress = max(self.global_step / total, self.time_fraction)
-        return self.plan.lr * lr_factor(progress, self.plan.warmup_fraction, self.plan.final_lr_fraction)
-
-    def on_train_epoch_start(self) -> None:
-        self._train_sum, self._train_n = 0.0, 0
-        self.skip_rest_of_epoch = False
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> int | None:
-        if self.skip_rest_of_epoch:
-            return -1
-        lr = self.current_lr()
-        for group in self.trainer.optimizers[0].param_groups:
-            group["lr"] = lr
-        return None
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer is None or not self.trainer.training:

@@ -8,63 +8,33 @@ and calls it. Every choice appends a line to ``reasons`` so the job log explains
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import replace
 
 import numpy as np
+import torch
 from pydantic import BaseModel
 
-from dlorch.core.engine.segment.augment import AugmentConfig
-from dlorch.core.engine.segment.calibrate import measure_seconds
+from dlorch.core.engine.anisotropy import measured_anisotropy
+from dlorch.core.engine.calibrate import time_steps
 from dlorch.core.engine.device import Runtime, detect_runtime, thread_candidates
-from dlorch.core.engine.segment.holdout import split_strokes
 from dlorch.core.engine.inputs import check_labels
+from dlorch.core.engine.network import build_unet
+from dlorch.core.engine.schedule import EpochRules, check_overrides, plan_schedule
+from dlorch.core.engine.segment.augment import AugmentConfig
+from dlorch.core.engine.segment.geometry import (DEFAULTS, Geometry, choose_batch, choose_geometry, default_batch,
+                                                 infer_window, stroke_survival)
+from dlorch.core.engine.segment.holdout import split_strokes
 from dlorch.core.engine.segment.intensity import IntensityStats, intensity_stats
+from dlorch.core.engine.segment.losses import sparse_ce_dice_loss
 from dlorch.core.engine.segment.sampling import max_val_tiles, val_cells
+from dlorch.core.engine.tiling import window_reason
 
 
-class DeviceDefaults(BaseModel):
-    """Starting points per accelerator, shrunk by the rules to fit the data."""
-
-    patch: int
-    batch: int
-    filters: list[int]
-    infer_roi: int
-    budget_s: float  # training seconds when the user gives neither epochs nor a budget
-    epoch_s: float  # target length of one epoch: bounds how late a stop request is honoured
-    patch3d: int  # cube side of a 3D patch (volumes that are close to isotropic)
-    batch3d: int
-    infer_roi3d: int
-
-
-DEFAULTS = {
-    # A 2-core CPU trains ~1500 steps in its 5.5 minute default: narrow but 5 levels deep,
-    # because telling membranes from organelle outlines needs context more than width.
-    "cpu": DeviceDefaults(patch=128, batch=8, filters=[16, 24, 48, 96, 192], infer_roi=1024, budget_s=330, epoch_s=20,
-                          patch3d=64, batch3d=2, infer_roi3d=96),
-    "cuda": DeviceDefaults(patch=256, batch=16, filters=[32, 64, 128, 256, 320], infer_roi=1024, budget_s=1800,
-                           epoch_s=30, patch3d=128, batch3d=2, infer_roi3d=192),
-}
-# The cuda batches above are for a GPU of this much memory; a larger one gets proportionally
-# more patches per step (powers of two, at most MAX_BATCH), a smaller one fewer.
-REFERENCE_GPU_BYTES = 16 * 2**30
-MAX_BATCH = 64
-# Share of the device memory the activations of one training step may take (the rest: weights,
-# optimiser state, cuDNN workspaces, the data, other processes on a shared node).
-ACTIVATION_MEMORY_SHARE = 0.25
-# Activation tensors kept for the backward pass per voxel and level width: two convolutions x
-# (input, normalised, activated) on the way down, upsampling, concatenation and two more on the way up.
-ACTIVATIONS_PER_LEVEL = 14
-# A volume is segmented in 3D when it has enough slices and a slice step is worth at most this
-# many in-plane pixels (nnU-Net treats a spacing ratio above 3 as anisotropic); else per slice in 2D.
-MAX_ANISOTROPY_3D = 3.0
-MIN_SLICES_3D = 16
 # Steps the data "wants": past this the held-out score no longer improves on sparse strokes,
 # so a fast GPU stops here instead of filling its budget.
 WANTED_STEPS = 4000
 PEAK_LR = 3e-3
-# Half resolution needs an image of at least this size and strokes this thick (see choose_geometry).
-HALF_RES_MIN_SIZE = 256
-HALF_RES_MIN_SURVIVAL = 0.3
 VAL_FRACTION = 0.15
 # Share of the budget planned for training steps; the rest absorbs validation jitter and
 # checkpoint writes on a shared machine. The time cap in training is the hard guarantee.
@@ -171,196 +141,14 @@ class SegmentationPlan(BaseModel):
     reasons: list[str]
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return int(math.ceil(n / multiple) * multiple)
-
-
-def choose_patch(image_yx: tuple[int, int], default: int, multiple: int = 16) -> list[int]:
-    """Patch per axis: the device default, or the image size rounded up to ``multiple`` when smaller."""
-    return [min(default, _round_up(max(int(d), multiple), multiple)) for d in image_yx]
-
-
-def choose_filters(patch: list[int], default_filters: list[int]) -> list[int]:
-    """Keep as many levels as leave a bottleneck of at least 8 pixels (and at least 3 levels: DynUNet's minimum)."""
-    downsamplings = max(2, int(math.floor(math.log2(min(patch) / 8))))
-    return list(default_filters[: min(len(default_filters), downsamplings + 1)])
-
-
-def stroke_survival(labels: np.ndarray) -> float:
-    """How thick the painted strokes are: for the thinnest class, the share of its pixels whose
-    whole 3x3 neighbourhood is painted the same class (0 for 1-pixel scribbles, ~0.6 for 5-pixel ones).
-    """
-    lab = np.asarray(labels)
-    lab = lab.reshape(-1, *lab.shape[-2:])
-    lab = lab[lab.reshape(lab.shape[0], -1).any(1)]
-    shares = []
-    for c in np.unique(lab):
-        if c == 0:
-            continue
-        m = np.pad(lab == c, ((0, 0), (1, 1), (1, 1)))
-        core = np.ones(lab.shape, dtype=bool)
-        for dy in range(3):
-            for dx in range(3):
-                core &= m[:, dy : dy + lab.shape[1], dx : dx + lab.shape[2]]
-        shares.append(core.sum() / max(1, (lab == c).sum()))
-    return float(min(shares)) if shares else 0.0
-
-
-def anisotropy(stack: np.ndarray, max_slices: int = 16, crop: int = 256) -> float:
-    """How many in-plane pixels one slice step is worth, measured from the data.
-
-    Voxel sizes are often missing or wrong in a file's metadata; the image itself says how
-    alike neighbouring slices are. This is the in-plane distance at which pixels differ as much
-    (mean squared difference) as the same pixel on adjacent slices does: about 1 for an
-    isotropic volume, large for serial sections cut thicker than their pixels. Noise adds the
-    same amount to both sides, so it does not bias the distance, only compresses it a little.
-
-    Args:
-        stack: (Z, Y, X) image, Z >= 2.
-        max_slices: adjacent slice pairs sampled (evenly spread).
-        crop: side of the central crop used per slice.
-
-    Returns:
-        The distance in pixels (>= 1), or ``inf`` where even ``min(Y, X) / 4`` pixels apart
-        are more alike than adjacent slices.
-    """
-    z, y, x = stack.shape
-    if z < 2:
-        return math.inf
-    y0, x0 = max(0, (y - crop) // 2), max(0, (x - crop) // 2)
-    picks = np.unique(np.linspace(0, z - 2, min(max_slices, z - 1)).round().astype(int))
-    a = np.asarray(stack[picks, y0 : y0 + crop, x0 : x0 + crop], dtype=np.float64)
-    b = np.asarray(stack[picks + 1, y0 : y0 + crop, x0 : x0 + crop], dtype=np.float64)
-    dz = float(np.mean((b - a) ** 2))
-
-    def dxy(k: int) -> float:
-        return 0.5 * float(np.mean((a[:, k:] - a[:, :-k]) ** 2) + np.mean((a[:, :, k:] - a[:, :, :-k]) ** 2))
-
-    prev_k, prev = 1, dxy(1)
-    if dz <= prev:
-        return 1.0
-    k = 2
-    while k <= max(1, min(a.shape[1:]) // 4):
-        cur = dxy(k)
-        if cur >= dz:  # interpolate on log2(distance) between the two measured distances
-            t = (dz - prev) / max(cur - prev, 1e-12)
-            return float(2 ** (math.log2(prev_k) + t * (math.log2(k) - math.log2(prev_k))))
-        prev_k, prev, k = k, cur, k * 2
-    return math.inf
-
-
-class Geometry(BaseModel):
-    """Dimensionality, input scale, patch and network shape chosen for an image."""
-
-    spatial_dims: int = 2
-    input_scale: int
-    patch: list[int]
-    filters: list[int]
-    reasons: list[str]
-
-
-def choose_geometry(
-    yx: tuple[int, int], accelerator: str, survival: float, *, depth: int = 1, aniso: float = math.inf
-) -> Geometry:
-    """Pick 2D or 3D, the input scale, the patch (in image pixels) and the network widths.
-
-    3D when the stack has at least ``MIN_SLICES_3D`` slices and is close to isotropic (a slice
-    step worth at most ``MAX_ANISOTROPY_3D`` pixels): the network then sees context across
-    slices. Serial sections, time series and thin stacks are segmented slice by slice in 2D.
-
-    In 2D, half resolution when the image is large and the strokes are thick enough to survive
-    a 2x downsampling: the network then sees four times the area for the same cost, and context
-    (a membrane vs a dark organelle) mattered more than the last pixel of detail on the
-    ISBI strokes. Thin scribbles or small images keep full resolution.
-    """
-    d = DEFAULTS[accelerator]
-    if depth >= MIN_SLICES_3D and aniso <= MAX_ANISOTROPY_3D:
-        patch = choose_patch((depth, *yx), d.patch3d)
-        filters = choose_filters(patch, d.filters)
-        return Geometry(
-            spatial_dims=3, input_scale=1, patch=patch, filters=filters,
-            reasons=[
-                f"3D: {depth} slices, a slice step is worth {aniso:.1f} in-plane pixels (<= {MAX_ANISOTROPY_3D:g})",
-                f"patch {patch[0]}x{patch[1]}x{patch[2]} voxels",
-                f"DynUNet 3D widths {filters}: {len(filters) - 1} downsamplings keep a bottleneck of >= 8 voxels",
-            ],
-        )
-    scale = 2 if min(yx) >= HALF_RES_MIN_SIZE and survival >= HALF_RES_MIN_SURVIVAL else 1
-    reasons = []
-    if depth > 1:
-        why = (f"a slice step is worth {aniso:.1f} in-plane pixels (> {MAX_ANISOTROPY_3D:g})" if depth >= MIN_SLICES_3D
-               else f"{depth} slices (< {MIN_SLICES_3D})")
-        reasons.append(f"2D, slice by slice: {why}")
-    reasons.append(
-        f"input scale {scale}: "
-        + (
-            f"strokes are thick ({survival:.0%} of the thinnest class survive a 3x3 erosion) and the image is large"
-            if scale == 2
-            else f"stroke survival {survival:.0%} / image {yx[0]}x{yx[1]} -> full resolution"
-        )
-    )
-    patch = choose_patch(yx, d.patch * scale, multiple=16 * scale)
-    reasons.append(
-        f"patch {patch[0]}x{patch[1]} image pixels"
-        + ("" if patch == [d.patch * scale] * 2 else f" (image {yx[0]}x{yx[1]} is smaller than {d.patch * scale})")
-    )
-    filters = choose_filters([p // scale for p in patch], d.filters)
-    reasons.append(f"DynUNet widths {filters}: {len(filters) - 1} downsamplings keep a bottleneck of >= 8 px")
-    return Geometry(input_scale=scale, patch=patch, filters=filters, reasons=reasons)
-
-
-def default_batch(geometry: Geometry, accelerator: str) -> int:
-    """The device's starting batch for this geometry (``choose_batch`` then fits it to memory)."""
-    d = DEFAULTS[accelerator]
-    return d.batch3d if geometry.spatial_dims == 3 else d.batch
-
-
-def infer_window(grid: tuple[int, ...], accelerator: str) -> list[int]:
-    """The prediction window per axis of a 2D or 3D ``grid``: the device's side for that many axes.
-
-    Not clipped to the training image: a model trained on 512 px slices predicts a 1024 px volume in
-    one window per slice, not nine overlapping 512 px ones (2.25x the voxels: 0.48 s against 0.26 s
-    a slice on one CPU thread). An image smaller than the side gets one window its own size
-    (``tiling.window_grid``). Windows are not shrunk to overlap less: three of 416 px over a 1024 px
-    axis, instead of three of 512, changed 2% of the labels of the same model.
-    """
-    d = DEFAULTS[accelerator]
-    return [d.infer_roi3d if len(grid) == 3 else d.infer_roi] * len(grid)
-
-
-def sample_bytes(patch: list[int], filters: list[int], input_scale: int = 1, value_bytes: int = 4) -> float:
-    """Estimated activation memory of one training sample: every level's width times its voxels."""
-    voxels = math.prod(max(1, p // input_scale) for p in patch)
-    shrink = 2 ** len(patch)
-    return ACTIVATIONS_PER_LEVEL * value_bytes * voxels * sum(f / shrink**level for level, f in enumerate(filters))
-
-
-def choose_batch(default: int, patch: list[int], filters: list[int], input_scale: int, runtime: Runtime) -> tuple[int, str]:
-    """Patches per step from the device's memory.
-
-    A GPU gets the default batch scaled by its memory against ``REFERENCE_GPU_BYTES`` (a power
-    of two, at most ``MAX_BATCH``); a CPU keeps the default, which its compute already limits.
-    Either way the batch's estimated activations must fit ``ACTIVATION_MEMORY_SHARE`` of the
-    device memory. Unknown memory keeps the default.
-
-    Returns:
-        (batch, the reason in words).
-    """
-    if runtime.memory_bytes <= 0:
-        return default, f"batch {default} ({runtime.accelerator} default; device memory unknown)"
-    gib = runtime.memory_bytes / 2**30
-    wanted = default
-    if runtime.accelerator == "cuda":
-        scaled = default * runtime.memory_bytes / REFERENCE_GPU_BYTES
-        wanted = int(min(MAX_BATCH, 2 ** math.floor(math.log2(max(1.0, scaled)))))
-    value_bytes = 2 if runtime.precision in ("bf16-mixed", "16-mixed") else 4
-    per_sample = sample_bytes(patch, filters, input_scale, value_bytes)
-    fit = max(1, int(ACTIVATION_MEMORY_SHARE * runtime.memory_bytes // per_sample))
-    batch = max(1, min(wanted, fit))
-    why = f"batch {batch}: {gib:.0f} GiB {runtime.accelerator} memory, ~{per_sample / 2**20:.0f} MiB of activations per patch"
-    if batch < wanted:
-        why += f" (memory fits {fit})"
-    return batch, why
+# How segmentation turns step time into epochs (schedule.py): an epoch covers the image at most
+# about 4 times; the epochs fill BUDGET_FILL of the budget and are re-fitted to it as training runs.
+EPOCH_RULES = EpochRules(cover_passes=4, unmeasured_steps=100, min_steps=10, budget_fill=BUDGET_FILL, refit=True,
+                         target="the data's step target")
+PLATEAU_REASON = ("training ends early once no epoch's weights have been kept for half as many epochs as the "
+                  f"held-out peak took (after at least {PLATEAU_MIN_SHARE:.0%} of the epochs)")
+TRAINING_REASON = (f"AdamW lr {PEAK_LR:g}, 3% warm-up then cosine to 2%; loss = CE + soft Dice on painted pixels only; "
+                   "weights averaged (EMA 0.99); best checkpoint by held-out stroke IoU, a later one within 0.02 preferred")
 
 
 def derive_plan(
@@ -386,7 +174,7 @@ def derive_plan(
         class_pixels: painted pixels of classes 1..K.
         intensity: statistics of the training image.
         runtime: the device the plan is for.
-        geometry: input scale, patch and widths from ``choose_geometry``.
+        geometry: dimensionality, input scale, patch and widths from ``choose_geometry``.
         val_tiles: validation tiles the held-back strokes produce.
         val_strokes: number of strokes held back.
         step_seconds: measured seconds per training step, or None if not measured.
@@ -400,99 +188,39 @@ def derive_plan(
         The plan.
     """
     d = DEFAULTS[runtime.accelerator]
-    reasons = [f"device {runtime.accelerator} ({runtime.cpu_threads} CPU threads), precision {runtime.precision}"]
-    dims = geometry.spatial_dims
-    grid = tuple(image_shape[-dims:])
-    patch, filters = geometry.patch, geometry.filters
-    reasons.extend(geometry.reasons)
-    batch, why = choose_batch(default_batch(geometry, runtime.accelerator), patch, filters, geometry.input_scale,
-                              runtime)
-    reasons.append(f"{why}; classes drawn in equal shares, centred on painted pixels")
-    infer_roi = infer_window(grid, runtime.accelerator)
-    reasons.append(f"prediction window up to {'x'.join(map(str, infer_roi))} (an image's own size when smaller), "
-                   "gaussian blending, overlap 0.25")
-    reasons.append(
+    dims, patch = geometry.spatial_dims, geometry.patch
+    batch, why = choose_batch(default_batch(geometry, runtime.accelerator), patch, geometry.filters,
+                              geometry.input_scale, runtime)
+    infer_roi = infer_window(tuple(image_shape[-dims:]), runtime.accelerator)
+    reasons = [
+        runtime.describe(),
+        *geometry.reasons,
+        f"{why}; classes drawn in equal shares, centred on painted pixels",
+        window_reason(infer_roi),
         f"{len(class_pixels)} classes, painted pixels {class_pixels}; {val_strokes} whole strokes "
-        f"(~{VAL_FRACTION:.0%} per class) held back for validation"
-    )
-    reasons.append(f"intensity: clip to [{intensity.low:.4g}, {intensity.high:.4g}] then z-score, per image")
-
-    step_s = step_seconds if step_seconds and step_seconds > 0 else None
-    # An epoch is the checkpoint and stop-request interval: about epoch_s seconds, but on a
-    # tiny image no more steps than it takes to cover every pixel about 4 times.
-    cover = math.ceil(4 * math.prod(image_shape) / (batch * math.prod(patch)))
-    by_time = round(d.epoch_s / step_s) if step_s else 100
-    steps_per_epoch = int(np.clip(min(by_time, cover), 10, 250))
-    if step_s:
-        reasons.append(
-            f"measured {step_s:.3f} s/step -> {steps_per_epoch} steps/epoch (~{d.epoch_s:.0f} s epochs"
-            + (", capped by image size)" if cover < by_time else ")")
-        )
-    else:
-        reasons.append(f"step time not measured -> {steps_per_epoch} steps/epoch")
-    val_batches = math.ceil(val_tiles / batch) if val_tiles else 0
-    epoch_s = steps_per_epoch * (step_s or 0.0) + val_batches * (eval_seconds or 0.0)
-
-    ceiling = None
-    if epochs is not None:
-        n_epochs = int(epochs)
-        budget = time_budget
-        reasons.append(f"epochs {n_epochs}: user override")
-    else:
-        budget = time_budget if time_budget is not None else d.budget_s
-        wanted = max(1, math.ceil(WANTED_STEPS / steps_per_epoch))
-        if epoch_s > 0:
-            fit = max(1, int(budget * BUDGET_FILL // epoch_s))
-            n_epochs = min(wanted, fit)
-            why = "the data's step target" if n_epochs == wanted else f"{budget:.0f} s budget at ~{epoch_s:.1f} s/epoch"
-            reasons.append(f"epochs {n_epochs} (= {n_epochs * steps_per_epoch} steps): limited by {why}")
-            if n_epochs < wanted:
-                ceiling = wanted
-                reasons.append(f"epochs re-fitted to the budget at every epoch end from their real length, up to "
-                               f"{wanted} (the data's step target)")
-        else:
-            n_epochs = wanted
-            reasons.append(f"epochs {n_epochs}: the data's step target of {WANTED_STEPS} steps")
+        f"(~{VAL_FRACTION:.0%} per class) held back for validation",
+        f"intensity: clip to [{intensity.low:.4g}, {intensity.high:.4g}] then z-score, per image",
+    ]
     # An epoch count the user gave is run in full; an automatic one ends early at a plateau.
-    stop_at_plateau = epochs is None and val_strokes > 0
-    if stop_at_plateau:
-        reasons.append("training ends early once no epoch's weights have been kept for half as many epochs as the "
-                       f"held-out peak took (after at least {PLATEAU_MIN_SHARE:.0%} of the epochs)")
-    if budget is not None:
-        src = "user cap" if time_budget is not None else f"{runtime.accelerator} default"
-        reasons.append(f"time budget {budget:.0f} s of training across resumes ({src}); lr anneals by time too")
-    reasons.append(
-        f"AdamW lr {PEAK_LR:g}, 3% warm-up then cosine to 2%; loss = CE + soft Dice on painted pixels only; "
-        "weights averaged (EMA 0.99); best checkpoint by held-out stroke IoU, a later one within 0.02 preferred"
+    schedule = plan_schedule(
+        rules=EPOCH_RULES, accelerator=runtime.accelerator, epoch_s=d.epoch_s, default_budget_s=d.budget_s,
+        wanted_steps=WANTED_STEPS, train_pixels=math.prod(image_shape), patch=patch, batch=batch, val_tiles=val_tiles,
+        step_seconds=step_seconds, eval_seconds=eval_seconds, epochs=epochs, time_budget=time_budget,
+        early_stop=PLATEAU_REASON if val_strokes > 0 else None,
     )
-    train_s = min(n_epochs * epoch_s, budget) if budget is not None else n_epochs * epoch_s
-    tta, why = choose_tta(image_shape, dims, patch, batch, eval_seconds, train_s)
-    reasons.append(why)
+    train_s = schedule.epochs * schedule.epoch_seconds
+    if schedule.time_budget_s is not None:
+        train_s = min(train_s, schedule.time_budget_s)
+    tta, tta_why = choose_tta(image_shape, dims, patch, batch, eval_seconds, train_s)
     return SegmentationPlan(
-        image_shape=list(image_shape),
-        num_classes=len(class_pixels),
-        class_pixels=list(class_pixels),
-        epochs=n_epochs,
-        steps_per_epoch=steps_per_epoch,
-        time_budget_s=budget,
-        spatial_dims=dims,
-        anisotropy=anisotropy_value,
-        patch_size=patch,
-        batch_size=batch,
-        filters=filters,
-        input_scale=geometry.input_scale,
-        lr=PEAK_LR,
-        val_fraction=VAL_FRACTION,
-        intensity=intensity,
-        augment=AugmentConfig(rot90=patch[-1] == patch[-2]),
-        infer_roi=infer_roi,
-        tta=tta,
-        stop_at_plateau=stop_at_plateau,
-        epochs_ceiling=ceiling,
-        seed=seed,
-        planned_on=runtime.accelerator,
-        step_seconds=step_s,
-        reasons=reasons,
+        image_shape=list(image_shape), num_classes=len(class_pixels), class_pixels=list(class_pixels),
+        epochs=schedule.epochs, steps_per_epoch=schedule.steps_per_epoch, time_budget_s=schedule.time_budget_s,
+        spatial_dims=dims, anisotropy=anisotropy_value, patch_size=patch, batch_size=batch, filters=geometry.filters,
+        input_scale=geometry.input_scale, lr=PEAK_LR, val_fraction=VAL_FRACTION, intensity=intensity,
+        augment=AugmentConfig(rot90=patch[-1] == patch[-2]), infer_roi=infer_roi, tta=tta,
+        stop_at_plateau=schedule.early_stop, epochs_ceiling=schedule.epochs_ceiling, seed=seed,
+        planned_on=runtime.accelerator, step_seconds=schedule.step_seconds,
+        reasons=[*reasons, *schedule.reasons, TRAINING_REASON, tta_why],
     )
 
 
@@ -532,17 +260,12 @@ def plan_segmentation(
     Raises:
         ValueError: bad shapes or labels (see ``check_labels``), or non-positive overrides.
     """
-    if epochs is not None and int(epochs) < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}; pass None for the automatic count")
-    if time_budget is not None and not time_budget > 0:
-        raise ValueError(f"time_budget must be > 0 seconds, got {time_budget}; pass None for no cap")
+    check_overrides(epochs, time_budget)
     stack, lab, k = check_labels(image, labels)
     runtime = detect_runtime()
-    counts = np.bincount(lab.reshape(-1), minlength=k + 1)[1:].tolist()
-    stats = intensity_stats(stack)
-    aniso = anisotropy(stack) if stack.shape[0] >= MIN_SLICES_3D else None
+    aniso = measured_anisotropy(stack)
     geometry = choose_geometry(stack.shape[-2:], runtime.accelerator, stroke_survival(lab),
-                               depth=stack.shape[0], aniso=math.inf if aniso is None else aniso)
+                               depth=stack.shape[0], aniso=aniso)
     split = split_strokes(lab, VAL_FRACTION, seed=0, link_slices=geometry.spatial_dims == 3)
     patch = geometry.patch
     # Tiles are counted the way ValTiles cuts them: cells of half a patch holding a val pixel.
@@ -551,17 +274,15 @@ def plan_segmentation(
                             geometry.input_scale, runtime)
     # Training picks the faster thread count every epoch (threads.py); plan with the faster too.
     timings = [
-        measure_seconds(
-            geometry.filters, patch, batch, k, replace(runtime, cpu_threads=n),
-            input_scale=geometry.input_scale,
-        )
+        measure_seconds(geometry.filters, patch, batch, k, replace(runtime, cpu_threads=n),
+                        input_scale=geometry.input_scale)
         for n in thread_candidates(runtime)
     ]
     step_s, eval_s = min(timings)
     return derive_plan(
         image_shape=stack.shape,
-        class_pixels=counts,
-        intensity=stats,
+        class_pixels=np.bincount(lab.reshape(-1), minlength=k + 1)[1:].tolist(),
+        intensity=intensity_stats(stack),
         runtime=runtime,
         geometry=geometry,
         val_tiles=min(cells, max_val_tiles(patch)),
@@ -570,5 +291,32 @@ def plan_segmentation(
         eval_seconds=eval_s,
         epochs=epochs,
         time_budget=time_budget,
-        anisotropy_value=aniso if aniso is not None and math.isfinite(aniso) else None,
+        anisotropy_value=aniso if math.isfinite(aniso) else None,
     )
+
+
+def measure_seconds(filters: list[int], patch: list[int], batch: int, num_classes: int, runtime: Runtime,
+                    repeats: int = 2, input_scale: int = 1) -> tuple[float, float]:
+    """Seconds of a training step and of a forward-only (validation) batch of the planned network.
+
+    Args:
+        filters: network widths.
+        patch: patch size, 2D (Y, X) or 3D (Z, Y, X).
+        batch: batch size.
+        num_classes: output channels.
+        runtime: where to measure.
+        repeats: timed steps after one warm-up step (``calibrate.time_steps``).
+        input_scale: the plan's input scale.
+
+    Returns:
+        (seconds per training step, seconds per forward-only batch), medians.
+    """
+
+    def setup(device: torch.device):
+        net = build_unet(len(patch), 1, num_classes, filters, input_scale=input_scale).to(device)
+        x = torch.randn(batch, 1, *patch, device=device)
+        y = torch.randint(0, num_classes + 1, (batch, 1, *patch), device=device)
+        return net, x, lambda out: sparse_ce_dice_loss(out, y)
+
+    train_times, eval_times = time_steps(runtime, setup, min_steps=repeats)
+    return statistics.median(train_times), statistics.median(eval_times)

@@ -9,18 +9,12 @@ from __future__ import annotations
 
 from typing import Callable
 
+from dlorch.core.engine.anisotropy import MIN_SLICES_3D
+from dlorch.core.engine.network import choose_filters
 from dlorch.core.engine.segment.augment import AugmentConfig
-from dlorch.core.engine.segment.plan import (
-    DEFAULTS,
-    MIN_SLICES_3D,
-    Geometry,
-    SegmentationPlan,
-    choose_filters,
-    choose_geometry,
-    choose_patch,
-    default_batch,
-    infer_window,
-)
+from dlorch.core.engine.segment.geometry import (DEFAULTS, Geometry, choose_geometry, choose_patch, default_batch,
+                                                 infer_window)
+from dlorch.core.engine.segment.plan import SegmentationPlan
 
 
 def _deep(plan: SegmentationPlan) -> SegmentationPlan:

@@ -1,0 +1,192 @@
+"""Run control of a training call: training seconds, stop requests, the stop rule, a checkpoint every epoch.
+
+Both tasks train under one ``RunControl``; a task adds its own rules as two callables
+(segmentation re-fits its epoch count to the budget and ends at a plateau). What the control
+keeps in a checkpoint (``read_run_state``) is what a resumed call continues from.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import pytorch_lightning as pl
+import torch
+
+from dlorch.core.engine.hooks import Progress, StopReason, TrainHooks, TrainResult
+from dlorch.core.engine.module import TrainingModule
+
+# Checkpoints of this call older than the newest few are deleted: each holds optimizer state
+# and best weights, and one per epoch would fill a node's disk on long jobs.
+KEEP_CHECKPOINTS = 2
+# The keys the run-control state is stored under in a checkpoint's "callbacks" section, one per
+# task: the names of the classes that once wrote them, kept so stored checkpoints resume.
+STATE_KEYS = ("RunControl", "DenoiseRunControl")
+
+
+class EpochPlan(Protocol):
+    """The part of a plan the run control follows; ``epochs`` may be re-fitted as training runs."""
+
+    epochs: int
+    time_budget_s: float | None
+
+
+def stop_reason(*, epochs_done: int, epochs: int, plateaued: bool, stop_requested: bool,
+                budget_spent: bool) -> StopReason | None:
+    """Why training ends at this epoch end, or None to go on (pure); the first that holds, in this order."""
+    if epochs_done >= epochs:
+        return StopReason.EPOCHS
+    if plateaued:
+        return StopReason.PLATEAU
+    if stop_requested:
+        return StopReason.STOP_REQUEST
+    if budget_spent:
+        return StopReason.TIME_BUDGET
+    return None
+
+
+class RunControl(pl.Callback):
+    """Counts training seconds, polls for stop requests, writes a checkpoint at every epoch end.
+
+    The clock is passed in (monotonic by default) so tests can drive time.
+
+    Args:
+        plan: the epochs to train and the time budget; shared with the module, whose learning
+            rate follows ``plan.epochs`` as ``refit_epochs`` changes it.
+        workdir: where checkpoints are written.
+        hooks: stop polling and checkpoint notices.
+        state_key: the key of this state in a checkpoint (one of ``STATE_KEYS``).
+        train_seconds: seconds trained by earlier calls (resume).
+        clock: seconds, monotonic.
+        refit_epochs: (epochs done, training seconds) -> the epoch count, at every epoch end; None keeps the plan's.
+        plateaued: (module, epochs done) -> whether training stopped improving; None never stops early.
+        count_checkpoint_seconds: whether writing a checkpoint and the hook's notice count as
+            training time (segmentation: yes; denoising: no).
+    """
+
+    def __init__(
+        self,
+        plan: EpochPlan,
+        workdir: pathlib.Path,
+        hooks: TrainHooks,
+        *,
+        state_key: str,
+        train_seconds: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        refit_epochs: Callable[[int, float], int] | None = None,
+        plateaued: Callable[[TrainingModule, int], bool] | None = None,
+        count_checkpoint_seconds: bool = True,
+    ) -> None:
+        self.plan = plan
+        self.workdir = workdir
+        self.hooks = hooks
+        self._state_key = state_key
+        self.clock = clock
+        self.refit_epochs = refit_epochs
+        self.plateaued = plateaued
+        self.count_checkpoint_seconds = count_checkpoint_seconds
+        self.train_seconds = train_seconds
+        self.epochs_done = 0
+        self.stop_requested = False
+        self.stopped_by: StopReason | None = None
+        self.last_checkpoint: pathlib.Path | None = None
+        self.metrics: dict[str, float] = {}
+        self._written: list[pathlib.Path] = []
+        self._t = clock()
+
+    @property
+    def state_key(self) -> str:
+        return self._state_key
+
+    def _tick(self) -> None:
+        now = self.clock()
+        self.train_seconds += now - self._t
+        self._t = now
+
+    def budget_spent(self) -> bool:
+        budget = self.plan.time_budget_s
+        return budget is not None and self.train_seconds >= budget
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: TrainingModule) -> None:
+        self._t = self.clock()
+
+    def on_train_batch_start(self, trainer, pl_module: TrainingModule, batch, batch_idx: int) -> None:
+        self._tick()
+        budget = self.plan.time_budget_s
+        pl_module.time_fraction = self.train_seconds / budget if budget else 0.0
+        if self.budget_spent():
+            # The module's own hook then returns -1, which ends this epoch early.
+            pl_module.skip_rest_of_epoch = True
+
+    def on_train_batch_end(self, trainer, pl_module: TrainingModule, outputs, batch, batch_idx: int) -> None:
+        self._tick()
+        if self.hooks.should_stop():
+            self.stop_requested = True
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: TrainingModule) -> None:
+        self._tick()  # validation ran just before this hook, so its seconds count too
+        pl_module.update_best()
+        self.epochs_done = trainer.current_epoch + 1
+        if self.refit_epochs is not None:
+            self.plan.epochs = self.refit_epochs(self.epochs_done, self.train_seconds)
+        plateaued = self.plateaued is not None and self.plateaued(pl_module, self.epochs_done)
+        self.stopped_by = stop_reason(epochs_done=self.epochs_done, epochs=self.plan.epochs, plateaued=plateaued,
+                                      stop_requested=self.stop_requested, budget_spent=self.budget_spent())
+        if self.stopped_by is not None:
+            trainer.should_stop = True
+        self.metrics = dict(pl_module.epoch_metrics, train_seconds=self.train_seconds)
+        self._write_checkpoint(trainer)
+        if not self.count_checkpoint_seconds:
+            self._t = self.clock()
+
+    def _write_checkpoint(self, trainer: pl.Trainer) -> None:
+        path = self.workdir / f"epoch-{self.epochs_done:04d}.ckpt"
+        tmp = path.with_suffix(".ckpt.tmp")
+        trainer.save_checkpoint(tmp)
+        os.replace(tmp, path)  # the hook only ever sees a complete file
+        self.last_checkpoint = path
+        self._written.append(path)
+        self.hooks.on_checkpoint(path, Progress(self.epochs_done, self.plan.epochs, dict(self.metrics)))
+        for old in self._written[:-KEEP_CHECKPOINTS]:
+            old.unlink(missing_ok=True)
+        self._written = self._written[-KEEP_CHECKPOINTS:]
+
+    def state_dict(self) -> dict:
+        return {"train_seconds": self.train_seconds, "epochs_done": self.epochs_done, "metrics": self.metrics,
+                "finished": self.stopped_by == StopReason.PLATEAU, "epochs": self.plan.epochs}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.train_seconds = float(state_dict.get("train_seconds", 0.0))
+        self.metrics = dict(state_dict.get("metrics", {}))
+
+    def result(self) -> TrainResult:
+        """The outcome of the call, once Lightning's fit has returned."""
+        if self.last_checkpoint is None:
+            raise RuntimeError("training ended without writing a checkpoint")
+        stopped_by = self.stopped_by or StopReason.EPOCHS
+        return TrainResult(self.epochs_done, stopped_by.value, self.last_checkpoint, dict(self.metrics),
+                           self.plan.epochs)
+
+
+def read_run_state(checkpoint: pathlib.Path) -> dict:
+    """The run-control state (train_seconds, epochs_done, metrics, finished, epochs) stored in a checkpoint."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    callbacks = ckpt.get("callbacks", {})
+    return next((callbacks[key] for key in STATE_KEYS if key in callbacks), {})
+
+
+def finished_result(state: dict, checkpoint: pathlib.Path, plan: EpochPlan) -> TrainResult | None:
+    """The result of a resumed call that has nothing left to train, from its checkpoint's run state; else None.
+
+    Finished: the plan's epochs are done, training had stopped at a plateau, or the time budget is spent.
+    """
+    done, train_seconds = int(state.get("epochs_done", 0)), float(state.get("train_seconds", 0.0))
+    finished = stop_reason(epochs_done=done, epochs=plan.epochs, plateaued=bool(state.get("finished")),
+                           stop_requested=False,
+                           budget_spent=plan.time_budget_s is not None and train_seconds >= plan.time_budget_s)
+    if finished is None:
+        return None
+    return TrainResult(done, finished.value, pathlib.Path(checkpoint), dict(state.get("metrics", {})), plan.epochs)
