@@ -1,7 +1,8 @@
-"""What both tasks' Lightning modules share: the network in channels-last, AdamW, the lr by steps and by time.
+"""What both tasks' Lightning modules share: AdamW, the lr by steps and by time, best weights in checkpoints.
 
-The run control (``runcontrol.RunControl``) sets ``time_fraction`` and ``skip_rest_of_epoch``;
-a task's module adds its loss, validation and the rule for the weights it keeps (``update_best``).
+The run control (``runcontrol.RunControl``) sets ``time_fraction`` and ``skip_rest_of_epoch`` and
+calls ``update_best`` at every epoch end; a task's module adds its loss, its validation and the
+rule for the weights it keeps (``keep_if_best``).
 """
 
 from __future__ import annotations
@@ -79,6 +80,34 @@ class TrainingModule(pl.LightningModule):
             group["lr"] = lr
         return None
 
+    # The task's section in a checkpoint: the plan, the best weights and what ``saved_state`` adds.
+    ckpt_key: str
+
     def update_best(self) -> None:
-        """Record the epoch's train loss and keep the weights if the task's rule says so (at every epoch end)."""
+        """At every epoch end: the epoch's metrics, and the weights kept if the task's rule says so (``keep_if_best``)."""
+        m = self.epoch_metrics
+        m["train_loss"] = float(self._train_sum) / max(1, self._train_n)
+        self.keep_if_best(m)
+        m["best_epoch"] = float(self.best_epoch + 1)
+        m["lr"] = self.current_lr()
+
+    def keep_if_best(self, metrics: dict[str, float]) -> None:
+        """Set ``best_state`` and ``best_epoch`` to the current weights if they are the task's best; add metrics."""
         raise NotImplementedError
+
+    def saved_state(self) -> dict:
+        """What the task keeps in its checkpoint section besides the plan and the best weights."""
+        return {}
+
+    def restore_state(self, own: dict) -> None:
+        """Read back what ``saved_state`` kept."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[self.ckpt_key] = {"plan": self.plan.model_dump(mode="json"), "best_state": self.best_state,
+                                     "best_epoch": self.best_epoch, **self.saved_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        own = checkpoint.get(self.ckpt_key, {})
+        self.best_state = own.get("best_state")
+        self.best_epoch = own.get("best_epoch", -1)
+        self.restore_state(own)

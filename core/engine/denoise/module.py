@@ -23,6 +23,8 @@ def build_denoiser(plan: DenoisingPlan) -> torch.nn.Module:
 class DenoisingModule(TrainingModule):
     """Trains a DynUNet to denoise and remembers the weights with the lowest held-out loss."""
 
+    ckpt_key = CKPT_KEY
+
     def __init__(self, plan: DenoisingPlan) -> None:
         super().__init__(plan, build_denoiser(plan))
         self.best_val_loss = math.inf
@@ -49,13 +51,11 @@ class DenoisingModule(TrainingModule):
         if self._val_n > 0 and not self.trainer.sanity_checking:
             self.epoch_metrics["val_loss"] = self._val_sum / self._val_n
 
-    def update_best(self) -> None:
+    def keep_if_best(self, m: dict[str, float]) -> None:
         """Keep the current weights if their held-out loss is the lowest so far.
 
         Without a validation region the latest weights count as the best.
         """
-        m = self.epoch_metrics
-        m["train_loss"] = self._train_sum / max(1, self._train_n)
         val = m.get("val_loss", -math.inf)
         if val <= self.best_val_loss or self.best_state is None:
             self.best_val_loss = val
@@ -63,19 +63,9 @@ class DenoisingModule(TrainingModule):
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()}
         if "val_loss" in m:
             m["best_val_loss"] = self.best_val_loss
-        m["best_epoch"] = float(self.best_epoch + 1)
-        m["lr"] = self.current_lr()
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[CKPT_KEY] = {
-            "plan": self.plan.model_dump(mode="json"),
-            "best_state": self.best_state,
-            "best_val_loss": self.best_val_loss,
-            "best_epoch": self.best_epoch,
-        }
+    def saved_state(self) -> dict:
+        return {"best_val_loss": self.best_val_loss}
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        own = checkpoint.get(CKPT_KEY, {})
-        self.best_state = own.get("best_state")
+    def restore_state(self, own: dict) -> None:
         self.best_val_loss = own.get("best_val_loss", math.inf)
-        self.best_epoch = own.get("best_epoch", -1)

@@ -185,30 +185,27 @@ def derive_denoising_plan(
     *,
     image_shape: tuple[int, int, int],
     mode: str,
+    runtime: Runtime,
+    spatial_dims: int = 2,
     input_stats: tuple[float, float],
     target_stats: tuple[float, float],
-    runtime: Runtime,
     step_seconds: float | None,
     eval_seconds: float | None,
     epochs: int | None = None,
     time_budget: float | None = None,
     seed: int = 0,
-    spatial_dims: int = 2,
 ) -> DenoisingPlan:
     """Pure planning rules; see ``plan_denoising`` for the meaning of the overrides.
 
     Args:
         image_shape: (Z, Y, X) of the image stack.
         mode: "n2v", "n2n" or "care" (already resolved).
+        runtime: the device the plan is for.
+        spatial_dims: 3 to denoise the stack as a volume (see ``plan_denoising``), else 2.
         input_stats: (mean, std) the network input is normalised with.
         target_stats: (mean, std) of the target; the output is un-normalised with them.
-        runtime: the device the plan is for.
-        step_seconds: measured seconds per training step, or None if not measured.
-        eval_seconds: measured seconds per forward-only batch, or None.
-        epochs: user override of the epoch count.
-        time_budget: user cap on training seconds.
+        step_seconds, eval_seconds, epochs, time_budget: as for ``schedule.plan_schedule``.
         seed: seed of every random draw in training.
-        spatial_dims: 3 to denoise the stack as a volume (see ``plan_denoising``), else 2.
 
     Returns:
         The plan.
@@ -293,18 +290,9 @@ def plan_denoising(
     dims = 3 if is_volume(stack.shape[0], measured_anisotropy(stack)) else 2
     _, _, _, patch, batch = denoising_geometry(stack.shape, d, dims)
     step_s, eval_s = measure_step_seconds(choose_filters(patch, d.filters), patch, batch, "batch", runtime)
-    return derive_denoising_plan(
-        image_shape=stack.shape,
-        mode=mode,
-        input_stats=input_stats,
-        target_stats=target_stats,
-        runtime=runtime,
-        step_seconds=step_s,
-        eval_seconds=eval_s,
-        epochs=epochs,
-        time_budget=time_budget,
-        spatial_dims=dims,
-    )
+    return derive_denoising_plan(image_shape=stack.shape, mode=mode, runtime=runtime, spatial_dims=dims,
+                                 input_stats=input_stats, target_stats=target_stats, step_seconds=step_s,
+                                 eval_seconds=eval_s, epochs=epochs, time_budget=time_budget)
 
 
 def measure_step_seconds(

@@ -29,21 +29,19 @@ def train_denoising(
 ) -> TrainResult:
     """Train (or resume training) a denoiser.
 
-    A checkpoint ``epoch-NNNN.ckpt`` is written to ``workdir`` at every epoch end and announced
-    through ``hooks.on_checkpoint``; only the newest two written by this call are kept. A stop
-    request finishes the current epoch first, so resuming continues at the next epoch and the
-    epochs trained over all resumes add up to exactly ``plan.epochs``.
+    The run is the shared one (``trainer.fit`` under ``runcontrol.RunControl``), as for
+    segmentation: a checkpoint at every epoch end, stop requests honoured when the epoch ends,
+    resume, the time budget; the epochs over all resumes add up to exactly ``plan.epochs``.
 
     Args:
         image: (Y, X) or (Z, Y, X) noisy image, the one the plan was made for.
         target: None for Noise2Void; else the second noisy acquisition (n2n) or clean image (care).
         plan: from ``plan_denoising``.
-        workdir: directory for checkpoints (created if missing).
-        resume_from: a checkpoint of an earlier call, or None to start fresh.
-        hooks: stop polling and checkpoint notices; exceptions they raise propagate.
+        workdir, resume_from, hooks: where the checkpoints go (created if missing), the checkpoint
+            of an earlier call to continue (None: start fresh), stop polling and checkpoint notices.
 
     Returns:
-        Epochs done in total, why it stopped, the last checkpoint and its metrics.
+        The ``TrainResult``: epochs done over all resumes, why it stopped, the last checkpoint, its metrics.
 
     Raises:
         ValueError: bad inputs, or inputs that do not fit the plan.

@@ -24,12 +24,14 @@ def build_segmenter(plan: SegmentationPlan) -> torch.nn.Module:
 class SegmentationModule(TrainingModule):
     """Trains a DynUNet on painted pixels and remembers the weights that scored best on held-out strokes."""
 
+    ckpt_key = CKPT_KEY
+
     def __init__(self, plan: SegmentationPlan) -> None:
         super().__init__(plan, build_segmenter(plan))
         self.best_score = -math.inf
         self.best_val_iou = -1.0
         # The highest held-out IoU so far and the epochs trained when it was reached: what the
-        # early stop at a plateau measures (the kept weights follow update_best's tolerance).
+        # early stop at a plateau measures (the kept weights follow keep_if_best's tolerance).
         self.peak_val_iou = -1.0
         self.peak_epochs = 0
         self._val: list[torch.Tensor] = []
@@ -121,7 +123,7 @@ class SegmentationModule(TrainingModule):
         self.epoch_metrics["val_iou"] = float(iou.mean()) if len(iou) else 0.0
         self.epoch_metrics["val_acc"] = float(tp.sum() / conf.sum().clamp(min=1))
 
-    def update_best(self) -> None:
+    def keep_if_best(self, m: dict[str, float]) -> None:
         """Keep the current (averaged) weights if they score about as well as the best so far.
 
         The score is the held-out stroke IoU (ties: lower val loss). A later epoch wins unless
@@ -130,8 +132,6 @@ class SegmentationModule(TrainingModule):
         better on the dense ISBI labels than the "best" early epoch. Without a validation split
         the latest weights are kept.
         """
-        m = self.epoch_metrics
-        m["train_loss"] = float(self._train_sum) / max(1, self._train_n)
         score = m["val_iou"] - 1e-3 * m["val_loss"] if "val_iou" in m else math.inf
         if self.best_state is None or score >= self.best_score - self.plan.select_tolerance:
             self.best_score = max(score, self.best_score)
@@ -143,15 +143,10 @@ class SegmentationModule(TrainingModule):
             if m["val_iou"] > self.peak_val_iou + PLATEAU_MIN_GAIN:
                 self.peak_val_iou, self.peak_epochs = m["val_iou"], self.current_epoch + 1
             m["peak_val_iou"], m["peak_epoch"] = self.peak_val_iou, float(self.peak_epochs)
-        m["best_epoch"] = float(self.best_epoch + 1)
-        m["lr"] = self.current_lr()
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[CKPT_KEY] = {
-            "plan": self.plan.model_dump(mode="json"),
-            "best_state": self.best_state,
+    def saved_state(self) -> dict:
+        return {
             "best_score": self.best_score,
-            "best_epoch": self.best_epoch,
             "best_val_iou": self.best_val_iou,
             "peak_val_iou": self.peak_val_iou,
             "peak_epochs": self.peak_epochs,
@@ -160,11 +155,8 @@ class SegmentationModule(TrainingModule):
             "train_prior": (self.label_counts / self.label_counts.sum().clamp(min=1)).cpu().tolist(),
         }
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        own = checkpoint.get(CKPT_KEY, {})
-        self.best_state = own.get("best_state")
+    def restore_state(self, own: dict) -> None:
         self.best_score = own.get("best_score", -math.inf)
-        self.best_epoch = own.get("best_epoch", -1)
         self.best_val_iou = own.get("best_val_iou", -1.0)
         self.peak_val_iou = own.get("peak_val_iou", -1.0)
         self.peak_epochs = own.get("peak_epochs", 0)

@@ -45,10 +45,10 @@ BUDGET_FILL = 0.92
 TTA_SHARE = 0.5
 # Early stop at a plateau: on sparse strokes the held-out IoU peaks after a few hundred steps and
 # then drifts down as the strokes are learnt by heart (ISBI, 600 s: 0.788 at epoch 9 of 66, 0.69 at
-# the end), and the weights kept are the last within the select tolerance of the best (module.
-# update_best): after epoch 22 of those 66 none was. Training ends once that rule has kept nothing
-# for half as many epochs as the peak took (at least PLATEAU_MIN_EPOCHS), after at least
-# PLATEAU_MIN_SHARE of the planned epochs. A peak is a rise of at least PLATEAU_MIN_GAIN.
+# the end), and the weights kept are the last within the select tolerance of the best
+# (SegmentationModule.keep_if_best): after epoch 22 of those 66 none was. Training ends once that
+# rule has kept nothing for half as many epochs as the peak took (at least PLATEAU_MIN_EPOCHS),
+# after at least PLATEAU_MIN_SHARE of the planned epochs. A peak is a rise of at least PLATEAU_MIN_GAIN.
 PLATEAU_MIN_SHARE = 0.25
 PLATEAU_MIN_EPOCHS = 3
 PLATEAU_MIN_GAIN = 1e-3
@@ -177,10 +177,7 @@ def derive_plan(
         geometry: dimensionality, input scale, patch and widths from ``choose_geometry``.
         val_tiles: validation tiles the held-back strokes produce.
         val_strokes: number of strokes held back.
-        step_seconds: measured seconds per training step, or None if not measured.
-        eval_seconds: measured seconds per forward-only batch, or None.
-        epochs: user override of the epoch count.
-        time_budget: user cap on training seconds.
+        step_seconds, eval_seconds, epochs, time_budget: as for ``schedule.plan_schedule``.
         seed: seed of every random draw in training.
         anisotropy_value: the stack's measured anisotropy (recorded in the plan).
 

@@ -48,16 +48,17 @@ def train_segmentation(
 ) -> TrainResult:
     """Train (or resume training) a segmentation model on sparse labels.
 
-    A checkpoint ``epoch-NNNN.ckpt`` is written to ``workdir`` at every epoch end and
-    announced through ``hooks.on_checkpoint``; only the newest two written by this call are
-    kept. A stop request finishes the current epoch first, so resuming continues at the next
-    epoch and the epochs trained over all resumes add up to exactly ``plan.epochs`` (as re-fitted
-    to the time budget where the plan allows it: ``extended_epochs``; ``TrainResult.epochs_total``).
+    The run is the shared one (``trainer.fit`` under ``runcontrol.RunControl``): a checkpoint
+    ``epoch-NNNN.ckpt`` in ``workdir`` at every epoch end, announced through ``hooks.on_checkpoint``,
+    the newest two of this call kept. A stop request finishes the current epoch first, so resuming
+    continues at the next epoch and the epochs over all resumes add up to exactly ``plan.epochs``,
+    as re-fitted to the time budget where the plan allows it (``extended_epochs``;
+    ``TrainResult.epochs_total``). Where the plan says so, training ends early at a plateau.
 
     Args:
         image: (Y, X) or (Z, Y, X) image, the one the plan was made for.
         labels: same shape, 0 = unlabelled, 1..K.
-        plan: from ``plan_segmentation``.
+        plan: from ``plan_segmentation``; the caller's is left as it is (a copy is re-fitted).
         workdir: directory for checkpoints (created if missing).
         resume_from: a checkpoint of an earlier call, or None to start fresh.
         hooks: stop polling and checkpoint notices; exceptions they raise propagate.
