@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from dlorch.core.engine.denoise.blindspot import blindspot_batch, masked_mse
-from dlorch.core.engine.module import lr_factor
 from dlorch.core.engine.denoise.plan import BLINDSPOT_CELL, BLINDSPOT_RADIUS, DEFAULTS
 from dlorch.core.engine.denoise.posterior import estimate_noise_var, posterior_mean
+from dlorch.core.engine.module import lr_factor
 from dlorch.core.engine.network import build_unet
 from denoise_quality import DATA, HERE, noisy_copy, psnr, save
 

@@ -24,10 +24,10 @@ import time
 import numpy as np
 import torch
 
-from dlorch.core.engine.segment.module import CKPT_KEY
 from dlorch.core.engine.network import build_unet
-from dlorch.core.engine.segment.plan import SegmentationPlan
 from dlorch.core.engine.segment import NoHooks, Progress, plan_segmentation, predict_probabilities, train_segmentation
+from dlorch.core.engine.segment.module import CKPT_KEY
+from dlorch.core.engine.segment.plan import SegmentationPlan
 
 HERE = pathlib.Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "isbi2012-em"

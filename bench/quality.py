@@ -29,7 +29,6 @@ import time
 import numpy as np
 
 from dlorch.core.engine.device import detect_runtime
-from dlorch.core.engine.segment.priors import estimate_priors
 from dlorch.core.engine.segment import (
     NoHooks,
     Progress,
@@ -39,6 +38,7 @@ from dlorch.core.engine.segment import (
     predict_segmentation,
     train_segmentation,
 )
+from dlorch.core.engine.segment.priors import estimate_priors
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012-em"
 CLASSES = {1: "membrane", 2: "cell"}

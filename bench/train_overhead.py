@@ -33,8 +33,8 @@ def bare_epochs(image, labels, plan) -> list[float]:
     from torch.utils.data import DataLoader
 
     from dlorch.core.engine.device import apply_threads, detect_runtime
-    from dlorch.core.engine.segment.holdout import split_strokes
     from dlorch.core.engine.inputs import check_labels
+    from dlorch.core.engine.segment.holdout import split_strokes
     from dlorch.core.engine.segment.intensity import normalize
     from dlorch.core.engine.segment.module import SegmentationModule
     from dlorch.core.engine.segment.sampling import TrainPatches, ValTiles

@@ -14,8 +14,8 @@ from typing import TypeVar
 import torch
 from pydantic import BaseModel, ValidationError
 
-from dlorch.core.errors import first_problem
 from dlorch.core.engine.network import fold_batch_norm
+from dlorch.core.errors import first_problem
 
 P = TypeVar("P", bound=BaseModel)
 

@@ -9,12 +9,12 @@ from typing import Protocol
 
 
 class StopReason(str, Enum):
-    """Why a call to train_segmentation returned."""
+    """Why a training call (``train_segmentation``, ``train_denoising``) returned."""
 
     EPOCHS = "epochs"  # all plan.epochs are done (over all resumes)
     TIME_BUDGET = "time_budget"  # plan.time_budget_s of training seconds are used up
     STOP_REQUEST = "stop_request"  # hooks.should_stop() turned True; resume to continue
-    PLATEAU = "plateau"  # the held-out strokes stopped improving (plan.stop_at_plateau; plan.plateaued)
+    PLATEAU = "plateau"  # segmentation: the held-out strokes stopped improving (plan.stop_at_plateau; plateaued())
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Progress:
 
 @dataclass
 class TrainResult:
-    """Outcome of one train_segmentation call."""
+    """Outcome of one training call."""
 
     epochs_done: int
     stopped_by: str  # a StopReason value

@@ -84,7 +84,7 @@ class TrainingModule(pl.LightningModule):
     ckpt_key: str
 
     def update_best(self) -> None:
-        """At every epoch end: the epoch's metrics, and the weights kept if the task's rule says so (``keep_if_best``)."""
+        """At every epoch end: the epoch's metrics; the weights kept if the task's rule says so (``keep_if_best``)."""
         m = self.epoch_metrics
         m["train_loss"] = float(self._train_sum) / max(1, self._train_n)
         self.keep_if_best(m)

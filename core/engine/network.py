@@ -1,4 +1,4 @@
-"""The network of both tasks: MONAI's DynUNet shaped by the plan (widths, depth, input scale), and its inference form."""
+"""The network of both tasks: MONAI's DynUNet shaped by a plan (widths, depth, input scale); its inference form."""
 
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from dlorch.core.engine.denoise.blindspot import blindspot_batch, masked_mse
 from dlorch.core.engine.denoise import (
     DenoisingPlan,
     NoHooks,
@@ -18,14 +17,15 @@ from dlorch.core.engine.denoise import (
     predict_denoising,
     train_denoising,
 )
+from dlorch.core.engine.denoise.blindspot import blindspot_batch, masked_mse
 from dlorch.core.engine.denoise.data import TrainBatches, choose_holdout
 from dlorch.core.engine.denoise.intensity import mean_std
-from dlorch.core.engine.inputs import check_denoising_inputs
 from dlorch.core.engine.denoise.module import CKPT_KEY
 from dlorch.core.engine.denoise.plan import derive_denoising_plan
 from dlorch.core.engine.denoise.posterior import estimate_noise_var, local_mean, posterior_mean
 from dlorch.core.engine.denoise.predict import denoise_with_details
 from dlorch.core.engine.device import detect_runtime
+from dlorch.core.engine.inputs import check_denoising_inputs
 from dlorch.core.engine.runcontrol import read_run_state
 
 from .conftest import AbandoningHooks, RecordingHooks

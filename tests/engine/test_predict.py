@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from dlorch.core.engine.device import keep_freed_memory
+from dlorch.core.engine.segment import NoHooks, load_model, predict_probabilities, predict_segmentation, train_segmentation
 from dlorch.core.engine.segment.intensity import normalize
 from dlorch.core.engine.segment.predict import prediction_grid
-from dlorch.core.engine.segment import NoHooks, load_model, predict_probabilities, predict_segmentation, train_segmentation
 
 from .conftest import fast_plan, make_scene
 
@@ -239,8 +239,8 @@ def test_folded_batch_norms_give_the_same_output_with_no_norm_left(dims):
 
 
 def test_a_loaded_model_has_its_norms_folded_and_predicts_as_its_training_weights(checkpoint, tiny_data):
-    from dlorch.core.engine.segment.module import CKPT_KEY
     from dlorch.core.engine.network import build_unet
+    from dlorch.core.engine.segment.module import CKPT_KEY
 
     net, plan = load_model(checkpoint)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())

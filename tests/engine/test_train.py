@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from dlorch.core.engine.segment.module import CKPT_KEY
 from dlorch.core.engine.runcontrol import read_run_state
 from dlorch.core.engine.segment import NoHooks, train_segmentation
+from dlorch.core.engine.segment.module import CKPT_KEY
 
 from .conftest import AbandoningHooks, RecordingHooks, fast_plan
 

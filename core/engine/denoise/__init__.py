@@ -1,4 +1,4 @@
-"""Public denoising API of the engine: plan, train (resumable), predict.
+"""Denoising: the engine's public API for this task.
 
 The job runner imports only from here; the modules behind it can be rearranged freely.
 
@@ -9,21 +9,28 @@ The job runner imports only from here; the modules behind it can be rearranged f
 Modes: "n2v" (Noise2Void, the noisy image alone; automatic without a target), "n2n" (a
 second noisy acquisition as target), "care" (a clean target; the default with a target).
 
-The way of a job:
+Blockwise denoising of a large volume loads the model once (``load_denoiser``), estimates the
+noise level once (``network_output``, ``volume_noise_var``) and reads each block with the margin
+its windows and the posterior step need (``region_for``, ``denoise_with_details``).
 
-    denoise_inputs.py     checks (one-line ValueErrors naming the fix), mean/std
-    denoise_calibrate.py  ~2 s of real steps -> fastest seconds/step on this machine
-    denoise_plan.py       derive_denoising_plan() (pure): patch, widths, batch, blind spot, epochs, reasons
-    denoise_train.py      Lightning loop; checkpoint at every epoch end; stop/resume; time budget
-      denoise_data.py     held-out slices (or rows), seeded batches with flips/90° turns, fixed val tiles
-      blindspot.py        Noise2Void masking (grid of pixels replaced by neighbours) and masked MSE
-      denoise_module.py   DynUNet, lr by max(step share, time share), best weights by held-out loss
-    denoise_predict.py    checkpoint -> MONAI sliding window (gaussian) -> un-normalise
-      denoise_posterior.py  n2v: posterior mean of network output and noisy pixel, noise level estimated
+The way of a job (shared parts in ``core/engine/``):
+
+    ../inputs.py       checks (one-line ValueErrors naming the fix)
+    intensity.py       mean/std normalisation, no clipping
+    plan.py            derive_denoising_plan() (pure) with ../schedule.py: patch, widths, batch, blind
+                       spot, epochs, reasons; the fastest of ~2 s of real steps (../calibrate.py)
+    train.py           the shared run (../trainer.py, ../runcontrol.py)
+      data.py          held-out slices (or rows), seeded batches with flips/90° turns, fixed val tiles
+      blindspot.py     Noise2Void masking (grid of pixels replaced by neighbours) and masked MSE
+      module.py        masked MSE, best weights by held-out loss (../module.py: lr by max(step share, time share))
+    predict.py         checkpoint (../checkpoint.py) -> windows with Gaussian blending (../tiling.py)
+                       -> un-normalise
+      posterior.py     n2v: posterior mean of network output and noisy pixel, noise level estimated
 """
 
 from dlorch.core.engine.denoise.plan import DenoisingPlan, plan_denoising
-from dlorch.core.engine.denoise.predict import load_denoiser, predict_denoising
+from dlorch.core.engine.denoise.predict import (denoise_with_details, load_denoiser, network_output, predict_denoising,
+                                                region_for, uses_posterior, volume_noise_var)
 from dlorch.core.engine.denoise.train import train_denoising
 from dlorch.core.engine.hooks import NoHooks, Progress, StopReason, TrainHooks, TrainResult
 
@@ -34,8 +41,13 @@ __all__ = [
     "StopReason",
     "TrainHooks",
     "TrainResult",
+    "denoise_with_details",
     "load_denoiser",
+    "network_output",
     "plan_denoising",
     "predict_denoising",
+    "region_for",
     "train_denoising",
+    "uses_posterior",
+    "volume_noise_var",
 ]

@@ -1,4 +1,4 @@
-"""Denoising intensities: one mean and std per image, (x - mean) / std with no clipping, so the noise keeps its scale."""
+"""Denoising intensities: a mean and std per image, (x - mean) / std with no clipping: the noise keeps its scale."""
 
 from __future__ import annotations
 

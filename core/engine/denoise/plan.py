@@ -143,9 +143,10 @@ def holdout_reason(val_slices: list[int], val_rows: int, z: int) -> str:
 
 def patch_reason(patch: list[int], default_side: int, region: tuple[int, ...], dims: int) -> str:
     """The plan's line about the patch and the augmentation it allows."""
+    small = f"training region {'x'.join(map(str, region))} is small"
     return (
         f"patch {'x'.join(map(str, patch))}: "
-        + ("device default" if patch == [default_side] * dims else f"training region {'x'.join(map(str, region))} is small")
+        + ("device default" if patch == [default_side] * dims else small)
         + "; augmented by flips" + (" and 90° rotations" if patch[-1] == patch[-2] else " (non-square: no rotations)")
         + (" in-plane" if dims == 3 else "")
     )

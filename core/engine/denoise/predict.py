@@ -64,7 +64,7 @@ def network_output(
         roi: prediction window (Y, X), or (Z, Y, X) for a 3D plan, instead of the plan's (tests use
             it to force tiling).
         volume_shape, origin: ``stack`` is the region at ``origin`` of a volume of this shape: the
-            whole volume's windows are run (``predict.predict_probabilities`` says more).
+            whole volume's windows are run, so the region comes out as in one pass over the volume.
 
     Returns:
         float32 (Z, Y, X), normalised like the plan's target.
@@ -182,7 +182,7 @@ def predict_denoising(
     The input is normalised with the training image's mean and std (the model learnt the
     noise at that scale) and the output un-normalised with the target's; nothing is rounded or
     clipped, so float data keep their range and sign. Noise2Void models then combine their
-    prediction with the noisy pixel (``denoise_posterior.py``) when the plan says so.
+    prediction with the noisy pixel (``posterior.py``) when the plan says so.
 
     Args:
         checkpoint: a ``.ckpt`` written by ``train_denoising`` (unused when ``model`` is given).

@@ -147,8 +147,10 @@ EPOCH_RULES = EpochRules(cover_passes=4, unmeasured_steps=100, min_steps=10, bud
                          target="the data's step target")
 PLATEAU_REASON = ("training ends early once no epoch's weights have been kept for half as many epochs as the "
                   f"held-out peak took (after at least {PLATEAU_MIN_SHARE:.0%} of the epochs)")
-TRAINING_REASON = (f"AdamW lr {PEAK_LR:g}, 3% warm-up then cosine to 2%; loss = CE + soft Dice on painted pixels only; "
-                   "weights averaged (EMA 0.99); best checkpoint by held-out stroke IoU, a later one within 0.02 preferred")
+TRAINING_REASON = (
+    f"AdamW lr {PEAK_LR:g}, 3% warm-up then cosine to 2%; loss = CE + soft Dice on painted pixels only; "
+    "weights averaged (EMA 0.99); best checkpoint by held-out stroke IoU, a later one within 0.02 preferred"
+)
 
 
 def derive_plan(

@@ -1,4 +1,4 @@
-"""Prediction from a checkpoint: tiled sliding-window inference with Gaussian blending (tiling.py)."""
+"""Segmentation prediction from a checkpoint: windows with Gaussian blending (tiling.py), class priors (priors.py)."""
 
 from __future__ import annotations
 

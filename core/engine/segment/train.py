@@ -25,7 +25,7 @@ RUN_STATE_KEY = "RunControl"
 
 
 def run_control(plan: SegmentationPlan, workdir: pathlib.Path, hooks: TrainHooks, train_seconds: float) -> RunControl:
-    """The run control with segmentation's rules: the epoch count re-fitted to the budget, an early stop at a plateau."""
+    """The run control with segmentation's rules: the epochs re-fitted to the budget, an early stop at a plateau."""
 
     def refit(epochs_done: int, seconds: float) -> int:
         return extended_epochs(plan.epochs, plan.epochs_ceiling, epochs_done, seconds, plan.time_budget_s)
