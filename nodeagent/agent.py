@@ -194,7 +194,7 @@ class Agent:
 
 def _warm_up() -> None:
     try:
-        import dlorch.core.engine.predict  # noqa: F401  (torch, MONAI, the networks)
+        import dlorch.core.engine.segment  # noqa: F401  (torch, MONAI, the networks)
     except Exception as e:  # the job that needs it will report the real error
         log.debug("engine warm-up failed: %s", e)
 

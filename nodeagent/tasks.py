@@ -109,7 +109,7 @@ class Segmentation(Task):
 
         plan = plan_segmentation(image, aux, epochs=self.spec.epochs, time_budget=self.spec.time_budget)
         if self.spec.options.get("variant"):
-            from dlorch.core.engine.zoo import apply_variant
+            from dlorch.core.engine.segment import apply_variant
 
             plan = apply_variant(plan, self.spec.options["variant"])
         return plan
@@ -125,7 +125,7 @@ class Segmentation(Task):
         return predict_segmentation(checkpoint, image, tta=self.spec.options.get("tta"))  # None: as the plan chose
 
     def load(self, checkpoint):
-        from dlorch.core.engine.predict import load_model
+        from dlorch.core.engine.segment import load_model
 
         return LoadedModel(*load_model(checkpoint))
 
@@ -136,9 +136,9 @@ class Segmentation(Task):
         block is normalised and corrected alike; per block they would make a block's labels depend on
         what else happens to lie in it, and on the block size. The throughput sizes the blocks.
         """
-        from dlorch.core.engine.intensity import intensity_stats
-        from dlorch.core.engine.predict import predict_probabilities
-        from dlorch.core.engine.priors import estimate_priors
+        from dlorch.core.engine.segment import intensity_stats
+        from dlorch.core.engine.segment import predict_probabilities
+        from dlorch.core.engine.segment import estimate_priors
 
         stats = intensity_stats(sample)
         few, warm = _timing_sample(sample, model.plan)
@@ -155,13 +155,13 @@ class Segmentation(Task):
         return {"norm": stats.model_dump(), "priors": priors}, voxels_per_s
 
     def calibration(self, fields):
-        from dlorch.core.engine.intensity import IntensityStats
+        from dlorch.core.engine.segment import IntensityStats
 
         return {"priors": np.asarray(fields["priors"], dtype=float) if fields.get("priors") else None,
                 "stats": IntensityStats.model_validate(fields["norm"]) if fields.get("norm") else None}
 
     def reach(self, plan, shape):
-        from dlorch.core.engine.predict import prediction_grid
+        from dlorch.core.engine.segment import prediction_grid
 
         return prediction_grid(plan, shape).read_region
 
@@ -169,7 +169,7 @@ class Segmentation(Task):
         return BlockOutput("uint8", 3 * (4 + 12 * plan.num_classes), {"classes": plan.num_classes})
 
     def compute(self, model, region, crop, calibration, *, volume_shape, origin):
-        from dlorch.core.engine.predict import labels_from_probabilities, predict_probabilities
+        from dlorch.core.engine.segment import labels_from_probabilities, predict_probabilities
 
         probs = predict_probabilities(None, region, stats=calibration["stats"], model=model,
                                       priors=calibration["priors"], tta=self.spec.options.get("tta"),
@@ -206,7 +206,7 @@ class Denoising(Task):
         return predict_denoising(checkpoint, image)
 
     def load(self, checkpoint):
-        from dlorch.core.engine.denoise_predict import load_denoiser
+        from dlorch.core.engine.denoise import load_denoiser
 
         return LoadedModel(*load_denoiser(checkpoint))
 
@@ -216,7 +216,7 @@ class Denoising(Task):
         Inputs are normalised by the training image's statistics, kept in the model; the noise level
         is estimated once for the volume, for the same reason as segmentation's priors.
         """
-        from dlorch.core.engine.denoise_predict import network_output, uses_posterior, volume_noise_var
+        from dlorch.core.engine.denoise import network_output, uses_posterior, volume_noise_var
         from dlorch.core.engine.inputs import as_stack
 
         plan, stack = model.plan, as_stack(sample)
@@ -231,7 +231,7 @@ class Denoising(Task):
         return {"noise_var": fields.get("noise_var")}
 
     def reach(self, plan, shape):
-        from dlorch.core.engine.denoise_predict import region_for
+        from dlorch.core.engine.denoise import region_for
 
         def read_region(core: Extent) -> Extent:
             return region_for(plan, shape, core)
@@ -242,7 +242,7 @@ class Denoising(Task):
         return BlockOutput("float32", 3 * (4 + 16), {})
 
     def compute(self, model, region, crop, calibration, *, volume_shape, origin):
-        from dlorch.core.engine.denoise_predict import denoise_with_details
+        from dlorch.core.engine.denoise import denoise_with_details
 
         done = denoise_with_details(None, region, model=model, noise_var=calibration["noise_var"],
                                     volume_shape=volume_shape, origin=origin)
