@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from dlorch.core.errors import DlorchError, Unreachable
+from dlorch.core.errors import DlorchError, RedactSecrets, Unreachable
 from dlorch.core.settings import Settings
 from dlorch.core.spec import Job
 from dlorch.core.store import DataStore
@@ -203,6 +203,7 @@ def _attach_log(path: Path) -> logging.Handler:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.addFilter(RedactSecrets())  # this log is uploaded beside the job: no credentials in it
     logging.getLogger("dlorch").addHandler(handler)
     return handler
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from dlorch.core.errors import DlorchError
+from dlorch.core.errors import DlorchError, redact
 from dlorch.core.settings import requested_precision
 from dlorch.orchestrator.cli import fleet, jobs, nodes, training
 from dlorch.orchestrator.cli.common import global_options
@@ -85,14 +85,14 @@ def main() -> None:
     except typer.Abort:  # Ctrl-C outside a job (inside one, the job's own message came first)
         sys.exit(130)
     except DlorchError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {redact(str(e))}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as e:  # never a traceback for the user; DLORCH_DEBUG=1 shows it
         if os.environ.get("DLORCH_DEBUG"):
             raise
-        typer.echo(f"error: unexpected {type(e).__name__}: {e} (DLORCH_DEBUG=1 shows where)", err=True)
+        typer.echo(f"error: unexpected {type(e).__name__}: {redact(str(e))} (DLORCH_DEBUG=1 shows where)", err=True)
         sys.exit(1)
     if isinstance(code, int) and code:  # typer.Exit(code) inside a command
         sys.exit(code)

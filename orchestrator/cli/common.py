@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from dlorch.core.errors import BadInput
+from dlorch.core.errors import BadInput, RedactSecrets
 from dlorch.core.settings import Settings
 from dlorch.core.spec import MAX_EPOCHS, MAX_PRIORITY, MIN_PRIORITY, parse_spec
 
@@ -87,6 +87,8 @@ def log_to_stderr() -> None:
     """Log lines on stderr for the long-running commands (``up``, ``agent``), without the libraries' chatter."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactSecrets())  # a Redis password in a URL never reaches a log line
     for noisy in ("lightning", "pytorch_lightning", "lightning.pytorch", "huey", "lightning.fabric",
                   "pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
                   "pytorch_lightning.trainer.connectors.checkpoint_connector", "botocore", "aiobotocore", "s3fs",

@@ -7,6 +7,7 @@ import threading
 
 import typer
 
+from dlorch.core.errors import redact
 from dlorch.orchestrator.cli.common import client, log_to_stderr
 
 
@@ -21,7 +22,8 @@ def up(agents: int = typer.Option(0, "--agents", min=0, help="also start N local
     for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), lambda *_: stop.set())
-    typer.echo(f"orchestrator up: store {c.settings.resolved_store()} queue {c.queue.url} agents {agents}", err=True)
+    typer.echo(f"orchestrator up: store {redact(c.settings.resolved_store())} queue {redact(c.queue.url)} "
+               f"agents {agents}", err=True)
     try:
         svc.serve(stop)
     finally:

@@ -73,3 +73,33 @@ def test_an_unreachable_queue_does_not_print_its_password():
     with pytest.raises(Unreachable) as e:
         Queue(url, Signer(b"s")).jobs.size()
     assert "hunter2" not in str(e.value) and ":***@127.0.0.1" in str(e.value)
+
+
+def test_the_cli_never_prints_or_logs_a_queue_password(home, tmp_path):
+    import shutil
+    import signal
+    import subprocess
+
+    from tests.conftest import free_port
+    from tests.system.harness import cli_env, dlorch, spawn, wait_for
+
+    closed = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    env = cli_env(DLORCH_SECRET="s3cret-key", DLORCH_STORE=str(tmp_path / "store"))
+    cp = dlorch("--queue", closed, "jobs", env=env, check=False)
+    assert cp.returncode != 0 and cp.stderr.startswith("error:") and "hunter2" not in cp.stderr + cp.stdout
+    assert ":***@127.0.0.1" in cp.stderr
+
+    port = free_port()  # a redis-server that requires the password: the orchestrator logs its queue URL
+    server = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--requirepass", "hunter2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "up.log"
+    try:
+        up = spawn("--queue", f"redis://:hunter2@127.0.0.1:{port}/0", "up", env=env, log=log)
+        wait_for(lambda: "leading" in log.read_text(errors="replace"), timeout=60, what="the orchestrator to lead")
+        up.send_signal(signal.SIGTERM)
+        up.wait(timeout=30)
+    finally:
+        server.kill()
+        server.wait()
+    text = log.read_text(errors="replace")
+    assert "hunter2" not in text and ":***@127.0.0.1" in text
