@@ -7,7 +7,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dlorch.core.errors import BadInput, Unreachable, one_line
+from dlorch.core.errors import BadInput, StaleWrite, Unreachable, one_line
+
+# The attribute of a blockwise output that names who writes it: {"job": id, "split": the planner attempt's token}.
+# A planner writes it when it creates the array; every block write and every later planner checks it first.
+STAMP = "dlorch"
+
+Owner = tuple[str, int]  # (job id, split): the job and the planner attempt whose blocks write an output
 
 
 def storage_options(url: str) -> dict[str, Any] | None:
@@ -67,12 +73,13 @@ def _location(url: str) -> str:
     return str(Path(url).expanduser().resolve())
 
 
-def check_output_volume(url: str, input_url: str | None = None) -> None:
+def check_output_volume(url: str, input_url: str | None = None, owner: Owner | None = None) -> None:
     """Raise ``BadInput`` unless a zarr output may be written at ``url`` (a path or URL).
 
     The output must not be the input, and an existing ``url`` must be a zarr array: a previous
     output, which is replaced. Anything else there (files, a directory of other things, a zarr
-    group that may hold other arrays) is refused and left as it is.
+    group that may hold other arrays) is refused and left as it is. So is a blockwise output of
+    another job (see ``check_owner``); with no ``owner`` (a new submission), of any job.
     """
     if input_url is not None and same_location(url, input_url):
         raise BadInput(f"the output {url} is the input; choose another path")
@@ -83,11 +90,74 @@ def check_output_volume(url: str, input_url: str | None = None) -> None:
         root = root.rstrip("/")
         if not fs.exists(root):
             return
-        if fs.isdir(root) and (fs.exists(f"{root}/.zarray") or _is_v3_array(fs, f"{root}/zarr.json")):
-            return
+        array = fs.isdir(root) and (fs.exists(f"{root}/.zarray") or _is_v3_array(fs, f"{root}/zarr.json"))
+        stamp = _read_stamp(fs, root) if array else None
     except Exception as e:
         raise _explain(url, e) from None
-    raise BadInput(f"output {url} exists and is not a zarr array; remove it or choose another path")
+    if not array:
+        raise BadInput(f"output {url} exists and is not a zarr array; remove it or choose another path")
+    check_owner(url, stamp, owner)
+
+
+def check_owner(url: str, stamp: dict[str, Any] | None, owner: Owner | None) -> None:
+    """Raise unless ``owner`` may (re)create the output at ``url``, whose array carries ``stamp``.
+
+    An unstamped array (no job's, or one written before outputs were stamped) may be replaced. Another
+    job's output is refused (``BadInput``); so is a newer split of the same job (``StaleWrite``): its
+    planner had the lease after this one, its blocks may be done, and this planner is stale.
+    """
+    if stamp is None:
+        return
+    if owner is None or stamp.get("job") != owner[0]:
+        raise BadInput(f"output {url} holds the output of job {stamp.get('job')}; choose another -o or delete it")
+    if _split_of(stamp) > owner[1]:
+        raise StaleWrite(f"output {url} belongs to split {_split_of(stamp)} of job {owner[0]}, newer than "
+                         f"this planner's ({owner[1]}); left as it is")
+
+
+def check_block_output(url: str, owner: tuple[str, int | None]) -> None:
+    """Raise ``BadInput`` unless the array at ``url`` is still the one the split ``owner`` created.
+
+    Called before every block write: an output that another job, or another planner of this job,
+    has recreated since the split must not be written into (its blocks done so far are gone or
+    are another's). A split recorded before outputs were stamped (``owner[1]`` None) checks the job only.
+    """
+    from fsspec.core import url_to_fs
+
+    try:
+        fs, root = url_to_fs(url, **(storage_options(url) or {}))
+        stamp = _read_stamp(fs, root.rstrip("/"))
+    except Exception as e:
+        raise _explain(url, e) from None
+    job, split = owner
+    if stamp is None and split is None:
+        return
+    if stamp is None or stamp.get("job") != job:
+        whose = f"holds the output of job {stamp.get('job')}" if stamp else "is no longer this job's output"
+        raise BadInput(f"output {url} {whose}; choose another -o or delete it, and submit again")
+    if split is not None and _split_of(stamp) != split:
+        raise BadInput(f"output {url} was recreated by attempt {_split_of(stamp)} of job {job} after its split "
+                       f"by attempt {split}; submit the job again")
+
+
+def _split_of(stamp: dict[str, Any]) -> int:
+    try:
+        return int(stamp.get("split", -1))
+    except (TypeError, ValueError):
+        return -1
+
+
+def _read_stamp(fs, root: str) -> dict[str, Any] | None:
+    """The ``STAMP`` attribute of the zarr array at ``root`` (v3 or v2 metadata), read fresh; None if absent."""
+    for meta, key in ((f"{root}/zarr.json", "attributes"), (f"{root}/.zattrs", None)):
+        try:
+            doc = json.loads(fs.cat_file(meta))
+        except FileNotFoundError:
+            continue
+        attrs = doc.get(key) if key else doc
+        stamp = attrs.get(STAMP) if isinstance(attrs, dict) else None
+        return stamp if isinstance(stamp, dict) else None
+    return None
 
 
 def _is_v3_array(fs, meta: str) -> bool:
@@ -128,22 +198,34 @@ def describe_region(index: Any, shape: tuple[int, ...]) -> str:
 
 
 def create_volume(url: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str,
-                  attributes: dict[str, Any] | None = None, input_url: str | None = None):
-    """Create (or open, if it already has this layout) the output array at ``url``.
+                  attributes: dict[str, Any] | None = None, input_url: str | None = None,
+                  owner: Owner | None = None):
+    """Create (or open, if it already has this layout) the output array at ``url``, stamped with ``owner``.
 
-    ``check_output_volume`` runs first: a path that is the input, or holds anything but a zarr
-    array, raises ``BadInput`` and is left untouched.
+    ``check_output_volume`` runs first, just before anything is written: a path that is the input,
+    or holds anything but a zarr array, raises ``BadInput``, and so does another job's output; a
+    newer split's raises ``StaleWrite``. Each is left untouched.
     """
     import zarr
 
-    check_output_volume(url, input_url)
+    check_output_volume(url, input_url, owner)
+    attributes = dict(attributes or {})
+    if owner is not None:
+        attributes[STAMP] = {"job": owner[0], "split": owner[1]}
+    existing = None
     try:
         existing = zarr.open_array(url, mode="r", storage_options=storage_options(url))
-        if tuple(existing.shape) == tuple(shape) and tuple(existing.chunks) == tuple(chunks) \
-                and str(existing.dtype) == dtype:
-            return zarr.open_array(url, mode="r+", storage_options=storage_options(url))
     except Exception:
         pass
+    if existing is not None and tuple(existing.shape) == tuple(shape) and tuple(existing.chunks) == tuple(chunks) \
+            and str(existing.dtype) == dtype:
+        try:
+            array = zarr.open_array(url, mode="r+", storage_options=storage_options(url))
+            if attributes:
+                array.attrs.update(attributes)  # the stamp now names this split
+            return array
+        except Exception as e:
+            raise _explain(url, e) from None
     try:
         return zarr.create_array(url, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, overwrite=True,
                                  attributes=attributes or {}, storage_options=storage_options(url))

@@ -4,6 +4,11 @@ A block reads its core plus a halo from the input zarr, predicts, crops the halo
 core into the output zarr. Nodes pull blocks from the orchestrator, which leases them in memory
 (``orchestrator/blockbook.py``). Blocks are whole zarr chunks, so concurrent writers never share a chunk,
 and the same block always writes the same bytes: a block re-run after a kill is harmless.
+
+The output array is stamped with its job and split (the planner attempt's token, see
+``core/volumes.py``): a planner refuses another job's output and a newer split's (it is stale: its
+lease ran out while it was paused, and the output may already hold done blocks), and every block
+write first checks that the array is still the one its split created.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ import numpy as np
 
 from dlorch.core.blocks import Block, choose_block_voxels, output_chunks, plan_blocks
 from dlorch.core.chunkfiles import chunk_files
-from dlorch.core.errors import BadInput, Unreachable
+from dlorch.core.errors import BadInput, StaleWrite, Unreachable
 from dlorch.core.spec import JobSpec
 from dlorch.core.store import DataStore
-from dlorch.core.volumes import check_output_volume, create_volume, open_volume, read_region
+from dlorch.core.volumes import check_block_output, check_output_volume, create_volume, open_volume, read_region
+from dlorch.nodeagent.attempt import LeaseLost
 from dlorch.nodeagent.hardware import total_memory_bytes
 from dlorch.nodeagent.interrupts import StopFlag
 from dlorch.nodeagent.nodecache import fetch_cached
@@ -52,21 +58,34 @@ def _model(path: Path, task: Task) -> LoadedModel:
 
 
 def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
-    """Plan the blocks of a volume, create the output array, and return the ``split`` report.
+    """Plan the blocks of a volume, create the output array stamped with this split, and return the ``split`` report.
 
     Each block reads the whole volume's prediction windows that touch its core, along the axes the
     network sees (in-plane for a 2D network, along Z as well for a 3D one), plus for denoising the
     posterior step's reach: it then computes exactly what one pass over the volume computes there,
     so block borders leave no trace. What the blocks share (intensity statistics and class priors,
     or the noise level) is measured here once, on a sample of the volume.
+
+    A planner whose output already belongs to a newer split of the job raises ``LeaseLost`` and
+    touches nothing; another job's output is ``BadInput``.
     """
+    try:
+        return _split(attempt, checkpoint)
+    except StaleWrite as e:
+        raise LeaseLost(str(e)) from None
+
+
+def _split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
     job, spec = attempt.job, attempt.job.spec
+    owner = (job.id, attempt.token)
     task = task_of(spec)
     with attempt.timed("model_load_s"):
         model = _model(checkpoint, task)
     with attempt.timed("plan_blocks_s"):
         output = spec.output or attempt.store.uri(f"jobs/{job.id}/output.zarr")
-        check_output_volume(output, spec.image)  # before any work: the output must destroy nothing
+        attempt.store.check_source(spec.image)  # a node opens only its store and the prefixes it allows
+        attempt.store.check_source(output, "write")
+        check_output_volume(output, spec.image, owner)  # before any work: the output must destroy nothing
         vol = open_volume(spec.image)
         if vol.ndim not in (2, 3):
             raise BadInput(f"blockwise prediction takes a 2D or 3D volume; {spec.image} has shape {vol.shape}")
@@ -83,8 +102,10 @@ def split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
         blocks = plan_blocks(shape, tuple(vol.chunks), (0,) * vol.ndim, target, reach)
         block = tuple(b - a for a, b in blocks[0].core)  # the first block has the whole block shape
         chunks = output_chunks(block, tuple(vol.chunks), np.dtype(out.dtype).itemsize)
-        create_volume(output, shape, chunks, out.dtype,
-                      attributes={"dlorch_job": job.id, "model": spec.model, **out.attributes}, input_url=spec.image)
+        if attempt.lease_lost.is_set():  # paused past the lease: another planner may own the output now
+            raise LeaseLost(attempt.lease_lost.reason or "lease lost")
+        create_volume(output, shape, chunks, out.dtype, attributes={"model": spec.model, **out.attributes},
+                      input_url=spec.image, owner=owner)  # checks the stamp again, just before writing
     return {"outcome": "split", "output": output, **shared, "voxels": math.prod(shape),
             "blocks": [{"index": b.index, "core": b.core, "read": b.read} for b in blocks]}
 
@@ -110,6 +131,7 @@ class _Context:
     spec: JobSpec
     task: Task
     output: str
+    owner: tuple[str, int | None]  # (job, split) the output's stamp must name; split None: a plan from before stamps
     calibration: dict[str, Any]  # the volume's shared values, as Task.compute takes them
     checkpoint: Path
     source: Any  # the open input array
@@ -219,10 +241,13 @@ class BlockWorker:
         if raw is None:  # we said we had it, but dropped it since: the orchestrator sends it next time
             raise RuntimeError(f"no context for job {job_id} on this node")
         spec = JobSpec.model_validate(raw["spec"])
+        self.store.check_source(spec.image)  # the context comes over the queue: untrusted like any spec
+        self.store.check_source(raw["output"], "write")
         checkpoint = fetch_cached(self.store, self.cache, spec.model, timings)
         task = task_of(spec)
-        ctx = _Context(spec, task, raw["output"], task.calibration(raw), checkpoint,
-                       chunk_files(open_volume(spec.image)))
+        split = raw.get("split")
+        ctx = _Context(spec, task, raw["output"], (job_id, int(split) if split is not None else None),
+                       task.calibration(raw), checkpoint, chunk_files(open_volume(spec.image)))
         if len(self.contexts) >= 8:
             self.contexts.pop(next(iter(self.contexts)))
         self.contexts[job_id] = ctx
@@ -239,6 +264,7 @@ class BlockWorker:
                 t1 = time.perf_counter()
                 values = _compute(r, model)
                 t2 = time.perf_counter()
+                check_block_output(r.ctx.output, r.ctx.owner)  # still the array this job's split created
                 if r.ctx.sink is None:
                     r.ctx.sink = chunk_files(open_volume(r.ctx.output, mode="r+"))
                 r.ctx.sink[r.block.core_slices()] = values

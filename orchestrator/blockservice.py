@@ -37,15 +37,21 @@ class BlockHandlers:
         self._flushed_at: dict[str, float] = {}
 
     def _split(self, msg: dict) -> Reply:
-        """A planner attempt cut a blockwise job into blocks: record the plan, then hand blocks out."""
+        """A planner attempt cut a blockwise job into blocks: record the plan, then hand blocks out.
+
+        A planner that no longer holds the lease (paused past it; a newer attempt may have split
+        the job already) is refused before anything is recorded.
+        """
         now, token, node = self.clock(), int(msg["token"]), msg["node"]
         blocks = msg["blocks"]
         job = self.ledger.get(msg["job"])
         self._holder(job, token, node)
         if msg["output"] not in (job.spec.output, f"{self.store_url}/jobs/{job.id}/output.zarr"):
             raise StaleWrite(f"output {msg['output']} is not this job's")
-        # The plan first: a WAITING job always has one to rebuild its book from.
-        plan = {"blocks": blocks, "norm": msg.get("norm"), "priors": msg.get("priors"), "noise_var": msg.get("noise_var")}
+        # The plan first: a WAITING job always has one to rebuild its book from. ``split`` is the
+        # planner's token, which its output's stamp names: blocks write only into that array.
+        plan = {"blocks": blocks, "split": token, "norm": msg.get("norm"), "priors": msg.get("priors"),
+                "noise_var": msg.get("noise_var")}
         self.ledger.put_block_plan(job.id, plan)
 
         def split(job: Job) -> None:
@@ -78,7 +84,7 @@ class BlockHandlers:
         self.block_geometry[job.id] = geometry
         self.block_context[job.id] = {"spec": job.spec.model_dump(mode="json"), "output": job.output,
                                       "norm": plan.get("norm"), "priors": plan.get("priors"),
-                                      "noise_var": plan.get("noise_var")}
+                                      "noise_var": plan.get("noise_var"), "split": plan.get("split")}
         self._tokens_sent.setdefault(job.id, now)  # holders re-adopt their blocks by heartbeat first
         self._flushed_at[job.id] = now
         return book
