@@ -36,3 +36,32 @@ def synthetic_pair(tmp: Path, shape=(2, 64, 64), seed: int = 0) -> tuple[Path, P
     np.save(ipath, image)
     np.save(lpath, labels)
     return ipath, lpath
+
+
+class _RunsCode:
+    """Unpickles as ``open(marker, "w")``: the stand-in for any code a planted checkpoint could run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def code_checkpoint(path: Path, marker: Path, base: Path | None = None, raw: bool = False) -> Path:
+    """A checkpoint that creates ``marker`` when it is unpickled with pickle's full powers.
+
+    It holds ``base``'s contents (a real checkpoint, so nothing else gives it away) and one more entry
+    that runs code; written by ``torch.save``, or as a bare pickle (torch's legacy format) when ``raw``.
+    """
+    import pickle
+
+    import torch
+
+    contents = torch.load(base, map_location="cpu", weights_only=True) if base else {"state_dict": {}}
+    contents["extra"] = _RunsCode(marker)
+    if raw:
+        path.write_bytes(pickle.dumps(contents))
+    else:
+        torch.save(contents, path)
+    return path

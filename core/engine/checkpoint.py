@@ -3,11 +3,16 @@
 A checkpoint is Lightning's file; each task's module adds a section of its own under its key
 (``segment.module.CKPT_KEY``, ``denoise.module.CKPT_KEY``) holding the plan and the best weights,
 which is all prediction needs.
+
+Every checkpoint is loaded as tensors and plain values only (``read_checkpoint``): a checkpoint
+comes from the store, which another node or a user wrote, and nothing in it may run code here.
 """
 
 from __future__ import annotations
 
 import pathlib
+import pickle
+import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -15,9 +20,43 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from dlorch.core.engine.network import fold_batch_norm
-from dlorch.core.errors import first_problem
+from dlorch.core.errors import BadInput, first_problem
 
 P = TypeVar("P", bound=BaseModel)
+
+
+class UnsafeCheckpoint(BadInput, ValueError):
+    """A checkpoint holding more than tensors and plain values: only code from the file could rebuild it."""
+
+
+def read_checkpoint(path: pathlib.Path, shown: str | None = None) -> dict:
+    """A checkpoint's contents, loaded as tensors and plain values only: nothing in the file runs code.
+
+    Args:
+        path: the local file.
+        shown: how the errors name it (the URI or path the user gave); ``path`` if None.
+
+    Raises:
+        UnsafeCheckpoint: the file holds objects that only code from it could rebuild, or is no pickle a
+            weights-only load understands (never loaded; it stays refused wherever it is tried).
+        ValueError: the file is not a readable checkpoint (truncated, empty, not a torch file).
+    """
+    shown = shown or str(path)
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on the way to refusing a file
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(pathlib.Path(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: the one thing never to do here
+        raise UnsafeCheckpoint(f"{shown} refused: it holds more than tensors and plain values (objects only code "
+                               "from the file could rebuild) or is no checkpoint at all, and dlorch never runs code "
+                               "from a checkpoint; use a .ckpt a dlorch training wrote") from None
+    except Exception as e:  # truncated, empty, not a torch file
+        raise ValueError(f"{shown} is not a readable model checkpoint (truncated, or not a .ckpt: "
+                         f"{type(e).__name__}); pass the .ckpt a dlorch training wrote") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{shown} is not a dlorch checkpoint (it holds a {type(ckpt).__name__}); pass the .ckpt "
+                         "a dlorch training wrote")
+    return ckpt
 
 
 def load_network(
@@ -37,11 +76,11 @@ def load_network(
         the task's section for what else it holds).
 
     Raises:
+        UnsafeCheckpoint: the file would need code to load (see ``read_checkpoint``).
         ValueError: the file is not a dlorch checkpoint of this task, or its plan or weights are damaged.
     """
-    # weights_only: a checkpoint may come from another node's store; never unpickle code from it.
-    ckpt = torch.load(pathlib.Path(checkpoint), map_location="cpu", weights_only=True)
-    own = ckpt.get(key) if isinstance(ckpt, dict) else None
+    ckpt = read_checkpoint(checkpoint)
+    own = ckpt.get(key)
     if not own or "plan" not in own:
         raise ValueError(f"{checkpoint} is not a dlorch {task} checkpoint; pass a .ckpt from train_{task}")
     try:

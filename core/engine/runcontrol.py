@@ -14,8 +14,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 import pytorch_lightning as pl
-import torch
 
+from dlorch.core.engine.checkpoint import read_checkpoint
 from dlorch.core.engine.hooks import Progress, StopReason, TrainHooks, TrainResult
 from dlorch.core.engine.module import TrainingModule
 
@@ -173,8 +173,7 @@ class RunControl(pl.Callback):
 
 def read_run_state(checkpoint: pathlib.Path) -> dict:
     """The run-control state (train_seconds, epochs_done, metrics, finished, epochs) stored in a checkpoint."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    callbacks = ckpt.get("callbacks", {})
+    callbacks = read_checkpoint(checkpoint).get("callbacks", {})
     return next((callbacks[key] for key in STATE_KEYS if key in callbacks), {})
 
 
