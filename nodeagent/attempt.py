@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dlorch.core.errors import BadInput
+from dlorch.core.errors import BadInput, one_line
 from dlorch.core.imageio import read_image, write_image
 from dlorch.core.spec import Job
 from dlorch.core.store import DataStore
@@ -135,9 +135,10 @@ class Attempt:
             local = self.workdir / f"resume-{epochs}.ckpt"
             try:
                 self.store.get_file(uri, local)
-                _check_checkpoint(local)
-            except Exception as e:
-                log.warning("checkpoint %s unusable (%s: %s); trying the one before", uri, type(e).__name__, e)
+                _check_checkpoint(local, Path(uri).name)
+            except Exception as e:  # missing, truncated, or refused: loading it would run code from the file
+                log.warning("checkpoint %s unusable (%s: %s); trying the one before", uri, type(e).__name__,
+                            one_line(e))
                 continue
             if uri != self.job.checkpoint:
                 reply = self.report({"type": "progress", "epochs_done": epochs, "resumed_from": uri,
@@ -197,10 +198,9 @@ class _Hooks:
                  " ".join(f"{k}={v:.4g}" for k, v in progress.metrics.items()))
 
 
-def _check_checkpoint(path: Path) -> None:
-    """Raise unless ``path`` is a complete, loadable Lightning checkpoint."""
-    import torch
+def _check_checkpoint(path: Path, shown: str) -> None:
+    """Raise unless ``path`` is a complete Lightning checkpoint of tensors and plain values (nothing that runs code)."""
+    from dlorch.core.engine.checkpoint import read_checkpoint
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError("not a Lightning checkpoint")
+    if "state_dict" not in read_checkpoint(path, shown):
+        raise ValueError(f"{shown} is not a Lightning checkpoint")
