@@ -99,8 +99,7 @@ def checkpoint_task(c, uri: str, shown: str | None = None) -> str:
     """Which engine task wrote a checkpoint (each keeps its own section in the ``.ckpt``), after loading it."""
     import tempfile
 
-    import torch
-
+    from dlorch.core.engine.checkpoint import read_checkpoint
     from dlorch.core.engine.denoise.module import CKPT_KEY as DENOISE_KEY
     from dlorch.core.engine.denoise.predict import load_denoiser
     from dlorch.core.engine.segment.predict import load_model
@@ -109,11 +108,10 @@ def checkpoint_task(c, uri: str, shown: str | None = None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         local = c.store.get_file(uri, Path(tmp) / "m.ckpt")
         try:
-            ckpt = torch.load(local, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated, not a checkpoint, or unsafe to load
-            raise BadInput(f"{shown} is not a readable model checkpoint (truncated, or not a .ckpt: "
-                           f"{type(e).__name__}); pass the .ckpt a dlorch training wrote") from None
-        task = "denoising" if isinstance(ckpt, dict) and DENOISE_KEY in ckpt else "segmentation"
+            ckpt = read_checkpoint(local, shown)  # tensors and plain values only: a model never runs code here
+        except ValueError as e:  # truncated, not a checkpoint, or refused
+            raise BadInput(str(e)) from None
+        task = "denoising" if DENOISE_KEY in ckpt else "segmentation"
         try:
             (load_denoiser if task == "denoising" else load_model)(local)
         except ValueError as e:
