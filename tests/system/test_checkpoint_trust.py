@@ -43,8 +43,8 @@ def test_a_stored_model_that_would_run_code_fails_its_predict_job_at_once_in_one
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"kind": "predict", "image": str(img), "model": str(evil)}))
     with Cluster(tmp_path, home, DLORCH_MAX_ATTEMPTS="3") as c:
-        c.agent("a1")
         jid = c.cli("submit", str(spec)).stdout.strip().splitlines()[-1]
+        c.agent("a1")
         done = c.wait_job(jid, lambda j: j["status"] == "failed", 120, what="failure")
         assert not marker.exists(), "predicting with the model ran code from it"
         assert [a["outcome"] for a in done["attempts"]] == ["errored"]  # refused for good: no retry elsewhere
