@@ -49,12 +49,20 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(3.0, gt=0, description="how often agents heartbeat")
     max_attempts: int = Field(3, ge=1, description="failed attempts in a row (errors) before a job is failed")
     max_node_losses: int = Field(8, ge=1, description="nodes lost in a row without progress before a job is failed")
+    allow_urls: str = Field("", description="URL prefixes nodes may read and write besides the store, separated by "
+                            "commas (e.g. s3://lab-data/); unset: the store only")
 
     def resolved_store(self) -> str:
         """The store URL, defaulting to the embedded state directory."""
         if self.store:
             return self.store
         return str(default_home())
+
+    def allowed_urls(self) -> tuple[str, ...]:
+        """The prefixes of ``DLORCH_ALLOW_URLS``: where nodes may read and write besides the store."""
+        from dlorch.core.sources import parse_prefixes
+
+        return parse_prefixes(self.allow_urls)
 
     def resolved_queue(self) -> str:
         """The queue URL, defaulting to a SQLite file in the local store."""

@@ -11,12 +11,13 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Iterable
 from urllib.parse import urlparse
 
-import fsspec
 from fsspec.core import url_to_fs
 
 from dlorch.core.errors import BadInput, Unreachable, redact
+from dlorch.core.sources import Sources
 
 
 def local_path(url: str) -> Path | None:
@@ -55,12 +56,18 @@ def image_suffix(path: Path) -> str:
 
 
 class DataStore:
-    """Blobs, checkpoints and outputs under one root URL."""
+    """Blobs, checkpoints and outputs under one root URL.
 
-    def __init__(self, url: str, **storage_options) -> None:
+    A node's store is given ``allow``, the URL prefixes its deployment allows besides the store
+    (``DLORCH_ALLOW_URLS``): it then reads and writes nothing else (``core/sources.py``), whatever a
+    job names. A client's store (``allow`` None) reads what its own user names.
+    """
+
+    def __init__(self, url: str, allow: Iterable[str] | None = None, **storage_options) -> None:
         local = local_path(url)
         self.url = str(local) if local else url.rstrip("/")
         self.local_root = local
+        self.sources = Sources(self.url, tuple(allow)) if allow is not None else None
         try:
             self.fs, self.root = url_to_fs(self.url, **storage_options)
         except (ImportError, ValueError) as e:
@@ -70,7 +77,14 @@ class DataStore:
         """The full URL of a key."""
         return f"{self.url}/{key}"
 
-    def _path(self, uri_or_key: str) -> str:
+    def check_source(self, uri_or_key: str, action: str = "read") -> None:
+        """Raise ``BadInput`` if this is a node's store and ``uri_or_key`` lies outside what it may ``action``."""
+        if self.sources is not None:
+            is_key = "://" not in uri_or_key and not os.path.isabs(uri_or_key)
+            self.sources.check(self.uri(uri_or_key) if is_key else uri_or_key, action)
+
+    def _path(self, uri_or_key: str, action: str = "read") -> str:
+        self.check_source(uri_or_key, action)  # before anything is opened
         if uri_or_key.startswith(self.url + "/"):
             uri_or_key = uri_or_key[len(self.url) + 1 :]
         if "://" in uri_or_key or os.path.isabs(uri_or_key):
@@ -78,6 +92,7 @@ class DataStore:
         return f"{self.root}/{uri_or_key}"
 
     def _fs_for(self, uri: str):
+        self.check_source(uri)
         if uri.startswith(self.url + "/") or "://" not in uri and not os.path.isabs(uri):
             return self.fs
         return url_to_fs(uri)[0]
@@ -93,7 +108,7 @@ class DataStore:
 
     def put_file(self, local: Path, key: str) -> str:
         """Upload a file or directory to ``key``, published atomically; returns its URI."""
-        dest = self._path(key)
+        dest = self._path(key, "write")
         tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
 
         def _do() -> None:
@@ -150,7 +165,7 @@ class DataStore:
 
     def write_bytes(self, key: str, data: bytes) -> str:
         """Write a small object atomically; returns its URI."""
-        dest = self._path(key)
+        dest = self._path(key, "write")
         tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
 
         def _do() -> None:
@@ -171,8 +186,3 @@ class DataStore:
                 raise
             raise Unreachable(f"store {redact(self.url)} unreachable: {redact(str(e))}; "
                               "check the URL and credentials") from None
-
-
-def open_url(url: str, mode: str = "rb"):
-    """Open any fsspec URL (used for user-given model URIs)."""
-    return fsspec.open(url, mode)

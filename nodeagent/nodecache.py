@@ -33,6 +33,7 @@ def fetch_cached(store: DataStore, cache: Path, uri: str, timings: dict[str, flo
     and is renamed once checked, so a node killed mid-download leaves no truncated copy behind.
     Downloads are counted in ``timings["downloads"]``: a model reaches each node once, not once per block.
     """
+    store.check_source(uri)  # a node reads only its store and the prefixes it allows, cached or not
     name = uri.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     digest = _blob_digest(uri)
     if digest is None:

@@ -14,11 +14,14 @@ def upload(c, spec: str, role: str, array=None) -> str:
     from dlorch.core.imageio import read_image, split_key, write_image
     from dlorch.core.store import image_suffix
 
-    if "://" in spec:  # already where every node can read it
+    if "://" in spec:
+        from dlorch.core.sources import file_url_path
         from dlorch.core.volumes import check_url
 
         check_url(spec, role)  # a wrong URL, a missing bucket or no credentials fail here, in one line
-        return spec
+        if file_url_path(spec) is None:  # nodes read it where it is, if their DLORCH_ALLOW_URLS allows it
+            return spec
+        spec = file_url_path(spec)  # a file on this machine: uploaded, as a path is (nodes read only the store)
     path, key = split_key(spec)
     if not path.exists():
         raise BadInput(f"{role} file not found: {path}")
@@ -77,8 +80,11 @@ def model_uri(c, model: str) -> tuple[str, str]:
     """The store URI of a model and its task: a training job's id, a local .ckpt, or a URL.
 
     A checkpoint is loaded here as a node would load it, so a wrong file is one line now, naming
-    the path the user gave, not a failed job later.
+    the path the user gave, not a failed job later. A ``file://`` URL is a local path: uploaded.
     """
+    from dlorch.core.sources import file_url_path
+
+    model = file_url_path(model) or model
     if Path(model).exists() or "://" in model:
         uri = c.store.put_blob(Path(model)) if Path(model).exists() else model
         return uri, checkpoint_task(c, uri, shown=model)

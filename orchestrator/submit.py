@@ -37,8 +37,11 @@ def check_checkpoint_out(out: Path | None, inputs: list[str | None]) -> None:
 
 
 def local_output(out: str) -> Path | None:
-    """Where the CLI copies a prediction: a local path, or None for a URL (the nodes write there directly)."""
-    return None if "://" in out else Path(out)
+    """Where the CLI copies a prediction: a local path (``file://`` too), or None for a URL the nodes write to."""
+    from dlorch.core.sources import file_url_path
+
+    local = file_url_path(out)
+    return Path(local) if local is not None else None if "://" in out else Path(out)
 
 
 def refuse_urls(refs: dict[str, str | None]) -> None:
@@ -120,12 +123,27 @@ def read_spec_file(spec_file: Path, out: Path | None) -> dict[str, Any]:
     except ValueError as e:
         raise BadInput(f"spec {spec_file} is not valid JSON: {e}") from None
     parse_spec(data)  # fail on a bad field before uploading anything
+    if data.get("output"):
+        _check_spec_output(spec_file, data["output"], [data.get(r) for r in ("image", "labels", "target")])
     if out is not None:  # the result is copied as it was written: the suffix must say the same format
         fmt = checked_output_format(out, [data.get(r) for r in ("image", "labels", "target")])
         if data.get("output_format", fmt) != fmt:
             raise BadInput(f"-o {out} asks for {fmt} but the spec's output_format is {data['output_format']}")
         data["output_format"] = fmt
     return data
+
+
+def _check_spec_output(spec_file: Path, output: str, inputs: list[str | None]) -> None:
+    """A spec's ``output`` is a URL the nodes write to: a path on this machine is refused (nodes write only
+    their store and the prefixes they allow), after the checks that it would destroy nothing."""
+    from dlorch.core.imageio import check_output_path
+
+    check_output_path(output, [r for r in inputs if r], fmt="zarr")
+    local = local_output(output)
+    if local is not None:
+        raise BadInput(f"spec {spec_file}: output {output} is a path on this machine, and nodes write only to the "
+                       f"store or a URL they allow; leave output out and pass `-o {local}` with --wait (the result is "
+                       "copied there), or give an s3:// URL")
 
 
 def upload_spec_inputs(c, data: dict[str, Any]) -> dict[str, Any]:

@@ -80,7 +80,7 @@ def test_s3_volume_predicted_by_two_agents_into_s3(home, tmp_path, model, s3):
     z = zarr.create_array("s3://bucket/in.zarr", shape=local.shape, chunks=(1, 64, 64), dtype="uint8",
                           storage_options=storage_options("s3://bucket/in.zarr"))
     z[...] = local
-    with Cluster(tmp_path, home, **s3) as c:
+    with Cluster(tmp_path, home, DLORCH_ALLOW_URLS="s3://bucket/", **s3) as c:  # nodes may use the bucket
         c.agent("a1")
         c.agent("a2")
         _predict(c, model, "s3://bucket/in.zarr", "s3://bucket/out.zarr")
