@@ -106,6 +106,23 @@ class DataStore:
         fs, path = self._fs_for(uri_or_key), self._path(uri_or_key)
         return self._guard(lambda: fs.du(path, total=True) if fs.isdir(path) else fs.size(path))
 
+    def version(self, uri_or_key: str) -> str:
+        """What changes when an object is rewritten: ``SIZE:TAG``, the tag its ETag (object stores, HTTP) or mtime.
+
+        Raises:
+            FileNotFoundError: nothing is stored there.
+        """
+        fs, path = self._fs_for(uri_or_key), self._path(uri_or_key)
+
+        def _do() -> str:
+            info = fs.info(path)
+            if info.get("type") == "directory":
+                return f"{fs.du(path, total=True)}:dir"
+            tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+            return f"{info.get('size')}:{tag}"
+
+        return self._guard(_do)
+
     def put_file(self, local: Path, key: str) -> str:
         """Upload a file or directory to ``key``, published atomically; returns its URI."""
         dest = self._path(key, "write")
