@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(3.0, gt=0, description="how often agents heartbeat")
     max_attempts: int = Field(3, ge=1, description="failed attempts in a row (errors) before a job is failed")
     max_node_losses: int = Field(8, ge=1, description="nodes lost in a row without progress before a job is failed")
+    cache_gb: float = Field(50.0, gt=0, description="a node's cache of inputs and models, in GB; beyond it the "
+                            "copies used least recently are evicted")
     allow_urls: str = Field("", description="URL prefixes nodes may read and write besides the store, separated by "
                             "commas (e.g. s3://lab-data/); unset: the store only")
 

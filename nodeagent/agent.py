@@ -20,6 +20,7 @@ from dlorch.nodeagent import hardware
 from dlorch.nodeagent.attempt import Attempt
 from dlorch.nodeagent.blockwise import BlockWorker
 from dlorch.nodeagent.interrupts import SpotNoticePoller, StopFlag
+from dlorch.nodeagent.nodecache import trim_cache
 from dlorch.orchestrator.queue import Queue
 
 log = logging.getLogger("dlorch.agent")
@@ -102,6 +103,7 @@ class Agent:
         if self.stop.is_set():  # stopping between dequeue and claim: put the message back
             self.queue.jobs.send(msg, priority=int(msg.get("priority", 0)))
             return False
+        trim_cache(self.cache, int(self.settings.cache_gb * 2**30))  # before this job's inputs add to it
         if msg.get("kind") == "blocks":  # a blockwise job: pull its blocks until none is left
             if self.blocks is None:
                 self.blocks = BlockWorker(self.node_id, self.store, self.cache, self.queue, self._side_queue, self.stop)

@@ -5,7 +5,8 @@ the sha256 of the copy, the version of the store object it was fetched from (siz
 modification time) and its bytes; the record's modification time is the copy's last use. A blob is
 named by its sha256 (``put_blob``); any other copy must hash to its record, and the store object must
 still be the version it was fetched as. A copy that fails is fetched again. A download is published by
-rename, so a node killed mid-download leaves no truncated copy behind.
+rename, so a node killed mid-download leaves no truncated copy behind. ``trim_cache`` keeps the cache
+under its size cap by evicting the copies used least recently.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 from dlorch.core.errors import BadInput, Unreachable
 from dlorch.core.store import DataStore, sha256_of
@@ -193,3 +195,68 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink(missing_ok=True)
+
+
+class Entry(NamedTuple):
+    """A cached copy as eviction sees it."""
+
+    name: str
+    bytes: int
+    last_used: float  # seconds since the epoch
+
+
+def evictions(entries: list[Entry], max_bytes: int, now: float, min_idle_s: float) -> list[str]:
+    """The copies to evict so that the rest fit in ``max_bytes``: the least recently used first.
+
+    A copy used within ``min_idle_s`` is never evicted (an attempt on this machine may be reading it),
+    so the cap may be exceeded while the copies in use alone exceed it.
+    """
+    kept, out = 0, []
+    for e in sorted(entries, key=lambda e: e.last_used, reverse=True):
+        if kept + e.bytes <= max_bytes or now - e.last_used < min_idle_s:
+            kept += e.bytes
+        else:
+            out.append(e.name)
+    return out
+
+
+STALE_DOWNLOAD_S = 3600.0  # a temporary this old is a download whose node was killed
+
+
+def trim_cache(cache: Path, max_bytes: int, min_idle_s: float = 600.0) -> list[str]:
+    """Evict the least recently used copies beyond ``max_bytes``, and what killed downloads left; returns the names.
+
+    Never raises: a cache that cannot be trimmed now is trimmed the next time.
+    """
+    try:
+        return _trim(cache, max_bytes, min_idle_s)
+    except OSError as e:
+        log.warning("could not trim the node cache %s: %s", cache, e)
+        return []
+
+
+def _trim(cache: Path, max_bytes: int, min_idle_s: float) -> list[str]:
+    if not cache.is_dir():
+        return []
+    now, entries = time.time(), []
+    for path in cache.iterdir():
+        if path.name == RECORDS:
+            continue
+        if path.name.startswith("."):  # a download in progress, or left by a killed node
+            if now - path.stat().st_mtime > STALE_DOWNLOAD_S:
+                _remove(path)
+            continue
+        record, rpath = _read_record(path), _record_path(path)
+        size = record.get("bytes") if isinstance(record.get("bytes"), int) else _bytes(path)
+        used = rpath.stat().st_mtime if rpath.exists() else path.stat().st_mtime
+        entries.append(Entry(path.name, size, used))
+    victims = evictions(entries, max_bytes, now, min_idle_s)
+    for name in victims:
+        _evict(cache / name)
+        log.info("evicted %s from the node cache (least recently used; cap %d bytes)", name, max_bytes)
+    records = cache / RECORDS
+    for rec in records.iterdir() if records.is_dir() else []:  # records whose copy is gone, or never came
+        orphan = rec.name.startswith(".") or not (cache / rec.stem).exists()
+        if orphan and now - rec.stat().st_mtime > STALE_DOWNLOAD_S:  # not a download about to publish
+            rec.unlink(missing_ok=True)
+    return victims
