@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh Debian machine with Python 3.11:
 #   make demo   — virtual environment, install, train on ISBI strokes, predict, print IoU
-#   make test   — the same environment plus redis-server, then the whole test suite (what .ci/run calls)
+#   make test   — the same environment plus redis-server and libfaketime, then the whole test suite (what .ci/run calls)
 # and for a quick check while editing:
 #   make test-fast — the unit tests (tests/unit: in-process, no servers, no training), under a minute
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 DATA   ?= ../shared/data/isbi2012-em
 OUT    ?= out
 
-.PHONY: demo test test-fast install redis bench clean
+.PHONY: demo test test-fast install redis faketime bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ redis:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server) \
 	  || (echo "redis-server is needed by the tests: apt-get install -y redis-server" && exit 1)
 
-test: $(BIN)/.installed redis
+# libfaketime runs a test client with its clock an hour ahead (leadership must not compare clocks across hosts)
+faketime:
+	@ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq faketime) \
+	  || (echo "libfaketime is needed by the tests: apt-get install -y faketime" && exit 1)
+
+test: $(BIN)/.installed redis faketime
 	$(BIN)/python -m pytest -q
 
 test-fast: $(BIN)/.installed

@@ -13,12 +13,13 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from dlorch.core.errors import DlorchError
+from dlorch.core.errors import DlorchError, Unreachable
 from dlorch.core.settings import Settings
 from dlorch.core.spec import Job, new_job_id, parse_spec
 from dlorch.core.store import DataStore
 from dlorch.core.wire import Signer
-from dlorch.orchestrator.ledger import Ledger, dead_here
+from dlorch.orchestrator.leadership import Verdict
+from dlorch.orchestrator.ledger import Ledger
 from dlorch.orchestrator.queue import Queue
 from dlorch.orchestrator.service import Orchestrator
 from dlorch.orchestrator.statestore import open_state_store
@@ -40,10 +41,19 @@ class Client:
         """Fail with one line now, rather than later, if the queue cannot be reached."""
         self.queue.jobs.size()
 
+    WATCH_LEADER_EVERY_S = 0.2  # how often a look at the leader record's heartbeat counter is taken
+
     def orchestrator_alive(self) -> bool:
-        """Whether an orchestrator has renewed its leadership within one lease (and, on this machine, still runs)."""
-        got = self.ledger.leader()
-        return got is not None and time.time() - got[0].heartbeat_at <= self.settings.lease_s and not dead_here(got[0])
+        """Whether an orchestrator leads: its heartbeat counter advances (about once a second), or it is ours.
+
+        No other host's clock is read: a record that looks live is watched until its counter moves, or
+        stands still for a full lease of this machine's clock (its holder is gone).
+        """
+        while True:
+            verdict = self.ledger.leader_verdict(self.settings.lease_s, time.monotonic())
+            if verdict is not Verdict.UNSURE:
+                return verdict is Verdict.ALIVE
+            time.sleep(self.WATCH_LEADER_EVERY_S)
 
     def live_nodes(self) -> list[Any]:
         """Nodes whose heartbeat is within one lease."""
@@ -54,11 +64,22 @@ class Client:
         """Nodes alive at ``now`` (a heartbeat within one lease, draining or not); with ``include_left``, every one."""
         return [n for n in self.ledger.nodes() if include_left or n.alive(now, self.settings.lease_s)]
 
-    def call(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Ask the orchestrator; with none running, act as one for this single request."""
-        if self.orchestrator_alive():
-            reply = self.queue.request(message)
-        else:
+    def call(self, message: Request | dict[str, Any]) -> dict[str, Any]:
+        """Ask the orchestrator; with none alive, act as one for this single request.
+
+        A leader record that looks live gets the request through the queue at once; while the reply is
+        awaited its heartbeat counter is watched, and a counter that stands still for a full lease means
+        nobody leads (handlers are idempotent, so the request left in the queue does no harm).
+        """
+        gone = _LeaderGone(self.ledger, self.settings.lease_s, self.WATCH_LEADER_EVERY_S)
+        reply = None
+        if not gone.is_set():
+            try:
+                reply = self.queue.request(message, timeout=self.settings.lease_s + 15, stop=gone)
+            except Unreachable:
+                if not gone.is_set():
+                    raise
+        if reply is None:
             orch = Orchestrator(self.settings, self.ledger, self.queue)
             orch.lead()
             try:
@@ -102,6 +123,25 @@ class Client:
                 lines.append(f"--- attempt {att.token} on {att.node} ---")
                 lines.extend(self.store.read_bytes(self.store.uri(key)).decode(errors="replace").splitlines())
         return lines
+
+
+class _LeaderGone:
+    """A stop flag for a request's wait: set once the leader's heartbeat counter stood still for a lease.
+
+    It looks at the ledger at most every ``every_s`` (the wait polls far more often); once set, it stays set.
+    """
+
+    def __init__(self, ledger: Ledger, lease_s: float, every_s: float) -> None:
+        self.ledger, self.lease_s, self.every_s = ledger, lease_s, every_s
+        self.gone = False
+        self._next_look = 0.0
+
+    def is_set(self) -> bool:
+        now = time.monotonic()
+        if not self.gone and now >= self._next_look:
+            self.gone = self.ledger.leader_verdict(self.lease_s, now) is Verdict.GONE
+            self._next_look = now + self.every_s
+        return self.gone
 
 
 class LocalService:

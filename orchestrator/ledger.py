@@ -2,6 +2,8 @@
 
 Every status change is compare-and-set: read a record with its etag, check the status is one the
 caller expects, check the move is legal (``spec.TRANSITIONS``), write only if the etag still matches.
+Every record carries the leadership ``term`` of the orchestrator that wrote it last: a write of an
+older term (a leader deposed without knowing it yet) is refused (fencing).
 """
 
 from __future__ import annotations
@@ -10,24 +12,15 @@ import json
 import logging
 from typing import Callable, Iterable, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from dlorch.core.errors import BadInput, StaleWrite, first_problem
 from dlorch.core.spec import TRANSITIONS, Job, JobStatus, NodeInfo, check_id
+from dlorch.orchestrator.leadership import Here, Leader, LeaderWatch, Verdict, where
 from dlorch.orchestrator.statestore import StateStore
 
 log = logging.getLogger("dlorch.orchestrator")
 M = TypeVar("M", bound=BaseModel)
-
-
-class Leader(BaseModel):
-    """Who runs the orchestrator loop now; renewed like a lease."""
-
-    id: str
-    hostname: str
-    pid: int
-    started_at: float
-    heartbeat_at: float
 
 
 class Ledger:
@@ -36,11 +29,14 @@ class Ledger:
     def __init__(self, store: StateStore) -> None:
         self.store = store
         self._conditional_writes_checked = False
+        self.term = 0  # the leadership term this ledger writes in (set by a successful claim)
+        self.leader_id: str | None = None  # the orchestrator that claimed it
+        self.watch = LeaderWatch()  # what this process has seen of another leader's heartbeat counter
 
     # -- jobs ---------------------------------------------------------------------------------
     def create(self, job: Job) -> None:
         """Record a new job; fails if the id exists."""
-        self.store.put(f"jobs/{check_id('job', job.id)}", _dump(job), if_none_match=True)
+        self.store.put(f"jobs/{check_id('job', job.id)}", _dump(job, self.term), if_none_match=True)
 
     def find(self, job_id: str) -> Job | None:
         """A job, or None if there is no such record."""
@@ -49,10 +45,16 @@ class Ledger:
 
     def read(self, job_id: str) -> tuple[Job, str]:
         """A job and its etag."""
+        job, etag, _ = self._read_job(job_id)
+        return job, etag
+
+    def _read_job(self, job_id: str) -> tuple[Job, str, int]:
+        """A job, its etag and the term that wrote it."""
         got = self.store.get(f"jobs/{check_id('job', job_id)}")
         if got is None:
             raise BadInput(f"no job {job_id!r}; `dlorch jobs` lists them")
-        return self._parse(Job, f"jobs/{job_id}", got[0]), got[1]
+        job, term = self._parse_record(Job, f"jobs/{job_id}", got[0])
+        return job, got[1], term
 
     def get(self, job_id: str) -> Job:
         """A job by id, or by a unique suffix or prefix of its id."""
@@ -81,16 +83,17 @@ class Ledger:
 
         Raises:
             StaleWrite: the job is not in an expected status, the change is not a legal transition,
-                or another writer changed the record meanwhile.
+                another writer changed the record meanwhile, or a newer leader wrote it.
         """
-        job, etag = self.read(job_id)
+        job, etag, term = self._read_job(job_id)
+        self._fence(f"jobs/{job_id}", term)
         before = job.status
         if expect is not None and before not in set(expect):
             raise StaleWrite(f"job {job_id} is {before.value}, expected {', '.join(s.value for s in expect)}")
         change(job)
         if job.status != before and job.status not in TRANSITIONS[before]:
             raise StaleWrite(f"job {job_id}: illegal transition {before.value} -> {job.status.value}")
-        self.store.put(f"jobs/{job_id}", _dump(job), if_match=etag)
+        self.store.put(f"jobs/{job_id}", _dump(job, self.term), if_match=etag)
         return job
 
     def jobs(self, statuses: Iterable[JobStatus] | None = None) -> list[Job]:
@@ -109,12 +112,18 @@ class Ledger:
     # -- reading records ----------------------------------------------------------------------------
     def _parse(self, model: type[M], key: str, data: bytes) -> M:
         """A record, or a one-line error naming it: a damaged file is reported, never overwritten."""
+        return self._parse_record(model, key, data)[0]
+
+    def _parse_record(self, model: type[M], key: str, data: bytes) -> tuple[M, int]:
+        """A record and the term that wrote it (``_parse``)."""
         try:
-            return model.model_validate_json(data)
-        except ValidationError as e:
+            fields = json.loads(data)
+            term = fields.pop(TERM, 0) if isinstance(fields, dict) and TERM not in model.model_fields else 0
+            return model.model_validate(fields), int(term)
+        except (ValueError, TypeError) as e:  # not JSON, not the model (ValidationError), a term not a number
             root = getattr(self.store, "root", None)
-            where = f"{root}/{key}.json" if root is not None else key
-            raise CorruptRecord(f"ledger record {where} is unreadable ({first_problem(e)}); restore it from a backup or move it "
+            path = f"{root}/{key}.json" if root is not None else key
+            raise CorruptRecord(f"ledger record {path} is unreadable ({first_problem(e)}); restore it from a backup or move it "
                                 "aside (dlorch leaves it as it is)") from None
 
     def _parse_or_skip(self, model: type[M], key: str, data: bytes) -> M | None:
@@ -130,17 +139,22 @@ class Ledger:
     # -- block plans ------------------------------------------------------------------------------
     def put_block_plan(self, job_id: str, plan: dict) -> None:
         """Record a blockwise job's blocks (geometry, normalisation); written once, at the split."""
-        self.store.put(f"blockplans/{check_id('job', job_id)}", json.dumps(plan, separators=(",", ":")).encode())
+        data = json.dumps({**plan, TERM: self.term}, separators=(",", ":")).encode()
+        self._put_fenced(f"blockplans/{check_id('job', job_id)}", data)
 
     def block_plan(self, job_id: str) -> dict | None:
         """A blockwise job's recorded blocks, or None."""
         got = self.store.get(f"blockplans/{check_id('job', job_id)}")
-        return json.loads(got[0]) if got else None
+        if not got:
+            return None
+        plan = json.loads(got[0])
+        plan.pop(TERM, None)
+        return plan
 
     # -- nodes --------------------------------------------------------------------------------
     def put_node(self, node: NodeInfo) -> None:
         """Record a node's registration or heartbeat (the orchestrator is its only writer)."""
-        self.store.put(f"nodes/{check_id('node', node.id)}", _dump(node))
+        self._put_fenced(f"nodes/{check_id('node', node.id)}", _dump(node, self.term))
 
     def node(self, node_id: str) -> NodeInfo | None:
         """A node by id, or None."""
@@ -157,6 +171,34 @@ class Ledger:
                 out.append(node)
         return sorted(out, key=lambda n: n.registered_at)
 
+    # -- fencing ----------------------------------------------------------------------------------
+    def _fence(self, key: str, stored_term: int) -> None:
+        """Refuse to overwrite a record that a newer leader wrote.
+
+        A newer term stands unless the leader record still names this ledger's leader and term: then the
+        record outlived the leader record it was written under (deleted, damaged) and nobody newer leads.
+        """
+        if stored_term <= self.term:
+            return
+        got = self.leader()
+        if got is not None and (got[0].id, got[0].term) == (self.leader_id, self.term) and not got[0].released:
+            return
+        raise StaleWrite(f"{key} was written by a newer orchestrator (term {stored_term}); this one "
+                         f"(term {self.term}) no longer leads")
+
+    def _put_fenced(self, key: str, data: bytes) -> None:
+        """Write a record unless a newer leader wrote it; compare-and-set, looked at again if a write came between."""
+        for _ in range(5):
+            got = self.store.get(key)
+            if got is not None:
+                self._fence(key, _term_of(got[0]))
+            try:
+                self.store.put(key, data, if_match=got[1] if got else None, if_none_match=got is None)
+                return
+            except StaleWrite:
+                continue
+        raise StaleWrite(f"{key} kept changing underneath; try again")
+
     # -- leadership ---------------------------------------------------------------------------
     def leader(self) -> tuple[Leader, str] | None:
         """The current leader record and its etag."""
@@ -164,11 +206,19 @@ class Ledger:
         leader = self._parse_or_skip(Leader, "leader", got[0]) if got else None  # unreadable: nobody leads
         return (leader, got[1]) if leader is not None else None
 
-    def claim_leadership(self, me: Leader, lease_s: float, now: float) -> bool:
-        """Become (or stay) leader if the record is ours, absent, older than a lease, or unreadable.
+    def leader_verdict(self, lease_s: float, now: float) -> Verdict:
+        """One more look at the leader record: is its holder alive, gone, or not known yet (``now``: monotonic)."""
+        got = self.leader()
+        current = got[0] if got else None
+        return self.watch.observe(current, where(current) if current else Here.ELSEWHERE, now, lease_s)
 
-        The first claim checks that the store honours conditional writes (an S3-compatible endpoint may not);
-        without them two leaders could both win.
+    def claim_leadership(self, me: Leader, lease_s: float, now: float) -> bool:
+        """Become leader if the record is absent, unreadable, ours, or its holder gone; sets ``me.term``.
+
+        ``now`` is this process's monotonic clock: a holder on another machine is gone once this ledger has
+        watched its counter stand still for ``lease_s`` (no other host's clock is read). The first claim
+        checks that the store honours conditional writes (an S3-compatible endpoint may not); without them
+        two leaders could both win.
         """
         if not self._conditional_writes_checked:
             verify = getattr(self.store, "verify_conditional_writes", None)
@@ -176,18 +226,29 @@ class Ledger:
                 verify()
             self._conditional_writes_checked = True
         got = self.store.get("leader")
-        if got is not None:
-            current, etag = self._parse_or_skip(Leader, "leader", got[0]), got[1]
-            if current is not None and current.id != me.id and now - current.heartbeat_at <= lease_s \
-                    and not dead_here(current):
+        current = self._parse_or_skip(Leader, "leader", got[0]) if got else None
+        if current is not None and current.id != me.id:
+            if self.watch.observe(current, where(current), now, lease_s) is not Verdict.GONE:
                 return False
-            try:
-                self.store.put("leader", _dump(me), if_match=etag)
-            except StaleWrite:
-                return False
-            return True
+            me.term = current.term + 1
+        elif current is None:  # no record, or an unreadable one: nobody leads
+            me.term += 1
         try:
-            self.store.put("leader", _dump(me), if_none_match=True)
+            self.store.put("leader", _dump(me), if_match=got[1] if got else None, if_none_match=got is None)
+        except StaleWrite:
+            return False
+        self.term, self.leader_id = me.term, me.id
+        return True
+
+    def renew_leadership(self, me: Leader) -> bool:
+        """Write our record again with one more beat; False once another orchestrator holds it (we were deposed)."""
+        got = self.store.get("leader")
+        current = self._parse_or_skip(Leader, "leader", got[0]) if got else None
+        if current is None or (current.id, current.term) != (me.id, me.term) or current.released:
+            return False
+        me.beats = current.beats + 1
+        try:
+            self.store.put("leader", _dump(me), if_match=got[1])
         except StaleWrite:
             return False
         return True
@@ -203,22 +264,6 @@ class Ledger:
                 pass
 
 
-def dead_here(leader: Leader) -> bool:
-    """Whether the leader ran on this machine and its process is gone (a crash: no need to wait out its lease)."""
-    import os
-    import socket
-
-    if leader.hostname != socket.gethostname() or leader.pid == os.getpid():
-        return False
-    try:
-        os.kill(leader.pid, 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OSError, AttributeError):
-        return False
-    return False
-
-
 class CorruptRecord(BadInput):
     """A ledger record that cannot be parsed (a damaged file, a hand edit)."""
 
@@ -226,5 +271,20 @@ class CorruptRecord(BadInput):
 _REPORTED: set[str] = set()  # damaged records already logged by this process
 
 
-def _dump(model: BaseModel) -> bytes:
-    return json.dumps(model.model_dump(mode="json"), separators=(",", ":")).encode()
+TERM = "term"  # the key under which a record carries the term of the leader that wrote it
+
+
+def _dump(model: BaseModel, term: int | None = None) -> bytes:
+    fields = model.model_dump(mode="json")
+    if term is not None:
+        fields[TERM] = term
+    return json.dumps(fields, separators=(",", ":")).encode()
+
+
+def _term_of(data: bytes) -> int:
+    """The term a stored record was written in (0 for one written before terms, or unreadable)."""
+    try:
+        term = json.loads(data).get(TERM, 0)
+        return term if isinstance(term, int) else 0
+    except (ValueError, AttributeError):
+        return 0

@@ -10,18 +10,16 @@ renews the lease; ``on_finish`` (or a lease that ``maintain`` finds expired) end
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
 from typing import Callable
 
 from dlorch.core.errors import DlorchError, StaleWrite
 from dlorch.core.settings import Settings
 from dlorch.core.store import DataStore
 from dlorch.core.spec import Attempt, AttemptOutcome, Job, JobStatus, NodeInfo, new_job_id, parse_spec
-from dlorch.orchestrator.ledger import Leader, Ledger
+from dlorch.orchestrator.leadership import Verdict, new_leader
+from dlorch.orchestrator.ledger import Ledger
 from dlorch.orchestrator.blockservice import BlockHandlers, Reply
 from dlorch.orchestrator.leases import AfterAttempt, Next, after_attempt, expired_leases, missing_from_queue
 from dlorch.orchestrator.queue import Queue
@@ -40,13 +38,13 @@ class Orchestrator(BlockHandlers):
     REQUEUE_MIN_AGE_S = 5.0
     RESCAN_EVERY_S = 30.0  # full ledger scan; between scans, maintenance uses the in-memory index
     KEEP_CHECKPOINTS = 5  # accepted checkpoints remembered per job, to fall back on a corrupt one
+    WATCH_LEADER_EVERY_S = 0.2  # how often a claimant looks at the heartbeat counter of a recorded leader
 
     def __init__(self, settings: Settings, ledger: Ledger, queue: Queue, clock: Callable[[], float] = time.time):
         self.settings, self.ledger, self.queue, self.clock = settings, ledger, queue, clock
         self.store_url = DataStore(settings.resolved_store()).url
         now = clock()
-        self.me = Leader(id=uuid.uuid4().hex[:12], hostname=socket.gethostname(), pid=os.getpid(),
-                         started_at=now, heartbeat_at=now)
+        self.me = new_leader(now)
         # Leases could not be renewed while no orchestrator ran: honour them for one more lease.
         self.grace_until = now + settings.lease_s
         self.last_enqueued: dict[str, float] = {}
@@ -64,11 +62,22 @@ class Orchestrator(BlockHandlers):
 
     # -- the loop -------------------------------------------------------------------------------
     def lead(self) -> None:
-        """Take leadership of the ledger or raise NotLeader."""
-        if not self.ledger.claim_leadership(self.me, self.settings.lease_s, self.clock()):
+        """Take leadership of the ledger, or raise NotLeader once the recorded leader is seen alive.
+
+        A live leader's heartbeat counter advances within about a second; one whose counter stands still
+        for a full lease of this machine's clock (its host crashed, or lost the ledger) is taken over.
+        """
+        since, told = time.monotonic(), False
+        while not self.ledger.claim_leadership(self.me, self.settings.lease_s, time.monotonic()):
             cur = self.ledger.leader()
             who = f"pid {cur[0].pid} on {cur[0].hostname}" if cur else "another process"
-            raise NotLeader(f"an orchestrator is already running ({who}); use it, or stop it first")
+            if self.ledger.watch.verdict is Verdict.ALIVE:
+                raise NotLeader(f"an orchestrator is already running ({who}); use it, or stop it first")
+            if not told and time.monotonic() - since > 3.0:  # a live one shows itself within a second or two
+                log.info("the orchestrator on record (%s) is silent; it is taken over once silent for %.0fs", who,
+                         self.settings.lease_s)
+                told = True
+            time.sleep(self.WATCH_LEADER_EVERY_S)
 
     def step(self, timeout: float = 0.2, max_events: int = 200) -> int:
         """One iteration: handle waiting requests (waiting up to ``timeout`` for the first), maintain."""
@@ -123,7 +132,7 @@ class Orchestrator(BlockHandlers):
     def maintain(self, now: float) -> None:
         """Renew leadership, requeue expired leases, put missing jobs back in the queue."""
         self.me.heartbeat_at = now
-        if not self.ledger.claim_leadership(self.me, self.settings.lease_s, now):
+        if not self.ledger.renew_leadership(self.me):
             raise NotLeader("lost orchestrator leadership to another process")
         if time.monotonic() >= self._next_rescan:  # the index is rebuilt from the ledger now and then
             jobs = self.ledger.jobs([JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.WAITING])
