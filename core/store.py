@@ -193,6 +193,29 @@ class DataStore:
         self._guard(_do)
         return self.uri(key)
 
+    def listing(self, prefix: str, maxdepth: int | None = None) -> dict[str, int]:
+        """The keys under ``prefix`` (files and folders, ``maxdepth`` levels down) and their bytes (a folder: 0)."""
+        path, root = self._path(prefix), self.root.rstrip("/") + "/"
+
+        def _do() -> dict[str, int]:
+            if not self.fs.exists(path):
+                return {}
+            found = self.fs.find(path, maxdepth=maxdepth, withdirs=True, detail=True)
+            return {p[len(root):] if p.startswith(root) else p: 0 if info.get("type") == "directory"
+                    else int(info.get("size") or 0) for p, info in found.items()}
+
+        return self._guard(_do)
+
+    def delete(self, key: str) -> None:
+        """Delete an object, or a folder and all it holds; nothing there is no error."""
+        path = self._path(key, "write")
+
+        def _do() -> None:
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=self.fs.isdir(path))
+
+        self._guard(_do)
+
     def _guard(self, fn):
         try:
             return fn()

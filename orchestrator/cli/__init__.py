@@ -2,7 +2,7 @@
 
 Each area's commands live in their own module and only parse, call the library, and print:
 ``fleet`` (up), ``nodes`` (agent, nodes, drain), ``training`` (segment, denoise, train, predict) and
-``jobs`` (submit, jobs, status, logs, cancel, evaluate); ``common`` holds what they share.
+``jobs`` (submit, jobs, status, logs, cancel, evaluate), ``gc``; ``common`` holds what they share.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import typer
 
 from dlorch.core.errors import DlorchError, redact
 from dlorch.core.settings import requested_precision
-from dlorch.orchestrator.cli import fleet, jobs, nodes, training
+from dlorch.orchestrator.cli import fleet, gc, jobs, nodes, training
 from dlorch.orchestrator.cli.common import global_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -25,7 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 # The command table, in the order `dlorch --help` lists it.
 for command in (fleet.up, nodes.agent, training.segment, training.denoise, training.predict, jobs.submit,
-                jobs.jobs, jobs.status, jobs.logs, jobs.cancel, jobs.evaluate):
+                jobs.jobs, jobs.status, jobs.logs, jobs.cancel, jobs.evaluate, gc.gc):
     app.command()(command)
 app.add_typer(training.train_app, name="train")
 app.add_typer(nodes.nodes_app, name="nodes")
