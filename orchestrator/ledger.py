@@ -36,6 +36,8 @@ class Ledger:
     # -- jobs ---------------------------------------------------------------------------------
     def create(self, job: Job) -> None:
         """Record a new job; fails if the id exists."""
+        if not job.status.is_terminal():  # indexed first: no job may run without its marker
+            self.store.put(f"{ACTIVE}/{check_id('job', job.id)}", b"{}")
         self.store.put(f"jobs/{check_id('job', job.id)}", _dump(job, self.term), if_none_match=True)
 
     def find(self, job_id: str) -> Job | None:
@@ -94,6 +96,8 @@ class Ledger:
         if job.status != before and job.status not in TRANSITIONS[before]:
             raise StaleWrite(f"job {job_id}: illegal transition {before.value} -> {job.status.value}")
         self.store.put(f"jobs/{job_id}", _dump(job, self.term), if_match=etag)
+        if job.status.is_terminal() and not before.is_terminal():
+            self.store.delete(f"{ACTIVE}/{job_id}")  # if this is lost, active_jobs removes the marker later
         return job
 
     def jobs(self, statuses: Iterable[JobStatus] | None = None) -> list[Job]:
@@ -106,6 +110,28 @@ class Ledger:
             if job is None:
                 continue
             if wanted is None or job.status in wanted:
+                out.append(job)
+        return sorted(out, key=lambda j: (j.created_at, j.id))
+
+    def active_jobs(self) -> list[Job]:
+        """The jobs that may still run (queued, running, waiting), oldest first; no ended job's record is read.
+
+        Each such job has a marker under ``active/`` from its creation until it ends. A ledger written
+        before the markers existed is indexed once, by reading every record.
+        """
+        if self.store.get(ACTIVE_INDEXED) is None:
+            for job in self.jobs():
+                if not job.status.is_terminal():
+                    self.store.put(f"{ACTIVE}/{job.id}", b"{}")
+            self.store.put(ACTIVE_INDEXED, b"{}")
+        out = []
+        for key in self.store.list(ACTIVE):
+            job_id = key.split("/", 1)[1]
+            got = self.store.get(f"jobs/{job_id}")
+            job = self._parse_or_skip(Job, f"jobs/{job_id}", got[0]) if got else None
+            if job is not None and job.status.is_terminal():
+                self.store.delete(key)  # its end was written but the marker's removal was lost
+            elif job is not None:
                 out.append(job)
         return sorted(out, key=lambda j: (j.created_at, j.id))
 
@@ -262,6 +288,10 @@ class Ledger:
                 self.store.put("leader", _dump(gone), if_match=got[1])
             except StaleWrite:
                 pass
+
+
+ACTIVE = "active"  # one empty record per job that may still run: the orchestrator's periodic scan lists these
+ACTIVE_INDEXED = "indexes/active"  # present once every job that may run has its marker
 
 
 class CorruptRecord(BadInput):

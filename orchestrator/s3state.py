@@ -82,6 +82,9 @@ class S3StateStore:
                     keys.append(f"{prefix.rstrip('/')}/{name[:-5]}")
         return sorted(keys)
 
+    def delete(self, key: str) -> None:
+        self._call(self.s3.delete_object, Bucket=self.bucket, Key=self._key(key))  # none there: S3 says 204 too
+
     def _call(self, fn, **kw):
         from botocore.exceptions import BotoCoreError, ClientError
 

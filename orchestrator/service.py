@@ -135,7 +135,7 @@ class Orchestrator(BlockHandlers):
         if not self.ledger.renew_leadership(self.me):
             raise NotLeader("lost orchestrator leadership to another process")
         if time.monotonic() >= self._next_rescan:  # the index is rebuilt from the ledger now and then
-            jobs = self.ledger.jobs([JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.WAITING])
+            jobs = self.ledger.active_jobs()  # no ended job's record is read
             self.active = {j.id: j for j in jobs if j.status is not JobStatus.WAITING}
             for job in jobs:
                 if job.status is JobStatus.WAITING and job.id not in self.books:

@@ -30,6 +30,9 @@ class StateStore(Protocol):
     def list(self, prefix: str) -> list[str]:
         """Keys under a prefix, sorted."""
 
+    def delete(self, key: str) -> None:
+        """Remove a record; none there is no error."""
+
 
 def etag_of(data: bytes) -> str:
     """A record's etag: the hash of its bytes."""
@@ -79,6 +82,11 @@ class LocalDirStateStore:
         if not base.is_dir():
             return []
         return sorted(f"{prefix.rstrip('/')}/{p.stem}" for p in base.glob("*.json"))
+
+    def delete(self, key: str) -> None:
+        path = self._file(key)
+        with self._mutex, self._lock(path):
+            path.unlink(missing_ok=True)
 
     def _lock(self, path: Path) -> "_DirLock":
         return _DirLock(path.with_name(f".{path.name}.lock"), self.STALE_LOCK_S)

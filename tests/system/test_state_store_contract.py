@@ -81,6 +81,18 @@ class TestStateStoreContract:
             led.get("j-nope")
         assert led.get("1").status is JobStatus.SUCCEEDED  # unique suffix resolves
 
+    def test_delete_and_the_index_of_jobs_that_may_run(self, store):
+        store.put("x/a", b"1")
+        store.delete("x/a")
+        store.delete("x/never-written")  # nothing there: no error
+        assert store.get("x/a") is None and store.list("x") == []
+        led = Ledger(store)
+        for i in ("j-1", "j-2", "j-3"):
+            led.create(_job(i))
+        led.update("j-2", lambda j: setattr(j, "status", JobStatus.CANCELLED))
+        assert [j.id for j in led.active_jobs()] == ["j-1", "j-3"]
+        assert store.list("active") == ["active/j-1", "active/j-3"]
+
 
 def test_missing_bucket_is_one_line(ledger_bucket, s3_endpoint):
     st = S3StateStore("no-such-bucket", "x", endpoint_url=s3_endpoint)
