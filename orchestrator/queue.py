@@ -85,6 +85,7 @@ class Channel:
         self.storage = self.huey.storage
         self.blocking = bool(getattr(self.storage, "blocking", False))
         self.rejected = 0
+        self._next_sweep = 0.0  # when put_reply next looks for expired SQLite replies
 
     def send(self, message: dict[str, Any], priority: int = 0) -> None:
         """Sign and enqueue a message."""
@@ -147,7 +148,39 @@ class Channel:
             rkey = f"dlorch.reply.{self.name}.{key}"
             self._io(lambda: conn.pipeline().rpush(rkey, data).expire(rkey, self.REPLY_TTL_S).execute())
         else:
-            self._io(lambda: self.storage.put_data(f"reply:{key}", data))
+            self._io(lambda: self._put_sqlite_reply(key, data, time.time()))
+
+    SWEEP_EVERY_S = 60.0  # how often expired SQLite replies are looked for
+
+    def _put_sqlite_reply(self, key: str, data: bytes, now: float) -> None:
+        """A reply in huey's key-value table and its expiry in huey's schedule table (unused otherwise), together."""
+        with self.storage.db(commit=True) as curs:
+            curs.execute("insert or replace into kv (queue, key, value) values (?, ?, ?)",
+                         (self.storage.name, f"reply:{key}", data))
+            curs.execute("insert into schedule (queue, data, timestamp) values (?, ?, ?)",
+                         (self.storage.name, key, now + self.REPLY_TTL_S))
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.SWEEP_EVERY_S
+            self.sweep_replies(now)
+
+    def sweep_replies(self, now: float) -> int:
+        """Delete the SQLite replies whose time is up at ``now`` (their askers gave up); returns how many.
+
+        Redis expires its replies itself (a TTL on each).
+        """
+        if not hasattr(self.storage, "db"):
+            return 0
+
+        def _do() -> int:
+            with self.storage.db(commit=True) as curs:
+                due = "select 'reply:' || data from schedule where queue = ? and timestamp <= ?"
+                curs.execute(f"delete from kv where queue = ? and key in ({due})",
+                             (self.storage.name, self.storage.name, now))
+                swept = curs.rowcount
+                curs.execute("delete from schedule where queue = ? and timestamp <= ?", (self.storage.name, now))
+                return swept
+
+        return self._io(_do)
 
     def take_reply(self, key: str, wait: float = 0.0) -> dict[str, Any] | None:
         """Pop a reply if it has arrived, waiting up to ``wait`` seconds where the backend can block."""
