@@ -1,4 +1,8 @@
-"""A node agent: register, heartbeat, take one job at a time from the queue, run it, report."""
+"""A node agent: register, heartbeat, take one job at a time from the queue, run it, report.
+
+Everything it sends and receives is a model of ``core/protocol.py``; a message or reply that is not one
+is logged and dropped, so junk on the queue never ends the agent or its heartbeat.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
+from dlorch.core import protocol
 from dlorch.core.errors import DlorchError, RedactSecrets, Unreachable
+from dlorch.core.protocol import (Bye, Claim, ClaimReply, Dispatch, Finish, Heartbeat, HeartbeatReply, Progress,
+                                  Register)
 from dlorch.core.settings import Settings
-from dlorch.core.spec import Job
+from dlorch.core.spec import Job, check_id
 from dlorch.core.store import DataStore
 from dlorch.core.wire import Signer
-from dlorch.nodeagent import hardware
+from dlorch.nodeagent import hardware, reports
 from dlorch.nodeagent.attempt import Attempt
 from dlorch.nodeagent.blockwise import BlockWorker
 from dlorch.nodeagent.interrupts import SpotNoticePoller, StopFlag
@@ -34,12 +43,12 @@ class Agent:
     def __init__(self, settings: Settings, node_id: str | None = None, workdir: Path | None = None,
                  spot_metadata_url: str | None = None) -> None:
         self.settings, self.spot_metadata_url = settings, spot_metadata_url
-        self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        self.node_id = check_id("node", node_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}")
         signer = Signer(settings.resolved_secret())
         self.store = DataStore(settings.resolved_store(), allow=settings.allowed_urls())  # nothing else is touched
-        self.queue = Queue(settings.resolved_queue(), signer)
-        self._hb_queue = Queue(settings.resolved_queue(), signer)  # its own connection, for its thread
-        self._side_queue = Queue(settings.resolved_queue(), signer)  # for the block prefetch thread
+        self.queue = Queue(settings.resolved_queue(), signer, sender=self.node_id)
+        self._hb_queue = Queue(settings.resolved_queue(), signer, sender=self.node_id)  # its own connection
+        self._side_queue = Queue(settings.resolved_queue(), signer, sender=self.node_id)  # the block prefetch's
         base = workdir or (self.store.local_root or Path.home() / ".dlorch") / "agents" / self.node_id
         self.workdir, self.cache = base / "work", base.parent.parent / "cache"
         self.stop = StopFlag()
@@ -52,8 +61,7 @@ class Agent:
     # -- lifecycle --------------------------------------------------------------------------------
     def register(self) -> None:
         """Announce this node and its hardware to the orchestrator."""
-        reply = self.queue.request({"type": "register", "node_info": hardware.describe(self.node_id)}, timeout=60,
-                                   stop=self.stop)
+        reply = self.queue.request(self._registration(), timeout=60, stop=self.stop)
         if not reply.get("ok"):
             raise DlorchError(f"registration refused: {reply.get('reason')}")
         log.info("node %s registered", self.node_id)
@@ -83,7 +91,7 @@ class Agent:
             if self.blocks is not None:
                 self.blocks.close()
             try:
-                self.queue.request({"type": "bye", "node": self.node_id}, timeout=5)
+                self.queue.request(Bye(node=self.node_id), timeout=5)
             except DlorchError:
                 pass
             log.info("node %s stopped (%s)", self.node_id, self.stop.reason)
@@ -98,25 +106,24 @@ class Agent:
             log.warning("%s", e)
             self.stop.wait(2.0)
             return not self.stop.is_set()
-        if msg is None:
+        msg = protocol.parse_dispatch(msg) if msg is not None else None
+        if msg is None:  # nothing came, or junk (logged)
             return not self.stop.is_set()
-        if self.stop.is_set():  # stopping between dequeue and claim: put the message back
-            self.queue.jobs.send(msg, priority=int(msg.get("priority", 0)))
+        if self.stop.is_set():  # stopping between dequeue and claim: put the message back, as urgent as it was
+            self.queue.jobs.send(msg.wire(), priority=msg.priority)
             return False
         trim_cache(self.cache, int(self.settings.cache_gb * 2**30))  # before this job's inputs add to it
-        if msg.get("kind") == "blocks":  # a blockwise job: pull its blocks until none is left
+        if msg.kind == "blocks":  # a blockwise job: pull its blocks until none is left
             if self.blocks is None:
                 self.blocks = BlockWorker(self.node_id, self.store, self.cache, self.queue, self._side_queue, self.stop)
-            ran = self.blocks.run(msg["job"])
+            ran = self.blocks.run(msg.job)
             if ran:
-                log.info("ran %d blocks (from %s)", ran, msg["job"])
+                log.info("ran %d blocks (from %s)", ran, msg.job)
             return not self.stop.is_set()
-        job_id, token = msg["job"], int(msg["token"])
-        reply = self._request({"type": "claim", "job": job_id, "token": token, "node": self.node_id})
-        if not reply.get("ok"):
-            log.info("skipped %s attempt %s: %s", job_id, token, reply.get("reason"))  # a duplicate or stale
+        job = self._claim(msg)
+        if job is None:
             return True
-        job = Job.model_validate(reply["job"])
+        token = msg.token
         log.info("running %s attempt %d (%s)", job.id, token, job.spec.kind)
         self.lease_lost = StopFlag()
         self.current = (job.id, token)
@@ -136,19 +143,41 @@ class Agent:
         except (DlorchError, OSError) as e:
             log.warning("could not upload the attempt log: %s", e)
         if not self.lease_lost.is_set():
-            # The result is only safe once recorded: keep asking through a queue outage, up to a while.
-            deadline = time.monotonic() + self.FINISH_RETRY_S
-            while True:
-                reply = self._request({"type": "finish", "job": job.id, "token": token, "node": self.node_id,
-                                       **body}, timeout=30)
-                if not reply.get("unreachable") or time.monotonic() > deadline:
-                    break
-            log.info("%s attempt %d %s (orchestrator: %s)", job.id, token, body["outcome"],
-                     reply.get("status") or reply.get("reason"))
+            self._finish(job.id, token, body)
         return not self.stop.is_set()
 
     # -- talking to the orchestrator ----------------------------------------------------------------
-    def _request(self, message: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    def _registration(self) -> Register:
+        return reports.report(Register, {"node_info": hardware.describe(self.node_id)})
+
+    def _claim(self, msg: Dispatch) -> Job | None:
+        """Claim a dispatched attempt: the job, or None if it is not ours to run (a duplicate, stale)."""
+        raw = self._request(Claim(job=msg.job, token=msg.token, node=self.node_id))
+        unreachable = raw.get("unreachable")  # the orchestrator re-dispatches a job whose message is gone
+        reply = ClaimReply(ok=False, reason=raw["reason"]) if unreachable else protocol.parse_reply(ClaimReply, raw)
+        if not reply.ok or reply.job is None:
+            log.info("skipped %s attempt %s: %s", msg.job, msg.token, reply.reason)
+            return None
+        return reply.job
+
+    def _finish(self, job_id: str, token: int, body: dict[str, Any]) -> None:
+        """Report how the attempt ended. The result is only safe once recorded: keep asking through a
+        queue outage, up to a while. A report that is not the protocol's (it cannot be) is sent as an error."""
+        fields = {**body, "job": job_id, "token": token, "node": self.node_id}
+        try:
+            finish = reports.report(Finish, fields)
+        except protocol.Invalid as e:
+            log.error("%s", e)
+            finish = Finish(job=job_id, token=token, node=self.node_id, outcome="errored", error=str(e))
+        deadline = time.monotonic() + self.FINISH_RETRY_S
+        while True:
+            reply = self._request(finish, timeout=30)
+            if not reply.get("unreachable") or time.monotonic() > deadline:
+                break
+        log.info("%s attempt %d %s (orchestrator: %s)", job_id, token, finish.outcome.value,
+                 reply.get("status") or reply.get("reason"))
+
+    def _request(self, message: BaseModel, timeout: float = 30.0) -> dict[str, Any]:
         try:
             return self.queue.request(message, timeout=timeout)
         except Unreachable as e:
@@ -157,40 +186,51 @@ class Agent:
 
     def _reporter(self, job_id: str, token: int):
         def report(body: dict[str, Any]) -> dict[str, Any]:
-            return self._request({**body, "job": job_id, "token": token, "node": self.node_id}, timeout=60)
+            """The attempt's progress reports; one that is not the protocol's is logged and not sent."""
+            try:
+                progress = reports.report(Progress, {**{k: v for k, v in body.items() if k != "type"},
+                                                      "job": job_id, "token": token, "node": self.node_id})
+            except protocol.Invalid as e:
+                log.error("%s", e)
+                return {"ok": False, "unreachable": True, "reason": str(e)}  # not the lease's fault: go on
+            return self._request(progress, timeout=60)
 
         return report
 
     def _heartbeat_loop(self) -> None:
         while not self._hb_done.wait(self.settings.heartbeat_s):
-            self.heartbeat_once()
+            try:
+                self.heartbeat_once()
+            except Exception:  # never let the thread die: without heartbeats every lease of this node ends
+                log.exception("heartbeat failed; the next one follows")
 
     def heartbeat_once(self) -> None:
         """Renew this node's liveness and its lease; learn about drains, cancels and lost leases."""
         current = self.current
-        msg: dict[str, Any] = {"type": "heartbeat", "node": self.node_id}
+        msg = Heartbeat(node=self.node_id)
         if current:
-            msg["job"], msg["token"] = current
+            msg.job, msg.token = current
         held = self.blocks.holding() if self.blocks is not None else []
         if held:
-            msg["blocks"] = held
-            msg.setdefault("job", held[0][0])
+            msg.blocks = [tuple(h) for h in held]
+            msg.job = msg.job or held[0][0]
         try:
-            reply = self._hb_queue.request(msg, timeout=max(2.0, self.settings.heartbeat_s * 2))
+            raw = self._hb_queue.request(msg, timeout=max(2.0, self.settings.heartbeat_s * 2))
         except Unreachable as e:
             log.warning("heartbeat: %s", e)
             return
-        if reply.get("register"):
+        reply = protocol.parse_reply(HeartbeatReply, raw)
+        if reply.register_again:
             try:
-                self._hb_queue.request({"type": "register", "node_info": hardware.describe(self.node_id)})
+                self._hb_queue.request(self._registration())
             except Unreachable:
                 pass
-        if reply.get("drain"):
+        if reply.drain:
             self.stop.set("drain requested")
-        for job_id in reply.get("jobs_gone") or []:
+        for job_id in reply.jobs_gone:
             if self.blocks is not None:
                 self.blocks.lost.add(job_id)
-        if current and reply.get("lease") is False and self.current == current:
+        if current and reply.lease is False and self.current == current:
             self.lease_lost.set(f"lease on {current[0]} attempt {current[1]} lost")
 
 

@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dlorch.core import protocol
 from dlorch.core.blocks import Block, choose_block_voxels, output_chunks, plan_blocks
 from dlorch.core.chunkfiles import chunk_files
 from dlorch.core.errors import BadInput, StaleWrite, Unreachable
+from dlorch.core.protocol import BlockDone, BlockFailed, BlockRelease, NextBlock, NextBlockReply
 from dlorch.core.spec import JobSpec
 from dlorch.core.store import DataStore
 from dlorch.core.volumes import check_block_output, check_output_volume, create_volume, open_volume, read_region
@@ -34,6 +36,7 @@ from dlorch.nodeagent.attempt import LeaseLost
 from dlorch.nodeagent.hardware import total_memory_bytes
 from dlorch.nodeagent.interrupts import StopFlag
 from dlorch.nodeagent.nodecache import fetch_cached
+from dlorch.nodeagent.reports import report
 from dlorch.nodeagent.tasks import LoadedModel, Task, task_of
 from dlorch.orchestrator.queue import Queue
 
@@ -208,25 +211,26 @@ class BlockWorker:
         with self._lock:
             done, self._done = self._done, []
         try:
-            reply = self.side.request({"type": "next_block", "node": self.node_id, "job": job_id, "after": after,
-                                       "models": sorted(self.models), "have": sorted(self.contexts),
-                                       "done": done}, timeout=60)
-        except Unreachable as e:
+            ask = report(NextBlock, {"node": self.node_id, "job": job_id, "after": after, "done": done,
+                                     "models": sorted(self.models), "have": sorted(self.contexts)})
+            reply = protocol.parse_reply(NextBlockReply, self.side.request(ask, timeout=60))
+        except (Unreachable, protocol.Invalid) as e:
             log.warning("%s; %d block reports lost, those blocks will run again", e, len(done))
             return None
         finally:
             with self._lock:
                 self.held.difference_update((d["job"], d["block"]) for d in done)
         timings["claim_s"] = time.perf_counter() - t0
-        if not reply.get("ok") or not reply.get("block"):
+        if not reply.ok or reply.block is None or reply.job is None:
             return None
-        jid, b = reply["job"], reply["block"]
-        block = Block(b["index"], tuple(map(tuple, b["core"])), tuple(map(tuple, b["read"])))
+        jid, b = reply.job, reply.block
+        block = Block(b.index, tuple(map(tuple, b.core)), tuple(map(tuple, b.read)))
         with self._lock:
             self.held.add((jid, block.index))
         ready = _Ready(jid, block, None, timings=timings)
         try:
-            ctx = self.contexts.get(jid) or self._context(jid, reply.get("context"), timings)
+            raw = reply.context.model_dump(mode="json") if reply.context is not None else None
+            ctx = self.contexts.get(jid) or self._context(jid, raw, timings)
             ready.ctx = ctx
             t0 = time.perf_counter()
             ready.region = np.asarray(ctx.source[block.read_slices()])
@@ -282,9 +286,8 @@ class BlockWorker:
             with self._lock:
                 self._done.append(body)
             return
-        body.update(type="block_failed", error=r.error, permanent=r.permanent)
         log.warning("block %d of %s failed: %s", r.block.index, r.job_id, r.error)
-        self._send(body)
+        self._send(BlockFailed, {**body, "error": r.error, "permanent": r.permanent})
         with self._lock:
             self.held.discard((r.job_id, r.block.index))
 
@@ -293,21 +296,21 @@ class BlockWorker:
         with self._lock:
             done, self._done = self._done, []
         for body in done:
-            self._send({**body, "type": "block_done"})
+            self._send(BlockDone, body)
             with self._lock:
                 self.held.discard((body["job"], body["block"]))
 
     def _release(self, r: _Ready) -> None:
         self._flush_reports()
-        self._send({"type": "block_release", "node": self.node_id, "job": r.job_id, "block": r.block.index})
+        self._send(BlockRelease, {"node": self.node_id, "job": r.job_id, "block": r.block.index})
         with self._lock:
             self.held.discard((r.job_id, r.block.index))
 
-    def _send(self, body: dict[str, Any]) -> None:
+    def _send(self, model: type[BlockDone | BlockFailed | BlockRelease], body: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         try:
-            self.main.events.send(body)  # one-way: a lost report only means the block runs again
-        except Unreachable as e:
+            self.main.tell(report(model, body))  # one-way: a lost report only means the block runs again
+        except (Unreachable, protocol.Invalid) as e:
             log.warning("block report not sent (%s); it will run again after its lease", e)
         self._report_s += time.perf_counter() - t0
 

@@ -3,23 +3,22 @@
 A mixin of ``Orchestrator`` (service.py), which supplies the ledger, the queue, the settings,
 the clock and ``_update`` / ``_holder``. Block leases live in memory (blockbook.py, pure); the
 done set is flushed to the parent job's record about once a second, and a lost flush only
-means an idempotent block is computed again.
+means an idempotent block is computed again. Requests arrive typed (``core/protocol.py``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from dlorch.core.blocks import Block
 from dlorch.core.errors import StaleWrite
+from dlorch.core.protocol import (BlockContext, BlockDone, BlockFailed, BlockGeometry, BlockRelease, Dispatch, Finish,
+                                  FinishReply, NextBlock, NextBlockReply, Reply, refusal)
 from dlorch.core.spec import AttemptOutcome, Job, JobStatus
 from dlorch.orchestrator.blockbook import BlockBook, choose_book
 
 log = logging.getLogger("dlorch.orchestrator")
-
-Reply = dict[str, Any]
 
 
 class BlockHandlers:
@@ -36,37 +35,38 @@ class BlockHandlers:
         self._tokens_sent: dict[str, float] = {}
         self._flushed_at: dict[str, float] = {}
 
-    def _split(self, msg: dict) -> Reply:
+    def _split(self, req: Finish) -> Reply:
         """A planner attempt cut a blockwise job into blocks: record the plan, then hand blocks out.
 
         A planner that no longer holds the lease (paused past it; a newer attempt may have split
         the job already) is refused before anything is recorded.
         """
-        now, token, node = self.clock(), int(msg["token"]), msg["node"]
-        blocks = msg["blocks"]
-        job = self.ledger.get(msg["job"])
+        now, token, node = self.clock(), req.token, req.node
+        if not req.blocks or req.output is None or [b.index for b in req.blocks] != list(range(len(req.blocks))):
+            return refusal("a split names its output and lists its blocks in order, from index 0")
+        blocks = [b.model_dump(mode="json") for b in req.blocks]
+        job = self.ledger.get(req.job)
         self._holder(job, token, node)
-        if msg["output"] not in (job.spec.output, f"{self.store_url}/jobs/{job.id}/output.zarr"):
-            raise StaleWrite(f"output {msg['output']} is not this job's")
+        if req.output not in (job.spec.output, f"{self.store_url}/jobs/{job.id}/output.zarr"):
+            raise StaleWrite(f"output {req.output} is not this job's")
         # The plan first: a WAITING job always has one to rebuild its book from. ``split`` is the
         # planner's token, which its output's stamp names: blocks write only into that array.
-        plan = {"blocks": blocks, "split": token, "norm": msg.get("norm"), "priors": msg.get("priors"),
-                "noise_var": msg.get("noise_var")}
+        plan = {"blocks": blocks, "split": token, "norm": req.norm, "priors": req.priors, "noise_var": req.noise_var}
         self.ledger.put_block_plan(job.id, plan)
 
         def split(job: Job) -> None:
             att = self._holder(job, token, node)
             att.outcome, att.ended_at, att.lease_expires_at = AttemptOutcome.SPLIT, now, None
-            att.timings.update(msg.get("timings") or {})
-            job.status, job.output, job.updated_at = JobStatus.WAITING, msg["output"], now
-            job.blocks = {"total": len(blocks), "done": 0, "by_node": {}, "voxels_total": msg.get("voxels", 0),
+            att.timings.update(req.timings)
+            job.status, job.output, job.updated_at = JobStatus.WAITING, req.output, now
+            job.blocks = {"total": len(blocks), "done": 0, "by_node": {}, "voxels_total": req.voxels,
                           "voxels_done": 0, "started_at": now, "timings": {}, "done_ranges": [], "errors": {}}
             job.log(now, f"split into {len(blocks)} blocks by node {node}")
 
-        parent = self._update(msg["job"], split, expect=[JobStatus.RUNNING])
+        parent = self._update(req.job, split, expect=[JobStatus.RUNNING])
         self._load_book(parent, now, plan)
         self._send_block_tokens(parent.id, len(blocks), now)
-        return {"ok": True, "status": parent.status.value}
+        return FinishReply(status=parent.status)
 
     def _load_book(self, job: Job, now: float, plan: dict | None = None) -> BlockBook | None:
         """Build the in-memory book of a WAITING job from its plan and recorded progress."""
@@ -93,42 +93,43 @@ class BlockHandlers:
         """Put dispatch messages for a blockwise job in the queue; a node that takes one pulls blocks."""
         book = self.books[job_id]
         for _ in range(min(waiting, self.BLOCK_TOKENS)):
-            self.queue.jobs.send({"job": job_id, "token": 0, "kind": "blocks"}, priority=book.priority)
+            dispatch = Dispatch(job=job_id, token=0, kind="blocks", priority=book.priority)
+            self.queue.jobs.send(dispatch.wire(), priority=book.priority)
         self._tokens_sent[job_id] = now
 
-    def on_next_block(self, msg: dict) -> Reply:
+    def on_next_block(self, req: NextBlock) -> Reply:
         """Lease a block to a node: affinity to models it holds, then locality to its last block.
 
         The request carries the node's done reports since its last request (``done``): one round
         trip per block both reports and claims, where a separate report would cost a second message.
         """
         t0, c0 = time.perf_counter(), time.thread_time()
-        reply = self._next_block(msg)
-        book = self.books.get(reply.get("job") or "")
+        reply = self._next_block(req)
+        book = self.books.get(reply.job or "")
         if book is not None:  # the orchestrator's own time per block: the lease and the reports it carried
             _add_time(book.timings, "dispatch", t0, c0)
         return reply
 
-    def _next_block(self, msg: dict) -> Reply:
-        now, node = self.clock(), msg["node"]
-        for report in msg.get("done") or []:
-            self.on_block_done({**report, "node": node})
-        self._book(msg.get("job"))  # the job the node asks about may not be loaded yet after a restart
-        book = choose_book(list(self.books.values()), set(msg.get("models") or []), now, msg.get("job"))
+    def _next_block(self, req: NextBlock) -> NextBlockReply:
+        now, node = self.clock(), req.node
+        for report in req.done:  # reported by this node, whatever the report says
+            self.on_block_done(BlockDone(node=node, job=report.job, block=report.block, timings=report.timings))
+        self._book(req.job)  # the job the node asks about may not be loaded yet after a restart
+        book = choose_book(list(self.books.values()), set(req.models), now, req.job)
         if book is None:
-            return {"ok": True, "block": None}
+            return NextBlockReply(block=None)
         if any(j.status is JobStatus.QUEUED and j.spec.priority > book.priority for j in self.active.values()):
             # A more urgent job waits in the queue: send the node back to it (this job's dispatch
             # messages, re-sent by maintenance if need be, bring nodes back afterwards).
-            return {"ok": True, "block": None}
-        near = msg.get("after") if msg.get("job") == book.job_id else None
+            return NextBlockReply(block=None)
+        near = req.after if req.job == book.job_id else None
         index = book.pick(node, now, self.settings.lease_s, near=near)
         if index is None:
-            return {"ok": True, "block": None}
+            return NextBlockReply(block=None)
         g = self.block_geometry[book.job_id][index]
-        reply: Reply = {"ok": True, "job": book.job_id, "block": {"index": index, "core": g["core"], "read": g["read"]}}
-        if book.job_id not in (msg.get("have") or []):
-            reply["context"] = self.block_context[book.job_id]
+        reply = NextBlockReply(job=book.job_id, block=BlockGeometry(index=index, core=g["core"], read=g["read"]))
+        if book.job_id not in req.have:
+            reply.context = BlockContext.model_validate(self.block_context[book.job_id])
         return reply
 
     def _book(self, job_id: str | None) -> BlockBook | None:
@@ -145,29 +146,29 @@ class BlockHandlers:
                 book = self._load_book(job, self.clock())
         return book
 
-    def on_block_done(self, msg: dict) -> Reply:
-        book = self._book(msg["job"])
-        if book is None:
-            return {"ok": False, "reason": f"job {msg['job']} has no blocks in progress"}
-        book.finish(msg["node"], int(msg["block"]), msg.get("timings") or {})
+    def on_block_done(self, req: BlockDone) -> Reply:
+        book = self._book(req.job)
+        if book is None or req.block >= book.total:
+            return refusal(f"job {req.job} has no block {req.block} in progress")
+        book.finish(req.node, req.block, req.timings)
         if book.complete:
             self._flush_book(book, self.clock())
-        return {"ok": True}
+        return Reply()
 
-    def on_block_failed(self, msg: dict) -> Reply:
-        book = self._book(msg["job"])
-        if book is None:
-            return {"ok": False, "reason": f"job {msg['job']} has no blocks in progress"}
-        log.info("block %s of %s failed on %s: %s", msg["block"], book.job_id, msg["node"], msg.get("error"))
-        if book.error(msg["node"], int(msg["block"]), msg.get("error") or "unknown error", bool(msg.get("permanent"))):
+    def on_block_failed(self, req: BlockFailed) -> Reply:
+        book = self._book(req.job)
+        if book is None or req.block >= book.total:
+            return refusal(f"job {req.job} has no block {req.block} in progress")
+        log.info("block %s of %s failed on %s: %s", req.block, book.job_id, req.node, req.error)
+        if book.error(req.node, req.block, req.error, req.permanent):
             self._flush_book(book, self.clock())
-        return {"ok": True}
+        return Reply()
 
-    def on_block_release(self, msg: dict) -> Reply:
-        book = self._book(msg["job"])
+    def on_block_release(self, req: BlockRelease) -> Reply:
+        book = self._book(req.job)
         if book is not None:
-            book.release(msg["node"], int(msg["block"]))
-        return {"ok": True}
+            book.release(req.node, req.block)
+        return Reply()
 
     def _maintain_blocks(self, now: float) -> None:
         """Expire block leases, flush done sets, and re-dispatch blockwise jobs that no node works on."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from dlorch.core.errors import DlorchError, Unreachable
+from dlorch.core.protocol import Drain, Request, Submit
 from dlorch.core.settings import Settings
 from dlorch.core.spec import Job, new_job_id, parse_spec
 from dlorch.core.store import DataStore
@@ -98,7 +99,7 @@ class Client:
         """
         parse_spec(spec)
         # The id is chosen here so that a request re-sent after a lost reply is the same job.
-        return self.call({"type": "submit", "spec": spec, "job_id": new_job_id()})["job"]
+        return self.call(Submit(spec=spec, job_id=new_job_id()))["job"]
 
     def wait(self, job_id: str, on_update: Callable[[Job], None] | None = None, poll_s: float = 0.5) -> Job:
         """Poll the ledger until the job ends."""
@@ -198,9 +199,9 @@ class LocalService:
             if proc.poll() is None:
                 try:
                     if self.orch:
-                        reply = self.orch.on_drain({"node": node_id})
+                        reply = self.orch.handle(Drain(node=node_id))
                     else:
-                        reply = self.client.call({"type": "drain", "node": node_id})
+                        reply = self.client.call(Drain(node=node_id))
                     drained = bool(reply.get("ok"))
                 except DlorchError:
                     drained = False

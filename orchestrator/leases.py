@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import posixpath
 from dataclasses import dataclass
 from enum import Enum
+from urllib.parse import urlsplit
 
 from dlorch.core.spec import AttemptOutcome, Job, JobStatus
 
@@ -113,3 +116,21 @@ def missing_from_queue(
             continue
         out.append(job)
     return out
+
+
+def owned_by(uri: str, prefix: str) -> bool:
+    """Whether ``uri`` names something under ``prefix`` (an attempt's own keys): fencing of what it reports.
+
+    Both are parsed: the scheme and host must be the prefix's, and the path must lie below the prefix's
+    path. A path with ``.`` or ``..`` segments, a query or a fragment is under nothing (an agent's store
+    never makes one), so ``s3://other/jobs/J/attempts/2/x`` and ``.../attempts/2/../../K/x`` are refused.
+    """
+    if os.name == "nt":  # a Windows path's separators, so that it parses as the store's
+        uri, prefix = uri.replace("\\", "/"), prefix.replace("\\", "/")
+    u, p = urlsplit(uri), urlsplit(prefix)
+    if (u.scheme.lower(), u.netloc) != (p.scheme.lower(), p.netloc) or u.query or u.fragment or "#" in uri:
+        return False
+    if any(part in (".", "..") for part in u.path.split("/")):
+        return False
+    base = posixpath.normpath(p.path)
+    return posixpath.normpath(u.path).startswith(base.rstrip("/") + "/")

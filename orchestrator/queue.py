@@ -8,13 +8,16 @@ leases and heartbeats around one job at a time, which a generic consumer does no
 * ``events``: requests from agents and clients to the orchestrator (the single writer), whose
   replies come back through huey's key-value result store.
 
-The queue is a cache: every message can be rebuilt from the ledger.
+What the messages say is ``core/protocol.py``; here each is signed with the channel it is sent on, and
+a request with its envelope (request id, sender, send time in the orchestrator's clock as learnt from
+its replies). The queue is a cache: every message can be rebuilt from the ledger.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -22,7 +25,10 @@ import uuid
 from typing import Any
 from urllib.parse import urlparse
 
+from pydantic import BaseModel
+
 from dlorch.core.errors import BadInput, Unreachable, redact
+from dlorch.core.protocol import NOW, RESEND
 from dlorch.core.wire import ForgedMessage, Signer
 
 log = logging.getLogger("dlorch.queue")
@@ -74,6 +80,7 @@ def _check_queue_file(path: str, url: str) -> None:
 
 
 REPLY_TO = "reply_to"  # the request id a reply answers, inside its signed body
+CHANNEL = "ch"  # the channel a message was sent on, inside its signed body
 
 
 class Channel:
@@ -88,8 +95,8 @@ class Channel:
         self._next_sweep = 0.0  # when put_reply next looks for expired SQLite replies
 
     def send(self, message: dict[str, Any], priority: int = 0) -> None:
-        """Sign and enqueue a message."""
-        data = self.signer.seal(message)
+        """Sign and enqueue a message, bound to this channel."""
+        data = self.signer.seal({**message, CHANNEL: self.name})
         self._io(lambda: self.storage.enqueue(data, priority))
 
     def receive(self, timeout: float = 1.0) -> dict[str, Any] | None:
@@ -100,7 +107,7 @@ class Channel:
             data = self._io(self._dequeue if timeout > 0 else self._dequeue_now)
             if data is not None:
                 try:
-                    return self.signer.open(data)
+                    return self._open(data)
                 except ForgedMessage as e:
                     self.rejected += 1
                     log.warning("rejected a message on %s: %s", self.name, e)
@@ -110,6 +117,13 @@ class Channel:
             if not self.blocking:  # Redis blocks in BZPOPMIN; SQLite is polled with backoff
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 0.01)
+
+    def _open(self, data: bytes) -> dict[str, Any]:
+        """Verify a message and its channel binding: one signed for another channel is a replay, refused."""
+        message = self.signer.open(data)
+        if message.pop(CHANNEL, None) != self.name:
+            raise ForgedMessage("signed for another channel (a replay)")
+        return message
 
     def _dequeue(self):
         return self.storage.dequeue()
@@ -129,7 +143,7 @@ class Channel:
         out = []
         for data in self._io(self.storage.enqueued_items):
             try:
-                out.append(self.signer.open(data))
+                out.append(self._open(data))
             except ForgedMessage:
                 continue
         return out
@@ -231,34 +245,65 @@ class Channel:
 
 
 class Queue:
-    """The two channels a role needs, on one backend."""
+    """The two channels a role needs, on one backend, and the envelope of the requests it sends.
 
-    def __init__(self, url: str, signer: Signer) -> None:
+    ``sender`` names who sends the requests (a node's id; a client gets ``client-<random>``). Send times
+    are stamped in the orchestrator's clock as this queue knows it, ``monotonic() + offset``: the offset
+    starts from this machine's wall clock and is learnt again from the ``now`` of every reply, so a wall
+    clock that is hours off, or stepped meanwhile, stamps correctly after the first reply.
+    """
+
+    RESTAMPS = 3  # sends again at once of a request refused for its send time (the offset learnt meanwhile)
+
+    def __init__(self, url: str, signer: Signer, sender: str | None = None) -> None:
         self.url = url
         self.jobs = Channel(url, "jobs", signer)
         self.events = Channel(url, "events", signer)
+        self.sender = sender or f"client-{uuid.uuid4().hex[:12]}"
+        self.offset = time.time() - time.monotonic()
 
-    def request(self, message: dict[str, Any], timeout: float = 15.0, retry_every: float = 5.0,
+    def stamp(self, message: dict[str, Any] | BaseModel, rid: str, oneway: bool = False) -> dict[str, Any]:
+        """A request (a protocol model or its JSON) in its envelope: request id, sender, send time."""
+        body = message.model_dump(mode="json", exclude_none=True) if isinstance(message, BaseModel) else message
+        envelope: dict[str, Any] = {"rid": rid, "sender": self.sender, "sent_at": time.monotonic() + self.offset}
+        if oneway:
+            envelope["oneway"] = True
+        return {**body, **envelope}
+
+    def tell(self, message: dict[str, Any] | BaseModel) -> None:
+        """Send a one-way request: no reply comes, and a lost one costs only a redo (a block report)."""
+        self.events.send(self.stamp(message, uuid.uuid4().hex, oneway=True))
+
+    def _learn(self, reply: dict[str, Any], sent: float) -> bool:
+        """Take the orchestrator's clock off a reply (the offset from it); True if it asks for a new stamp."""
+        now = reply.pop(NOW, None)
+        if isinstance(now, (int, float)) and not isinstance(now, bool) and math.isfinite(now):
+            self.offset = now - (sent + time.monotonic()) / 2  # the reply was made about midway
+        return reply.pop(RESEND, None) is True
+
+    def request(self, message: dict[str, Any] | BaseModel, timeout: float = 15.0, retry_every: float = 5.0,
                 stop: Any = None) -> dict[str, Any]:
         """Send a request to the orchestrator and wait for its reply.
 
         The request is re-sent every ``retry_every`` seconds (handlers are idempotent), because a
-        queue that restarted empty may have lost it. ``stop`` (anything with ``is_set()``) ends the
-        wait early: an agent asked to stop while it waits for an orchestrator stops at once.
+        queue that restarted empty may have lost it; each copy is stamped with its own send time and
+        the same request id, so the orchestrator applies it once. ``stop`` (anything with ``is_set()``)
+        ends the wait early: an agent asked to stop while it waits for an orchestrator stops at once.
 
         Raises:
             Unreachable: no orchestrator answered within ``timeout`` (or before ``stop`` was set).
         """
         rid = uuid.uuid4().hex
-        message = {**message, "rid": rid}
         deadline = time.monotonic() + timeout
-        next_send = 0.0
+        next_send = sent = 0.0
+        restamps = 0
         delay = 0.001
         blocking = self.events.blocking
         while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
             if time.monotonic() >= next_send:
-                self.events.send(message)
-                next_send = time.monotonic() + retry_every
+                sent = time.monotonic()
+                self.events.send(self.stamp(message, rid))
+                next_send = sent + retry_every
             if blocking:  # Redis: block on the reply list until it lands or it is time to re-send
                 reply = self.events.take_reply(rid, wait=max(0.01, min(next_send, deadline) - time.monotonic()))
             else:  # SQLite: poll, quickly at first (a reply usually takes a few milliseconds)
@@ -267,6 +312,9 @@ class Queue:
                     time.sleep(delay)
                     delay = min(delay * 1.3, 0.02)
             if reply is not None:
+                if self._learn(reply, sent) and restamps < self.RESTAMPS:
+                    restamps, next_send = restamps + 1, 0.0  # refused for its stamp: stamp again, at once
+                    continue
                 return reply
         if stop is not None and stop.is_set():
             raise Unreachable(f"stopped while waiting for an orchestrator on {redact(self.url)}")

@@ -5,6 +5,10 @@ node a lease under a new attempt token; ``on_progress`` records checkpoints unde
 renews the lease; ``on_finish`` (or a lease that ``maintain`` finds expired) ends the attempt, and
 ``leases.after_attempt`` decides whether the job succeeds, is queued again or fails. The decisions live in
 ``leases.py`` as pure functions; this module carries them out against the ledger and the queue.
+
+Requests arrive as the typed models of ``core/protocol.py``: ``accept`` checks a queued request's envelope
+(no replay, no duplicate, not stale) and ``handle`` parses and applies it; node requests are in
+nodeservice.py, block requests in blockservice.py.
 """
 
 from __future__ import annotations
@@ -12,16 +16,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
-from dlorch.core.errors import DlorchError, StaleWrite
+from pydantic import BaseModel
+
+from dlorch.core import protocol
+from dlorch.core.errors import DlorchError, StaleWrite, one_line
+from dlorch.core.protocol import (Cancel, CancelReply, Claim, ClaimReply, Finish, FinishReply, Progress, Register,
+                                  Reply, Submit, SubmitReply, refusal)
 from dlorch.core.settings import Settings
 from dlorch.core.store import DataStore
-from dlorch.core.spec import Attempt, AttemptOutcome, Job, JobStatus, NodeInfo, new_job_id, parse_spec
+from dlorch.core.spec import Attempt, AttemptOutcome, Job, JobStatus, new_job_id
 from dlorch.orchestrator.leadership import Verdict, new_leader
 from dlorch.orchestrator.ledger import Ledger
-from dlorch.orchestrator.blockservice import BlockHandlers, Reply
-from dlorch.orchestrator.leases import AfterAttempt, Next, after_attempt, expired_leases, missing_from_queue
+from dlorch.orchestrator.blockservice import BlockHandlers
+from dlorch.orchestrator.leases import AfterAttempt, Next, after_attempt, expired_leases, missing_from_queue, owned_by
+from dlorch.orchestrator.nodeservice import NodeHandlers
+from dlorch.orchestrator.replay import Refused, ReplayGuard
 from dlorch.orchestrator.queue import Queue
 
 log = logging.getLogger("dlorch.orchestrator")
@@ -31,7 +42,7 @@ class NotLeader(DlorchError):
     """Another orchestrator is alive on this ledger."""
 
 
-class Orchestrator(BlockHandlers):
+class Orchestrator(NodeHandlers, BlockHandlers):
     """Applies requests to the ledger (compare-and-set) and keeps the queue in line with it."""
 
     MAINTAIN_EVERY_S = 1.0
@@ -52,7 +63,8 @@ class Orchestrator(BlockHandlers):
         self._next_rescan = 0.0
         self.active: dict[str, Job] = {}  # queued and running jobs, as last written by this orchestrator
         self._init_blocks()
-        self._handlers: dict[str, Callable[[dict], Reply]] = {
+        self.guard = ReplayGuard()  # the queued requests seen lately: replays and duplicates refused
+        self._handlers: dict[str, Callable[[Any], Reply]] = {
             "submit": self.on_submit, "claim": self.on_claim, "heartbeat": self.on_heartbeat,
             "progress": self.on_progress, "finish": self.on_finish, "cancel": self.on_cancel,
             "register": self.on_register, "drain": self.on_drain, "bye": self.on_bye,
@@ -87,7 +99,7 @@ class Orchestrator(BlockHandlers):
             msg = self.queue.events.receive(timeout=wait)
             if msg is None:
                 break
-            self.handle(msg)
+            self.accept(msg)
             handled += 1
             wait = 0.0
             if time.monotonic() >= self._next_maintain:
@@ -112,22 +124,56 @@ class Orchestrator(BlockHandlers):
                 self.grace_until = self.clock() + self.settings.lease_s
                 stop.wait(1.0)
 
-    def handle(self, msg: dict) -> Reply:
-        """Apply one request and post its reply (if it asked for one)."""
-        kind = msg.get("type")
-        handler = self._handlers.get(kind)
+    def accept(self, message: dict[str, Any]) -> None:
+        """Apply a request taken from the queue, once, and post its reply unless it is one-way.
+
+        Its envelope is checked first (``replay.ReplayGuard``): a duplicate is not applied again (the
+        reply kept from the first time is posted again, if any), a stale or superseded one is refused
+        (a stale one with ``resend``: its sender's clock offset was off). Every reply carries this
+        orchestrator's ``now``, from which senders learn the offset of their clocks.
+        """
         try:
-            reply = handler(msg) if handler else {"ok": False, "reason": f"unknown request {kind!r}"}
-        except StaleWrite as e:
-            reply = {"ok": False, "reason": str(e)}
-        except DlorchError as e:
-            reply = {"ok": False, "reason": str(e)}
+            env, body = protocol.split_envelope(message)
+        except protocol.Invalid as e:  # no request id to answer: nobody waits for it
+            log.warning("dropped a request: %s", e)
+            return
+        refused = self.guard.check(env, body.get("type"), self.clock())
+        if refused is Refused.DUPLICATE:
+            reply = self.guard.reply_to(env)
+            if reply is None:
+                return
+        elif refused is not None:
+            log.info("refused a request of %s: %s", env.sender, refused.value)
+            reply = {**refusal(f"request refused: {refused.value}").wire(),
+                     protocol.RESEND: refused is Refused.STALE}
+        else:
+            reply = self.handle(body, sender=env.sender)
+            self.guard.keep_reply(env, reply)
+        if not env.oneway:
+            self.queue.events.put_reply(env.rid, {**reply, protocol.NOW: self.clock()})
+
+    def handle(self, request: dict[str, Any] | BaseModel, sender: str | None = None) -> dict[str, Any]:
+        """Apply one request and return its reply as JSON; whatever the request, nothing is raised.
+
+        ``request`` is a protocol request or its JSON (no envelope): a client acting as the orchestrator
+        for one request calls this directly; queued requests come through ``accept``, which names their
+        ``sender``, the only node whose own requests (claim, progress, ...) they may be.
+        """
+        try:
+            req = request if isinstance(request, BaseModel) else protocol.parse_request(request)
+        except protocol.Invalid as e:
+            return refusal(str(e)).wire()
+        node = req.node if isinstance(req, (protocol.NodeRequest, Register)) else None
+        if sender is not None and node is not None and node != sender:
+            return refusal(f"a {req.type} request of node {node} sent by {sender}: refused").wire()
+        try:
+            reply = self._handlers[req.type](req)
+        except (StaleWrite, DlorchError) as e:
+            reply = refusal(one_line(e))
         except Exception as e:  # a bad request must never take the orchestrator down
-            log.exception("request %s failed", kind)
-            reply = {"ok": False, "reason": f"{type(e).__name__}: {e}"}
-        if msg.get("rid"):
-            self.queue.events.put_reply(msg["rid"], reply)
-        return reply
+            log.exception("request %s failed", req.type)
+            reply = refusal(f"{type(e).__name__}: {one_line(e)}")
+        return reply.wire()
 
     def maintain(self, now: float) -> None:
         """Renew leadership, requeue expired leases, put missing jobs back in the queue."""
@@ -150,33 +196,33 @@ class Orchestrator(BlockHandlers):
         requeued = {e.job_id for e in expired}  # just enqueued by _end_attempt
         queued = [j for j in active if j.status is JobStatus.QUEUED and j.id not in requeued]
         if queued:
-            messages = self.queue.jobs.items()
+            messages = [d.wire() for m in self.queue.jobs.items() if (d := protocol.parse_dispatch(m, quiet=True))]
             for job in missing_from_queue(queued, messages, self.last_enqueued, now, self.REQUEUE_MIN_AGE_S):
                 log.info("job %s missing from the queue; enqueued again", job.id)
                 self._enqueue(job, now)
 
     # -- requests ---------------------------------------------------------------------------------
-    def on_submit(self, msg: dict) -> Reply:
-        spec = parse_spec(msg["spec"])
+    def on_submit(self, req: Submit) -> Reply:
+        spec = req.spec.check()
         now = self.clock()
-        job = Job(id=msg.get("job_id") or new_job_id(now), spec=spec, created_at=now, updated_at=now,
+        job = Job(id=req.job_id or new_job_id(now), spec=spec, created_at=now, updated_at=now,
                   epochs_total=spec.epochs if spec.trains else None)
         existing = self.ledger.store.get(f"jobs/{job.id}")
         if existing is None:  # a re-sent submit is the same job, not a second one
             job.log(now, f"submitted: {spec.kind} (priority {spec.priority})")
             self._create(job)
             self._enqueue(job, now)
-        return {"ok": True, "job": job.id}
+        return SubmitReply(job=job.id)
 
-    def on_claim(self, msg: dict) -> Reply:
+    def on_claim(self, req: Claim) -> Reply:
         now = self.clock()
-        node, token = msg["node"], int(msg["token"])
+        node, token = req.node, req.token
 
-        current = self.ledger.get(msg["job"])
+        current = self.ledger.get(req.job)
         att = current.current
         if current.status is JobStatus.RUNNING and att and att.token == token and att.node == node:
             # The same claim again (its reply was lost): the node already holds it.
-            return {"ok": True, "job": current.model_dump(mode="json"), "lease_expires_at": att.lease_expires_at}
+            return ClaimReply(job=current, lease_expires_at=att.lease_expires_at)
 
         def claim(job: Job) -> None:
             if job.next_token != token or job.cancel_requested:
@@ -190,66 +236,55 @@ class Orchestrator(BlockHandlers):
             how = f"resumed from epoch {job.epochs_done}" if job.checkpoint else "started"
             job.log(now, f"attempt {token} {how} on node {node}")
 
-        job = self._update(msg["job"], claim, expect=[JobStatus.QUEUED])
+        job = self._update(req.job, claim, expect=[JobStatus.QUEUED])
         self.last_enqueued.pop(job.id, None)
-        return {"ok": True, "job": job.model_dump(mode="json"), "lease_expires_at": now + self.settings.lease_s}
+        return ClaimReply(job=job, lease_expires_at=now + self.settings.lease_s)
 
-    def on_heartbeat(self, msg: dict) -> Reply:
-        now = self.clock()
-        node = self._touch_node(msg["node"], now, job=msg.get("job"), attempt=msg.get("token"))
-        reply: Reply = {"ok": True, "drain": bool(node and node.drain), "lease": None, "register": node is None}
-        if msg.get("job") and msg.get("token") is not None:
-            reply["lease"] = self._renew(msg["job"], int(msg["token"]), msg["node"], now)
-        gone = set()
-        for job_id, index in msg.get("blocks") or []:  # blocks the node holds (computing or prefetched)
-            book = self._book(job_id)
-            if book is None:
-                gone.add(job_id)  # cancelled, failed or done: the node stops taking its blocks
-            else:  # a block done meanwhile, or re-leased to another node, is not renewed; no harm either way
-                book.renew(msg["node"], int(index), now, self.settings.lease_s)
-        if gone:
-            reply["jobs_gone"] = sorted(gone)
-        return reply
+    def on_progress(self, req: Progress) -> Reply:
+        """Record an epoch's checkpoint, or a fall-back to an older one; progress only ever moves forward.
 
-    def on_progress(self, msg: dict) -> Reply:
+        A report older than what the attempt already reported (a late copy, a replay) changes nothing, and
+        a fall-back is taken only before the attempt made progress (it is the attempt's first report).
+        """
         now = self.clock()
-        token, node = int(msg["token"]), msg["node"]
+        token, ckpt, resumed = req.token, req.checkpoint, req.resumed_from
 
         def progress(job: Job) -> None:
-            att = self._holder(job, token, node)
-            ckpt = msg.get("checkpoint")
-            resumed = msg.get("resumed_from")
+            att = self._holder(job, token, req.node)
             if resumed is not None:  # the attempt fell back to an older checkpoint (the newer was unreadable)
+                if att.epochs_done != att.epochs_start:
+                    raise StaleWrite(f"attempt {token} made progress already; a fall-back now is a replay")
                 if resumed and resumed not in {uri for _, uri in job.checkpoints}:
                     raise StaleWrite(f"{resumed} is not a checkpoint this job accepted")
-                att.resumed_from, att.epochs_start = resumed or None, int(msg["epochs_done"])
-                job.checkpoints = [(e, u) for e, u in job.checkpoints if e <= int(msg["epochs_done"])]
+                att.resumed_from, att.epochs_start = resumed or None, req.epochs_done
+                job.checkpoints = [(e, u) for e, u in job.checkpoints if e <= req.epochs_done]
                 job.checkpoint = resumed or None
-                job.log(now, f"attempt {token} resumed from epoch {msg['epochs_done']} ({msg.get('why', '')})")
+                job.log(now, f"attempt {token} resumed from epoch {req.epochs_done} ({req.why})")
+            elif req.epochs_done < att.epochs_done:
+                return  # older than what is recorded: a late copy or a replay, never a step back
             elif ckpt and not self._owned(ckpt, job.id, token):
                 raise StaleWrite(f"checkpoint {ckpt} is outside attempt {token}'s keys")
-            att.epochs_done = job.epochs_done = int(msg["epochs_done"])
+            att.epochs_done = job.epochs_done = req.epochs_done
             att.lease_expires_at = now + self.settings.lease_s
-            if msg.get("epochs_total") and (job.epochs_total is None or int(msg["epochs_total"]) > job.epochs_total):
-                job.epochs_total = int(msg["epochs_total"])  # grows when training re-fits it to the budget
-            if msg.get("plan") and job.plan is None:
-                job.plan = msg["plan"]
+            if req.epochs_total and (job.epochs_total is None or req.epochs_total > job.epochs_total):
+                job.epochs_total = req.epochs_total  # grows when training re-fits it to the budget
+            if req.plan and job.plan is None:
+                job.plan = req.plan
             if ckpt and resumed is None:
                 job.checkpoint = ckpt
                 job.checkpoints = [*job.checkpoints, (att.epochs_done, ckpt)][-self.KEEP_CHECKPOINTS:]
-            job.metrics.update(msg.get("metrics") or {})
+            job.metrics.update(req.metrics)
             job.updated_at = now
 
-        self._update(msg["job"], progress, expect=[JobStatus.RUNNING])
-        return {"ok": True}
+        self._update(req.job, progress, expect=[JobStatus.RUNNING])
+        return Reply()
 
-    def on_finish(self, msg: dict) -> Reply:
-        outcome = AttemptOutcome(msg["outcome"])
-        if outcome is AttemptOutcome.SPLIT:
-            return self._split(msg)
-        return self._end_attempt(msg["job"], int(msg["token"]), outcome, self.clock(), node=msg["node"], msg=msg)
+    def on_finish(self, req: Finish) -> Reply:
+        if req.outcome is AttemptOutcome.SPLIT:
+            return self._split(req)
+        return self._end_attempt(req.job, req.token, req.outcome, self.clock(), node=req.node, report=req)
 
-    def on_cancel(self, msg: dict) -> Reply:
+    def on_cancel(self, req: Cancel) -> Reply:
         now = self.clock()
 
         def cancel(job: Job) -> None:
@@ -260,34 +295,9 @@ class Orchestrator(BlockHandlers):
             job.status, job.cancel_requested, job.updated_at = JobStatus.CANCELLED, True, now
             job.log(now, "cancelled by the user")
 
-        job = self._update(self.ledger.resolve(msg["job"]), cancel)
+        job = self._update(self.ledger.resolve(req.job), cancel)
         self._drop_book(job.id)  # its queued dispatch messages find no blocks and are dropped
-        return {"ok": True, "job": job.id}
-
-    def on_register(self, msg: dict) -> Reply:
-        now = self.clock()
-        info = NodeInfo.model_validate({**msg["node_info"], "registered_at": now, "heartbeat_at": now})
-        old = self.ledger.node(info.id)
-        if old is not None:
-            info.registered_at, info.drain = old.registered_at, old.drain
-        self.ledger.put_node(info)
-        return {"ok": True}
-
-    def on_drain(self, msg: dict) -> Reply:
-        nodes = [n for n in self.ledger.nodes() if n.id == msg["node"] or n.id.startswith(msg["node"])]
-        if len(nodes) != 1:
-            return {"ok": False, "reason": f"no single node matches {msg['node']!r}; see `dlorch nodes`"}
-        node = nodes[0]
-        node.drain, node.state = True, ("draining" if node.state != "gone" else "gone")
-        self.ledger.put_node(node)
-        return {"ok": True, "node": node.id}
-
-    def on_bye(self, msg: dict) -> Reply:
-        node = self.ledger.node(msg["node"])
-        if node is not None:
-            node.state, node.job, node.attempt, node.heartbeat_at = "gone", None, None, self.clock()
-            self.ledger.put_node(node)
-        return {"ok": True}
+        return CancelReply(job=job.id)
 
     # -- helpers ----------------------------------------------------------------------------------
     def _create(self, job: Job) -> None:
@@ -307,8 +317,8 @@ class Orchestrator(BlockHandlers):
             self.active.pop(job.id, None)
 
     def _enqueue(self, job: Job, now: float) -> None:
-        self.queue.jobs.send({"job": job.id, "token": job.next_token, "kind": job.spec.kind},
-                             priority=job.spec.priority)
+        dispatch = protocol.Dispatch(job=job.id, token=job.next_token, kind=job.spec.kind, priority=job.spec.priority)
+        self.queue.jobs.send(dispatch.wire(), priority=job.spec.priority)
         self.last_enqueued[job.id] = now
 
     def _holder(self, job: Job, token: int, node: str | None) -> Attempt:
@@ -318,33 +328,13 @@ class Orchestrator(BlockHandlers):
             raise StaleWrite(f"attempt {token} of job {job.id} does not hold the lease")
         return att
 
-    @staticmethod
-    def _owned(uri: str, job_id: str, token: int) -> bool:
-        return f"/jobs/{job_id}/attempts/{token}/" in uri.replace("\\", "/")
-
-    def _renew(self, job_id: str, token: int, node: str, now: float) -> bool:
-        def renew(job: Job) -> None:
-            self._holder(job, token, node).lease_expires_at = now + self.settings.lease_s
-
-        try:
-            self._update(job_id, renew, expect=[JobStatus.RUNNING])
-            return True
-        except (StaleWrite, DlorchError):
-            return False
-
-    def _touch_node(self, node_id: str, now: float, job: str | None, attempt: int | None) -> NodeInfo | None:
-        node = self.ledger.node(node_id)
-        if node is None:
-            return None
-        node.heartbeat_at, node.job, node.attempt = now, job, attempt
-        node.state = "draining" if node.drain else ("busy" if job else "idle")
-        self.ledger.put_node(node)
-        return node
+    def _owned(self, uri: str, job_id: str, token: int) -> bool:
+        """Whether ``uri`` lies under attempt ``token``'s own keys in this deployment's store."""
+        return owned_by(uri, f"{self.store_url}/jobs/{job_id}/attempts/{token}")
 
     def _end_attempt(self, job_id: str, token: int, outcome: AttemptOutcome, now: float,
-                     node: str | None = None, msg: dict | None = None, note: str = "") -> Reply:
+                     node: str | None = None, report: Finish | None = None, note: str = "") -> Reply:
         """Record how attempt ``token`` ended and apply the policy's decision: succeed, requeue or fail."""
-        msg = msg or {}
         decision: AfterAttempt | None = None
 
         def end(job: Job) -> None:
@@ -352,10 +342,10 @@ class Orchestrator(BlockHandlers):
             if self._reported_before(job, token, outcome):
                 return  # the same report again (its first reply was lost): already applied
             att = self._holder(job, token, node)
-            self._record_end(job, att, outcome, now, msg)
+            self._record_end(job, att, outcome, now, report)
             decision = after_attempt(job, outcome, max_attempts=self.settings.max_attempts,
                                      max_node_losses=self.settings.max_node_losses,
-                                     permanent=bool(msg.get("permanent")))
+                                     permanent=bool(report and report.permanent))
             if decision.next is Next.SUCCEED:
                 job.status, job.error = JobStatus.SUCCEEDED, None
                 job.log(now, f"attempt {token} succeeded on node {att.node}")
@@ -373,30 +363,33 @@ class Orchestrator(BlockHandlers):
         job = self._update(job_id, end)
         if decision is not None and decision.next is Next.REQUEUE:
             self._enqueue(job, now)
-        return {"ok": True, "status": job.status.value}
+        return FinishReply(status=job.status)
 
     @staticmethod
     def _reported_before(job: Job, token: int, outcome: AttemptOutcome) -> bool:
         prior = next((a for a in job.attempts if a.token == token), None)
         return prior is not None and prior.outcome is outcome and job.status is not JobStatus.RUNNING
 
-    def _record_end(self, job: Job, att: Attempt, outcome: AttemptOutcome, now: float, msg: dict) -> None:
+    def _record_end(self, job: Job, att: Attempt, outcome: AttemptOutcome, now: float,
+                    report: Finish | None) -> None:
         """Copy the report onto the attempt and the job; results outside the attempt's keys are refused."""
         att.outcome, att.ended_at, att.lease_expires_at = outcome, now, None
-        att.timings.update(msg.get("timings") or {})
-        if "epochs_done" in msg:
-            att.epochs_done = job.epochs_done = int(msg["epochs_done"])
+        job.updated_at = now
+        if report is None:  # the orchestrator's own record (a lease that expired)
+            return
+        att.timings.update(report.timings)
+        if report.epochs_done is not None:  # never fewer than its checkpoints said: they are the resume point
+            att.epochs_done = job.epochs_done = max(report.epochs_done, att.epochs_done)
         for field in ("checkpoint", "model", "output"):
-            uri = msg.get(field)
+            uri = getattr(report, field)
             if uri:
                 if not self._owned(uri, job.id, att.token):
                     raise StaleWrite(f"{field} {uri} is outside attempt {att.token}'s keys")
                 setattr(job, field, uri)
-        job.metrics.update(msg.get("metrics") or {})
-        if msg.get("plan") and job.plan is None:
-            job.plan = msg["plan"]
-        if msg.get("epochs_total"):
-            job.epochs_total = int(msg["epochs_total"])
+        job.metrics.update(report.metrics)
+        if report.plan and job.plan is None:
+            job.plan = report.plan
+        if report.epochs_total:
+            job.epochs_total = report.epochs_total
         if outcome is AttemptOutcome.ERRORED:
-            att.error = msg.get("error") or "unknown error"
-        job.updated_at = now
+            att.error = report.error or "unknown error"
