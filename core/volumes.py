@@ -109,7 +109,7 @@ def check_owner(url: str, stamp: dict[str, Any] | None, owner: Owner | None) -> 
     if stamp is None:
         return
     if owner is None or stamp.get("job") != owner[0]:
-        raise BadInput(f"output {url} holds the output of job {stamp.get('job')}; choose another -o or delete it")
+        raise BadInput(f"output {url} holds the output of job {_job_of(stamp)}; choose another -o or delete it")
     if _split_of(stamp) > owner[1]:
         raise StaleWrite(f"output {url} belongs to split {_split_of(stamp)} of job {owner[0]}, newer than "
                          f"this planner's ({owner[1]}); left as it is")
@@ -133,11 +133,16 @@ def check_block_output(url: str, owner: tuple[str, int | None]) -> None:
     if stamp is None and split is None:
         return
     if stamp is None or stamp.get("job") != job:
-        whose = f"holds the output of job {stamp.get('job')}" if stamp else "is no longer this job's output"
+        whose = f"holds the output of job {_job_of(stamp)}" if stamp else "is no longer this job's output"
         raise BadInput(f"output {url} {whose}; choose another -o or delete it, and submit again")
     if split is not None and _split_of(stamp) != split:
         raise BadInput(f"output {url} was recreated by attempt {_split_of(stamp)} of job {job} after its split "
                        f"by attempt {split}; submit the job again")
+
+
+def _job_of(stamp: dict[str, Any]) -> str:
+    """The stamp's job, as one short line: whoever can write the store can write any stamp."""
+    return " ".join(str(stamp.get("job")).split())[:100]
 
 
 def _split_of(stamp: dict[str, Any]) -> int:

@@ -1,6 +1,7 @@
-"""A blockwise output belongs to one job and one split: stale planners, other jobs and their blocks leave it as it is."""
+"""A blockwise output belongs to one job and one split: stale planners, other jobs and their blocks leave it alone."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,16 +9,8 @@ import zarr
 
 from dlorch.core.errors import BadInput
 from tests.system.harness import Cluster
-
-BLOCK_VOXELS = "8192"
-
-
-def _volume(path, shape=(6, 128, 128)):
-    rng = np.random.default_rng(3)
-    a = (rng.random(shape) * 80).astype(np.uint8)
-    a[:, 20:70, 30:90] += 120
-    zarr.create_array(str(path), shape=shape, chunks=(1, 64, 64), dtype="uint8")[...] = a
-    return a
+from tests.system.test_blockwise import BLOCK_VOXELS, _volume
+from tests.system.test_io_guards import _one_line_error
 
 
 def _files(root):
@@ -79,16 +72,10 @@ def test_a_stale_planner_leaves_a_newer_splits_done_blocks_as_they_are(tmp_path,
     assert _stamp(out) == {"job": "j-fenced", "split": 3}
 
 
-def _one_line(cp, line, job=False):
-    lines = [ln for ln in cp.stderr.splitlines() if ln.strip()]
-    assert cp.returncode != 0 and "Traceback" not in cp.stderr, cp.stderr
-    assert (job or len(lines) == 1) and lines[-1] == f"error: {line}", cp.stderr
-
-
 def test_a_second_prediction_into_the_same_output_is_refused_in_one_line(home, tmp_path, model):
     _volume(tmp_path / "in.zarr")
     out = tmp_path / "out.zarr"
-    with Cluster(tmp_path, home) as c:
+    with Cluster(tmp_path, home, DLORCH_ALLOW_URLS=str(tmp_path)) as c:  # nodes may write here (the spec file's output)
         c.agent("a1")
         first = c.cli("predict", str(model), str(tmp_path / "in.zarr"), "-o", str(out), "--block-voxels", BLOCK_VOXELS)
         jid = first.stdout.strip().splitlines()[-1]
@@ -97,7 +84,7 @@ def test_a_second_prediction_into_the_same_output_is_refused_in_one_line(home, t
 
         second = c.cli("predict", str(model), str(tmp_path / "in.zarr"), "-o", str(out), "--block-voxels",
                        BLOCK_VOXELS, check=False)
-        _one_line(second, f"output {out} holds the output of job {jid}; choose another -o or delete it")
+        _one_line_error(second, f"output {out} holds the output of job {jid}; choose another -o or delete it")
         assert "job" not in second.stdout  # refused before it was submitted
 
         # A job that reaches a node anyway (submitted from a spec file, or while the first was not yet
@@ -106,14 +93,14 @@ def test_a_second_prediction_into_the_same_output_is_refused_in_one_line(home, t
         spec.write_text(json.dumps({"kind": "predict", "image": str(tmp_path / "in.zarr"), "model": f"file://{model}",
                                     "output_format": "zarr", "output": str(out)}))
         third = c.cli("submit", str(spec), "--wait", check=False)
-        _one_line(third, f"output {out} holds the output of job {jid}; choose another -o or delete it", job=True)
+        _one_line_error(third, f"output {out} holds the output of job {jid}; choose another -o or delete it", job=True)
     assert _files(out) == before
 
 
 def test_a_second_prediction_into_the_same_s3_output_is_refused_in_one_line(home, tmp_path, model, s3):
     _volume(tmp_path / "in.zarr")
     url = "s3://bucket/out.zarr"
-    with Cluster(tmp_path, home, **s3) as c:
+    with Cluster(tmp_path, home, DLORCH_ALLOW_URLS="s3://bucket/", **s3) as c:  # nodes may use the bucket
         c.agent("a1")
         first = c.cli("predict", str(model), str(tmp_path / "in.zarr"), "-o", url, "--block-voxels", BLOCK_VOXELS)
         jid = first.stdout.strip().splitlines()[-1]
@@ -123,7 +110,7 @@ def test_a_second_prediction_into_the_same_s3_output_is_refused_in_one_line(home
         assert written.attrs["dlorch"]["job"] == jid
         second = c.cli("predict", str(model), str(tmp_path / "in.zarr"), "-o", url, "--block-voxels", BLOCK_VOXELS,
                        check=False)
-        _one_line(second, f"output {url} holds the output of job {jid}; choose another -o or delete it")
+        _one_line_error(second, f"output {url} holds the output of job {jid}; choose another -o or delete it")
         again = zarr.open_array(url, mode="r", storage_options=storage_options(url))
         np.testing.assert_array_equal(again[...], written[...])
         assert again.attrs["dlorch"]["job"] == jid
@@ -131,7 +118,7 @@ def test_a_second_prediction_into_the_same_s3_output_is_refused_in_one_line(home
 
 def test_blocks_are_not_written_into_an_output_another_job_took_over(home, tmp_path, model):
     """Between two jobs' checks, a second job's planner may recreate the output: the first job's blocks
-    then check the stamp, write nothing more into it, and fail their job naming the output."""
+    then find another stamp, write no further block into it, and fail their job naming the output."""
     _volume(tmp_path / "in.zarr", shape=(120, 128, 128))  # 240 blocks: seconds of work for one agent
     with Cluster(tmp_path, home) as c:
         c.agent("a1")
@@ -142,7 +129,9 @@ def test_blocks_are_not_written_into_an_output_another_job_took_over(home, tmp_p
         output = running["output"]
         taken = zarr.open_array(output, mode="r+")
         taken.attrs["dlorch"] = {"job": "j-intruder", "split": 1}  # what the other job's planner stamps
+        before = set(_files(Path(output)))
         done = c.wait_job(jid, lambda j: j["status"] in ("succeeded", "failed"), 300)
+    assert len(set(_files(Path(output))) - before) <= 1  # only a block that had passed its check just before
     assert done["status"] == "failed", done.get("error")
     assert f"output {output} holds the output of job j-intruder; choose another -o or delete it" in done["error"]
     assert done["blocks"]["done"] < done["blocks"]["total"]
