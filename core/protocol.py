@@ -353,7 +353,6 @@ class BlockContext(_Model):
 
     spec: JobSpec
     output: Uri | None = None
-    split: Token | None = None  # the planner attempt the output's stamp names (None: planned before stamps)
     norm: JsonObject | None = None
     priors: Annotated[list[Finite], Field(max_length=256)] | None = None
     noise_var: Finite | None = None
