@@ -39,6 +39,7 @@ class Agent:
     """One node's loop. ``step()`` takes and runs at most one job; ``run()`` loops it until stopped."""
 
     FINISH_RETRY_S = 600.0
+    STOPPING_WAIT_S = 5.0  # once stopping, how long one wait for the orchestrator may last
 
     def __init__(self, settings: Settings, node_id: str | None = None, workdir: Path | None = None,
                  spot_metadata_url: str | None = None) -> None:
@@ -172,14 +173,14 @@ class Agent:
         deadline = time.monotonic() + self.FINISH_RETRY_S
         while True:
             reply = self._request(finish, timeout=30)
-            if not reply.get("unreachable") or time.monotonic() > deadline:
-                break
+            if not reply.get("unreachable") or self.stop.is_set() or time.monotonic() > deadline:
+                break  # a stopping agent tries once: its lease runs out and the job is queued again
         log.info("%s attempt %d %s (orchestrator: %s)", job_id, token, finish.outcome.value,
                  reply.get("status") or reply.get("reason"))
 
     def _request(self, message: BaseModel, timeout: float = 30.0) -> dict[str, Any]:
         try:
-            return self.queue.request(message, timeout=timeout)
+            return self.queue.request(message, timeout=timeout, stop=self.stop.bounded(self.STOPPING_WAIT_S))
         except Unreachable as e:
             log.warning("%s", e)
             return {"ok": False, "unreachable": True, "reason": str(e)}

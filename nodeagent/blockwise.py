@@ -213,7 +213,8 @@ class BlockWorker:
         try:
             ask = report(NextBlock, {"node": self.node_id, "job": job_id, "after": after, "done": done,
                                      "models": sorted(self.models), "have": sorted(self.contexts)})
-            reply = protocol.parse_reply(NextBlockReply, self.side.request(ask, timeout=60))
+            reply = protocol.parse_reply(NextBlockReply, self.side.request(ask, timeout=60,
+                                                                           stop=self.stop.bounded(5.0)))
         except (Unreachable, protocol.Invalid) as e:
             log.warning("%s; %d block reports lost, those blocks will run again", e, len(done))
             return None

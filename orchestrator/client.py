@@ -182,7 +182,9 @@ class LocalService:
         env = {**os.environ, "DLORCH_STORE": self.client.settings.resolved_store(),
                "DLORCH_QUEUE": self.client.settings.resolved_queue(),
                "DLORCH_SECRET": self.client.settings.resolved_secret().decode()}
-        cmd = [sys.executable, "-m", "dlorch.orchestrator.cli", "agent", "--node-id", node_id, *extra]
+        # The agent stops when this process ends, even by SIGKILL (--parent): a local agent never outlives its command.
+        cmd = [sys.executable, "-m", "dlorch.orchestrator.cli", "agent", "--node-id", node_id, "--parent",
+               str(os.getpid()), *extra]
         kwargs: dict[str, Any] = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]

@@ -22,10 +22,13 @@ def agent(
         help="poll EC2 metadata for spot interruption notices: 'ec2' or a metadata base URL"),
     nice: int = typer.Option(0, "--nice", min=0, max=19, envvar="DLORCH_NICE",
                              help="lower this agent's CPU priority (Unix niceness), e.g. on a lab PC someone works at"),
+    parent: Optional[int] = typer.Option(None, "--parent", min=1,
+                                         help="stop when process PID ends (the commands that start a local agent "
+                                              "set it)"),
 ) -> None:
     """Run a node agent: take jobs from the queue one at a time until drained or signalled."""
     from dlorch.nodeagent.agent import Agent
-    from dlorch.nodeagent.interrupts import install_signal_handlers
+    from dlorch.nodeagent.interrupts import install_signal_handlers, stop_with_parent
 
     log_to_stderr()
     if nice and hasattr(os, "nice"):
@@ -38,6 +41,8 @@ def agent(
     spot_url = "http://169.254.169.254" if spot_notices == "ec2" else spot_notices
     a = Agent(settings(), node_id=node_id, spot_metadata_url=spot_url)
     install_signal_handlers(a.stop)
+    if parent:
+        stop_with_parent(a.stop, parent)
     a.run()
 
 
