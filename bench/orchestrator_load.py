@@ -189,8 +189,11 @@ class Services:
         env = {**os.environ, "DLORCH_QUEUE": self.url, "DLORCH_SECRET": SECRET, "DLORCH_HOME": str(tmp / "home"),
                "DLORCH_HEARTBEAT_S": str(HEARTBEAT_S)}
         if ledger == "s3":
+            import logging
+
             from moto.server import ThreadedMotoServer
 
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
             mport = free_port()
             self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=mport)
             self.moto.start()
