@@ -164,7 +164,7 @@ class LeaseTable:
             nodes |= {n for n, b in self.nodes.items() if b.sent_at - b.written_at >= self.refresh_s}
             soon = now + self.lease_s - self.refresh_s  # a ledger copy lapsing before this is rewritten
             jobs |= {j for j, lease in self.jobs.items()
-                     if lease.expires_at > lease.written_expiry and lease.written_expiry < soon}
+                     if lease.expires_at > lease.written_expiry and lease.written_expiry <= soon}
         return Flush(nodes=sorted(nodes), jobs=sorted(jobs))
 
     def written(self, flush: Flush) -> None:

@@ -1,7 +1,9 @@
 """The orchestrator's node requests: register, heartbeat (liveness and lease renewal), drain, bye.
 
 A mixin of ``Orchestrator`` (service.py), which supplies the ledger, the settings, the clock,
-``_update`` / ``_holder`` and the block books (blockservice.py). Requests arrive typed
+``_update`` / ``_holder``, the block books (blockservice.py) and the lease table (leasetable.py): a
+heartbeat renews leases in memory, and node records and leases reach the ledger when they change hands
+or their ledger copy grows old (``flush_leases``), so a heartbeat costs no ledger write as a rule. Requests arrive typed
 (``core/protocol.py``); a node's own requests were checked to come from that node.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dlorch.core.errors import DlorchError, StaleWrite
 from dlorch.core.protocol import Bye, Drain, DrainReply, Heartbeat, HeartbeatReply, Register, Reply, refusal
 from dlorch.core.spec import Job, JobStatus, NodeInfo
+from dlorch.orchestrator.leasetable import Flush, Lapsed
 
 
 class NodeHandlers:
@@ -23,14 +26,22 @@ class NodeHandlers:
         if old is not None:
             info.registered_at = old.registered_at
         self.ledger.put_node(info)
+        self.node_infos[info.id] = info
         return Reply()
 
     def on_heartbeat(self, req: Heartbeat) -> HeartbeatReply:
         now = self.clock()
-        node = self._touch_node(req.node, now, job=req.job, attempt=req.token)
+        sent = self.sent_at if self.sent_at is not None else now  # its send time; a direct call's is now
+        node = self._node_info(req.node)
         reply = HeartbeatReply(drain=bool(node and node.drain), lease=None, register_again=node is None)
-        if req.job and req.token is not None:
-            reply.lease = self._renew(req.job, req.token, req.node, now)
+        beat = self.leasetable.beat(req.node, sent, now, job=req.job, token=req.token)
+        if not beat.applied:  # a newer heartbeat of this node was applied already: this one says nothing
+            return reply
+        if node is not None:
+            node.heartbeat_at, node.job, node.attempt = now, req.job, req.token
+            node.state = "draining" if node.drain else ("busy" if req.job else "idle")
+        if req.job and req.token is not None:  # a lease not in memory (a job claimed before a restart): the ledger
+            reply.lease = beat.renewed or self._renew(req.job, req.token, req.node, now)
         gone = set()
         for job_id, index in req.blocks:  # blocks the node holds (computing or prefetched)
             book = self._book(job_id)
@@ -40,19 +51,23 @@ class NodeHandlers:
                 book.renew(req.node, index, now, self.settings.lease_s)
         if gone:
             reply.jobs_gone = sorted(gone)
+        self.flush_leases(now)
         return reply
 
     def on_drain(self, req: Drain) -> Reply:
         nodes = [n for n in self.ledger.nodes() if n.id == req.node or n.id.startswith(req.node)]
         if len(nodes) != 1:
             return refusal(f"no single node matches {req.node!r}; see `dlorch nodes`")
-        node = nodes[0]
+        node = self.node_infos.get(nodes[0].id, nodes[0])  # the newest heartbeat's record, if in memory
         node.drain, node.state = True, ("draining" if node.state != "gone" else "gone")
         self.ledger.put_node(node)
+        self.node_infos[node.id] = node
         return DrainReply(node=node.id)
 
     def on_bye(self, req: Bye) -> Reply:
         node = self.ledger.node(req.node)
+        self.node_infos.pop(req.node, None)
+        self.leasetable.forget_node(req.node)
         if node is not None:
             node.state, node.job, node.attempt, node.heartbeat_at = "gone", None, None, self.clock()
             self.ledger.put_node(node)
@@ -68,11 +83,51 @@ class NodeHandlers:
         except (StaleWrite, DlorchError):
             return False
 
-    def _touch_node(self, node_id: str, now: float, job: str | None, attempt: int | None) -> NodeInfo | None:
-        node = self.ledger.node(node_id)
-        if node is None:
-            return None
-        node.heartbeat_at, node.job, node.attempt = now, job, attempt
-        node.state = "draining" if node.drain else ("busy" if job else "idle")
-        self.ledger.put_node(node)
+    def _node_info(self, node_id: str) -> NodeInfo | None:
+        """A node's record as this orchestrator keeps it (read from the ledger once), None if unknown."""
+        node = self.node_infos.get(node_id)
+        if node is None and (node := self.ledger.node(node_id)) is not None:
+            self.node_infos[node_id] = node
         return node
+
+    def flush_leases(self, now: float) -> None:
+        """Write what the lease table says is due: records that changed hands, and copies grown old."""
+        due = self.leasetable.due(now)
+        if not due.nodes and not due.jobs:
+            return
+        done = Flush(nodes=[], jobs=[])
+        for node_id in due.nodes:
+            if (node := self.node_infos.get(node_id)) is not None:
+                self.ledger.put_node(node)
+            done.nodes.append(node_id)
+        for job_id in due.jobs:
+            lease = self.leasetable.jobs.get(job_id)
+            if lease is None:
+                continue
+            if self._renew(job_id, lease.token, lease.node, lease.expires_at - self.settings.lease_s):
+                done.jobs.append(job_id)
+            else:  # the ledger says otherwise (the next rescan reads who holds it)
+                self.leasetable.release(job_id)
+        self.leasetable.written(done)
+
+    def lapsed_leases(self, now: float) -> list[Lapsed]:
+        """Flush what is due, then the attempts whose lease ran out, judged up to what the queue let us read."""
+        if self.queue.events.size() == 0:  # nothing waits unread: leases are judged up to now
+            self.leasetable.caught_up(now)
+        self.flush_leases(now)
+        return self.leasetable.lapsed(now, self.grace_until)
+
+    def sync_leases(self) -> None:
+        """The lease table after a rescan of the ledger: the running attempts of ``active``, no other."""
+        for job_id in set(self.leasetable.jobs) - set(self.active):
+            self.leasetable.release(job_id)
+        for job in self.active.values():
+            self.track_lease(job)
+
+    def track_lease(self, job: Job) -> None:
+        """The lease table's view of a job just written or read: who holds its running attempt until when."""
+        att = job.current
+        if job.status is JobStatus.RUNNING and att and att.node and att.lease_expires_at is not None:
+            self.leasetable.hold(job.id, att.token, att.node, att.lease_expires_at)
+        else:
+            self.leasetable.release(job.id)

@@ -26,11 +26,12 @@ from dlorch.core.protocol import (Cancel, CancelReply, Claim, ClaimReply, Finish
                                   Reply, Submit, SubmitReply, refusal)
 from dlorch.core.settings import Settings
 from dlorch.core.store import DataStore
-from dlorch.core.spec import Attempt, AttemptOutcome, Job, JobStatus, new_job_id
+from dlorch.core.spec import Attempt, AttemptOutcome, Job, JobStatus, NodeInfo, new_job_id
 from dlorch.orchestrator.leadership import Verdict, new_leader
 from dlorch.orchestrator.ledger import Ledger
 from dlorch.orchestrator.blockservice import BlockHandlers
-from dlorch.orchestrator.leases import AfterAttempt, Next, after_attempt, expired_leases, missing_from_queue, owned_by
+from dlorch.orchestrator.leases import AfterAttempt, Next, after_attempt, missing_from_queue, owned_by
+from dlorch.orchestrator.leasetable import LeaseTable
 from dlorch.orchestrator.nodeservice import NodeHandlers
 from dlorch.orchestrator.replay import Refused, ReplayGuard
 from dlorch.orchestrator.queue import Queue
@@ -62,6 +63,10 @@ class Orchestrator(NodeHandlers, BlockHandlers):
         self._next_maintain = 0.0
         self._next_rescan = 0.0
         self.active: dict[str, Job] = {}  # queued and running jobs, as last written by this orchestrator
+        # Node heartbeats and attempt leases in memory, flushed to the ledger when due (leasetable.py).
+        self.leasetable = LeaseTable(lease_s=settings.lease_s)
+        self.node_infos: dict[str, NodeInfo] = {}  # node records as their newest heartbeat left them
+        self.sent_at: float | None = None  # the send time of the queued request being handled
         self._init_blocks()
         self.guard = ReplayGuard()  # the queued requests seen lately: replays and duplicates refused
         self._handlers: dict[str, Callable[[Any], Reply]] = {
@@ -147,7 +152,12 @@ class Orchestrator(NodeHandlers, BlockHandlers):
             reply = {**refusal(f"request refused: {refused.value}").wire(),
                      protocol.RESEND: refused is Refused.STALE}
         else:
-            reply = self.handle(body, sender=env.sender)
+            self.leasetable.saw(min(env.sent_at, self.clock()))
+            self.sent_at = env.sent_at
+            try:
+                reply = self.handle(body, sender=env.sender)
+            finally:
+                self.sent_at = None
             self.guard.keep_reply(env, reply)
         if not env.oneway:
             self.queue.events.put_reply(env.rid, {**reply, protocol.NOW: self.clock()})
@@ -183,13 +193,14 @@ class Orchestrator(NodeHandlers, BlockHandlers):
         if time.monotonic() >= self._next_rescan:  # the index is rebuilt from the ledger now and then
             jobs = self.ledger.active_jobs()  # no ended job's record is read
             self.active = {j.id: j for j in jobs if j.status is not JobStatus.WAITING}
+            self.sync_leases()
             for job in jobs:
                 if job.status is JobStatus.WAITING and job.id not in self.books:
                     self._load_book(job, now)
             self._next_rescan = time.monotonic() + self.RESCAN_EVERY_S
         self._maintain_blocks(now)
         active = list(self.active.values())
-        expired = expired_leases(active, now, self.grace_until)
+        expired = self.lapsed_leases(now)
         for exp in expired:
             self._end_attempt(exp.job_id, exp.token, AttemptOutcome.EXPIRED, now,
                               note=f"lease of node {exp.node} expired")
@@ -315,6 +326,7 @@ class Orchestrator(NodeHandlers, BlockHandlers):
             self.active[job.id] = job
         else:
             self.active.pop(job.id, None)
+        self.track_lease(job)
 
     def _enqueue(self, job: Job, now: float) -> None:
         dispatch = protocol.Dispatch(job=job.id, token=job.next_token, kind=job.spec.kind, priority=job.spec.priority)
