@@ -7,7 +7,8 @@ lease, in one ``LeaseTable``; the ledger gets a record only when it matters:
 
 - at once when something changes hands: a node takes or leaves a job, starts draining, or is new;
 - otherwise when the ledger's copy grows older than ``refresh_s`` (half a lease by default), checked
-  about once a second, as the block bookkeeper (blockbook.py) flushes its summaries.
+  a few times a second, at most ``per_pass`` records at a time, oldest copies first: agents that
+  started together do not all come due in one burst that stalls every request behind it.
 
 Losing the memory (an orchestrator restart) loses only renewals since the last flush; a new
 orchestrator honours every lease for one more lease (``grace_until``), within which live nodes
@@ -81,11 +82,13 @@ class LeaseTable:
         refresh_s: a record changed only by renewals is written once its ledger copy is this old
             (default: half a lease, so the ledger never shows a live node as silent for a lease).
         flush_every_s: how often ``due`` looks for such records.
+        per_pass: how many of them one look returns at most (what changed hands comes on top).
     """
 
     lease_s: float
     refresh_s: float | None = None
-    flush_every_s: float = 1.0
+    flush_every_s: float = 0.2
+    per_pass: int = 100
     nodes: dict[str, NodeBeat] = field(default_factory=dict)
     jobs: dict[str, JobLease] = field(default_factory=dict)
     seen_until: float = float("-inf")  # everything sent before this has been read
@@ -161,10 +164,12 @@ class LeaseTable:
         nodes, jobs = set(self._urgent_nodes), set(self._urgent_jobs)
         if now >= self._next_flush:
             self._next_flush = now + self.flush_every_s
-            nodes |= {n for n, b in self.nodes.items() if b.sent_at - b.written_at >= self.refresh_s}
+            old = [(b.written_at, n) for n, b in self.nodes.items() if b.sent_at - b.written_at >= self.refresh_s]
             soon = now + self.lease_s - self.refresh_s  # a ledger copy lapsing before this is rewritten
-            jobs |= {j for j, lease in self.jobs.items()
-                     if lease.expires_at > lease.written_expiry and lease.written_expiry <= soon}
+            lapsing = [(lease.written_expiry, j) for j, lease in self.jobs.items()
+                       if lease.expires_at > lease.written_expiry and lease.written_expiry <= soon]
+            nodes |= {n for _, n in sorted(old)[:self.per_pass]}
+            jobs |= {j for _, j in sorted(lapsing)[:self.per_pass]}
         return Flush(nodes=sorted(nodes), jobs=sorted(jobs))
 
     def written(self, flush: Flush) -> None:

@@ -92,3 +92,20 @@ def test_a_failed_flush_is_due_again():
     first = t.due(120.0)
     assert first.jobs == ["j-1"] and first.nodes == ["n1"]  # never t.written(first): the write failed
     assert t.due(121.0) == first
+
+
+def test_records_due_together_are_written_a_few_at_a_time_oldest_first():
+    t = LeaseTable(lease_s=LEASE, per_pass=100)
+    for i in range(1000):  # a thousand agents that started together
+        t.hold(f"j-{i}", 1, f"n{i:04d}", 130.0)
+        t.beat(f"n{i:04d}", 100.0 + i / 1000, 100.0 + i / 1000, job=f"j-{i}", token=1)
+    t.written(t.due(101.0))  # the new nodes, at once
+    for i in range(1000):
+        t.beat(f"n{i:04d}", 116.0, 116.0, job=f"j-{i}", token=1)
+    passes, now = [], 116.0
+    while (flush := t.due(now)).nodes or flush.jobs:
+        assert len(flush.nodes) <= 100 and len(flush.jobs) <= 100
+        passes.append(flush)
+        t.written(flush)
+        now += 0.2
+    assert len(passes) == 10 and passes[0].nodes[0] == "n0000"  # all within two seconds, oldest copies first
