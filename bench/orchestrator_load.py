@@ -260,7 +260,9 @@ def _blockwise_job(url: str, store: str) -> str:
     jid = q.request(Submit.model_validate({"spec": spec, "job_id": "load-blocks"}), timeout=120)["job"]
     planner = _queue(url, "planner")
     _register(planner, "planner")
-    assert planner.request(Claim(node="planner", job=jid, token=1), timeout=120).get("ok")
+    claimed = planner.request(Claim(node="planner", job=jid, token=1), timeout=120)
+    if not claimed.get("ok"):
+        raise RuntimeError(f"the planner's claim was refused: {claimed}")
     blocks = [{"index": i, "core": [[i, i + 1], [0, 8]], "read": [[i, i + 1], [0, 8]]} for i in range(BLOCKS)]
     finish = Finish.model_validate({"node": "planner", "job": jid, "token": 1, "outcome": "split", "norm": {},
                                     "output": f"{store}/jobs/{jid}/output.zarr", "blocks": blocks,
