@@ -88,19 +88,27 @@ def _agent_thread(url: str, agents: list[tuple[str, str]], stop, out: dict) -> N
     from dlorch.core.protocol import Claim, Heartbeat
 
     queues = {node: _queue(url, node) for node, _ in agents}
-    for node, job in agents:
-        _register(queues[node], node)
-        reply = queues[node].request(Claim(node=node, job=job, token=1), timeout=120)
-        if not reply.get("ok"):
-            out["claims_refused"] += 1
-    out["ready"] += len(agents)
-    due = {node: time.monotonic() + HEARTBEAT_S * i / max(1, len(agents)) for i, (node, _) in enumerate(agents)}
     jobs = dict(agents)
+    claimed: set[str] = set()  # an agent heartbeats from its claim on, as a real one does
+    due = {node: time.monotonic() + HEARTBEAT_S * i / max(1, len(agents)) for i, (node, _) in enumerate(agents)}
     while not stop.is_set():
         node = min(due, key=due.__getitem__)
         wait = due[node] - time.monotonic()
-        if wait > 0 and stop.wait(wait):
-            break
+        pending = [n for n, _ in agents if n not in claimed]
+        if wait > 0 and pending:
+            node = pending[0]  # nothing due yet: the next agent joins
+        elif wait > 0:
+            if stop.wait(wait):
+                break
+        if node not in claimed:
+            _register(queues[node], node)
+            reply = queues[node].request(Claim(node=node, job=jobs[node], token=1), timeout=120)
+            if not reply.get("ok"):
+                out["claims_refused"] += 1
+            claimed.add(node)
+            out["ready"] += 1
+            due[node] = time.monotonic() + HEARTBEAT_S
+            continue
         due[node] += HEARTBEAT_S
         t0 = time.monotonic()
         try:
