@@ -53,8 +53,12 @@ def s3(monkeypatch):
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    import urllib.request
+
     import boto3
 
+    # moto keeps its state per process, not per server: start every test from an empty S3
+    urllib.request.urlopen(urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST"))
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bucket")
     yield env
     server.stop()
