@@ -15,7 +15,7 @@ from dlorch.core.spec import JobStatus
 from dlorch.core.wire import Signer
 from dlorch.nodeagent.agent import Agent
 from dlorch.orchestrator.queue import Channel
-from tests.unit.test_orchestrator import _register, _submit, _take, orch  # noqa: F401  (the orchestrator fixture)
+from tests.unit.test_orchestrator import _register, _submit, _take
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ def test_a_message_put_back_by_a_stopping_agent_keeps_its_priority(agent):
     assert (first["job"], first["priority"], second["job"]) == ("j-urgent", 50, "j-later")
 
 
-def test_nan_in_a_report_is_left_out_with_a_line_and_the_agent_goes_on(agent, orch, tmp_path, caplog):  # noqa: F811
+def test_nan_in_a_report_is_left_out_with_a_line_and_the_agent_goes_on(agent, orch, tmp_path, caplog):
     _register(orch, "n1")
     jid = _submit(orch, epochs=4)
     _take(orch, "n1")

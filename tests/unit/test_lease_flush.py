@@ -6,7 +6,7 @@ import uuid
 from pathlib import Path
 
 from dlorch.core.spec import AttemptOutcome, JobStatus
-from tests.unit.test_orchestrator import _register, _submit, _take, orch  # noqa: F401  (the orchestrator fixture)
+from tests.unit.test_orchestrator import _register, _submit, _take
 from tests.unit.test_replay import _queue
 
 

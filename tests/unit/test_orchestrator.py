@@ -11,25 +11,6 @@ from dlorch.orchestrator.service import NotLeader, Orchestrator
 from dlorch.orchestrator.statestore import LocalDirStateStore
 
 
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
-
-
-@pytest.fixture
-def orch(tmp_path):
-    clock = Clock()
-    s = Settings(store=str(tmp_path), lease_s=10, max_attempts=2)
-    o = Orchestrator(s, Ledger(LocalDirStateStore(tmp_path / "ledger")),
-                     Queue(f"sqlite:///{tmp_path / 'q.db'}", Signer(b"k")), clock=clock)
-    o.lead()
-    o.clock_ = clock
-    return o
-
-
 def _submit(o, **kw):
     spec = {"kind": "train", "image": "/s/i.npy", "labels": "/s/l.npy", **kw}
     return o.handle({"type": "submit", "spec": spec})["job"]

@@ -2,7 +2,7 @@
 learn which split (planner attempt) their output's stamp must name (simulated clock)."""
 
 from dlorch.core.spec import JobStatus
-from tests.unit.test_orchestrator import _register, orch  # noqa: F401  (the orchestrator fixture)
+from tests.unit.test_orchestrator import _register
 
 
 def _claim(o, node):
@@ -19,7 +19,7 @@ def _split_report(o, jid, token, node, n_blocks):
                      "voxels": 8 * n_blocks})
 
 
-def test_a_stale_planners_split_is_refused_and_blocks_learn_the_newer_split(orch):  # noqa: F811
+def test_a_stale_planners_split_is_refused_and_blocks_learn_the_newer_split(orch):
     for n in ("old", "new", "other"):
         _register(orch, n)
     spec = {"kind": "predict", "image": "/s/v.zarr", "model": "/s/m.ckpt", "output_format": "zarr"}

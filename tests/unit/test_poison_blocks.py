@@ -2,7 +2,7 @@
 
 from dlorch.core.spec import JobStatus
 from dlorch.orchestrator.blockbook import BlockBook
-from tests.unit.test_orchestrator import _register, _split, orch  # noqa: F401  (the orchestrator fixture)
+from tests.unit.test_orchestrator import _register, _split
 
 LEASE = 10.0
 
@@ -40,7 +40,7 @@ def test_losses_survive_an_orchestrator_restart():
     assert again.failed and again.failed.startswith("block 0:")
 
 
-def test_the_orchestrator_fails_the_job_naming_the_poison_block(orch):  # noqa: F811
+def test_the_orchestrator_fails_the_job_naming_the_poison_block(orch):
     orch.settings.max_node_losses = 2
     for n in ("n1", "n2", "n3"):
         _register(orch, n)

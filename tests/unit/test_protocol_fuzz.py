@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from dlorch.core.spec import AttemptOutcome, Job, JobStatus, NodeInfo
 from dlorch.core.wire import Signer
 from dlorch.orchestrator.leases import owned_by
-from tests.unit.test_orchestrator import _register, _split, _submit, _take, orch  # noqa: F401  (the fixture)
+from tests.unit.test_orchestrator import _register, _split, _submit, _take
 
 SETTINGS = settings(max_examples=int(os.environ.get("DLORCH_FUZZ_EXAMPLES", 150)), deadline=None, database=None,
                     suppress_health_check=list(HealthCheck))

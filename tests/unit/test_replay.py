@@ -16,7 +16,7 @@ from dlorch.core.spec import AttemptOutcome, JobStatus
 from dlorch.core.wire import Signer
 from dlorch.orchestrator.queue import Queue
 from dlorch.orchestrator.service import Orchestrator
-from tests.unit.test_orchestrator import _register, _submit, _take, orch  # noqa: F401  (the orchestrator fixture)
+from tests.unit.test_orchestrator import _register, _submit, _take
 
 
 def _queue(o, sender: str, key: bytes = b"k") -> Queue:
