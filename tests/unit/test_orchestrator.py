@@ -2,13 +2,8 @@
 
 import pytest
 
-from dlorch.core.settings import Settings
 from dlorch.core.spec import AttemptOutcome, JobStatus
-from dlorch.core.wire import Signer
-from dlorch.orchestrator.ledger import Ledger
-from dlorch.orchestrator.queue import Queue
 from dlorch.orchestrator.service import NotLeader, Orchestrator
-from dlorch.orchestrator.statestore import LocalDirStateStore
 
 
 def _submit(o, **kw):
