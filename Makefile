@@ -9,14 +9,15 @@ BIN    := $(VENV)/bin
 DATA   ?= ../shared/data/isbi2012-em
 OUT    ?= out
 
-.PHONY: demo test test-fast install redis faketime bench clean
+.PHONY: demo test test-fast install redis faketime chromium slurm xvfb bench clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: the machine's CPU build; any other version pulls gigabytes of CUDA packages
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	# constraints.txt pins one consistent set of every dependency (pip alone backtracks for an hour over s3fs/botocore)
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -37,8 +38,30 @@ faketime:
 	@ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq faketime) \
 	  || (echo "libfaketime is needed by the tests: apt-get install -y faketime" && exit 1)
 
-test: $(BIN)/.installed redis faketime
-	$(BIN)/python -m pytest -q
+# the wizard and dashboard tests drive Debian's Chromium through Playwright (its own browser download is not used)
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) \
+	  || (echo "chromium is needed by the browser tests: apt-get install -y chromium chromium-driver" && exit 1)
+
+# the Slurm provider's tests start a one-node slurmctld + slurmd (and munged) on this machine
+slurm:
+	@command -v slurmctld >/dev/null || [ -x /usr/sbin/slurmctld ] || (apt-get update -qq && apt-get install -y -qq slurm-wlm munge) \
+	  || (echo "Slurm is needed by the provider tests: apt-get install -y slurm-wlm munge" && exit 1)
+
+# the napari test draws a real napari window on an Xvfb display with Mesa's OpenGL (Qt's xcb platform needs the libxcb-*)
+xvfb:
+	@command -v Xvfb >/dev/null && ldconfig -p | grep -q libxcb-cursor.so.0 && ldconfig -p | grep -q libxcb-icccm.so.4 \
+	  && ldconfig -p | grep -q libxcb-keysyms.so.1 || (apt-get update -qq && apt-get install -y -qq xvfb libgl1-mesa-dri \
+	  libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxcb-image0 libxcb-randr0 libxcb-render-util0 libxcb-shape0 \
+	  libxcb-xkb1 libxkbcommon-x11-0) \
+	  || (echo "Xvfb is needed by the napari test: apt-get install -y xvfb libgl1-mesa-dri libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1" && exit 1)
+
+# Two workers: most system tests wait on subprocesses, servers and browsers, so two share the two cores well;
+# the slowest tests are listed at the end (--durations)
+WORKERS ?= 2
+
+test: $(BIN)/.installed redis faketime chromium slurm xvfb
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist worksteal --durations=25
 
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests/unit

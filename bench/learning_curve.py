@@ -9,6 +9,7 @@ fields can be overridden, a nested one in part (``--set weight_decay=0.05
 'augment={"elastic_prob": 0.8}'``). Prints a line per epoch and writes JSON.
 
     DLORCH_THREADS=1 python bench/learning_curve.py --name wd --set weight_decay=0.05 [--epochs 20] [--steps 60]
+        [--dense 0 1]   # those slices' dense labels in place of their strokes (a bootstrapping round's labels)
 """
 
 from __future__ import annotations
@@ -70,13 +71,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--steps", type=int, default=60, help="steps per epoch")
     ap.add_argument("--set", nargs="*", default=[], help="plan overrides, FIELD=JSON")
+    ap.add_argument("--dense", type=int, nargs="*", default=[],
+                    help="slices (0-4) whose dense labels replace their strokes, as a wholly corrected slice")
     ap.add_argument("--out", type=pathlib.Path, default=None)
     args = ap.parse_args(argv)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
 
     train = np.load(DATA / "isbi2012_train.npz")
     image, truth = train["image"], train["labels"]
-    strokes = np.load(DATA / "isbi2012_sparse_strokes.npz")["labels"]
+    strokes = np.load(DATA / "isbi2012_sparse_strokes.npz")["labels"].copy()
+    if any(not 0 <= z < EVAL.start for z in args.dense):
+        ap.error(f"--dense takes slices 0-{EVAL.start - 1}: slices {EVAL.start}-29 are the ones scored")
+    for z in args.dense:
+        strokes[z] = truth[z]
     plan = plan_segmentation(image, strokes, epochs=args.epochs)
     overrides = {"steps_per_epoch": args.steps, "time_budget_s": None, "stop_at_plateau": False}
     overrides.update({k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)})
@@ -84,14 +91,16 @@ def main(argv: list[str] | None = None) -> dict:
     for key, value in overrides.items():  # a nested field (augment) takes a partial dict
         merged[key] = {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
     plan = SegmentationPlan.model_validate(merged)
-    print(f"{args.name}: {args.epochs} epochs x {args.steps} steps, overrides {overrides}", flush=True)
+    print(f"{args.name}: {args.epochs} epochs x {args.steps} steps, {int((strokes > 0).sum()):,} labelled pixels "
+          f"(dense slices {args.dense or 'none'}), overrides {overrides}", flush=True)
 
     hooks = CurveHooks(image, truth)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         train_segmentation(image, strokes, plan, workdir=pathlib.Path(workdir), resume_from=None, hooks=hooks)
     peak = max(hooks.rows, key=lambda r: r["mean_iou"])
-    result = {"name": args.name, "overrides": overrides, "threads": os.environ.get("DLORCH_THREADS"),
+    result = {"name": args.name, "overrides": overrides, "dense_slices": args.dense,
+              "labelled_pixels": int((strokes > 0).sum()), "threads": os.environ.get("DLORCH_THREADS"),
               "seconds": time.perf_counter() - t0, "peak": peak, "last": hooks.rows[-1], "curve": hooks.rows}
     print(f"{args.name}: peak dense mIoU {peak['mean_iou']:.4f} at epoch {peak['epoch']}, "
           f"last {hooks.rows[-1]['mean_iou']:.4f}")

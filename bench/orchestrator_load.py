@@ -6,6 +6,11 @@ protocol (signed, enveloped requests through ``Queue.request``): register, claim
 heartbeat it every 3 s. Meanwhile a few block pullers drive a blockwise job of tiny blocks through
 ``next_block`` (each request also reporting the block before as done) without computing anything.
 
+Each simulated agent heartbeats as nodeagent's heartbeat thread does: a heartbeat not answered within two
+intervals (6 s) is given up (counted in ``heartbeat_errors``) and the next one sent, with a send time of its
+own; an agent that instead waited a minute on one request sent no newer heartbeat meanwhile, and a backlog
+longer than a lease then expired the lease of an agent that was alive.
+
 Measured over ``--duration`` seconds once every agent holds its job:
   false_expiries      attempts the orchestrator ended as expired (or leases a heartbeat found lost) while
                       their agent was alive and heartbeating: the target is 0
@@ -35,7 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 SECRET = "bench-secret"
 HEARTBEAT_S = 3.0
 PULLERS = 8  # threads pulling blocks
+PROCS_MIN = 1  # worker processes at least (the simulated agents and pullers are spread over them)
 BLOCKS = 20_000  # blocks of the no-op blockwise job (the rate is taken until the last is done)
+_COUNT = threading.Lock()  # the counters a worker process's threads share
 
 
 def free_port() -> int:
@@ -80,51 +87,45 @@ def _register(q, node: str) -> None:
     from dlorch.core.protocol import NodeAnnouncement, Register
 
     info = NodeAnnouncement(id=node, hostname="bench", pid=os.getpid(), cpus=1, memory_bytes=1 << 30)
-    q.request(Register(node_info=info), timeout=120)
+    q.request(Register(node_info=info), timeout=600)  # a thousand agents joining at once wait their turn
 
 
-def _agent_thread(url: str, agents: list[tuple[str, str]], stop, out: dict) -> None:
-    """Simulate ``agents`` (node id, job id): register, claim, then heartbeat every 3 s until ``stop``."""
+def _agent_thread(url: str, node: str, job: str, stop, out: dict) -> None:
+    """Simulate one agent: register, claim its job, then heartbeat every 3 s until ``stop``.
+
+    One thread per agent, as a real agent heartbeats from a thread of its own: an agent's heartbeats never
+    wait on another agent's registration or claim.
+    """
     from dlorch.core.protocol import Claim, Heartbeat
 
-    queues = {node: _queue(url, node) for node, _ in agents}
-    jobs = dict(agents)
-    claimed: set[str] = set()  # an agent heartbeats from its claim on, as a real one does
-    due = {node: time.monotonic() + HEARTBEAT_S * i / max(1, len(agents)) for i, (node, _) in enumerate(agents)}
-    while not stop.is_set():
-        node = min(due, key=due.__getitem__)
-        wait = due[node] - time.monotonic()
-        pending = [n for n, _ in agents if n not in claimed]
-        if wait > 0 and pending:
-            node = pending[0]  # nothing due yet: the next agent joins
-        elif wait > 0:
-            if stop.wait(wait):
-                break
-        if node not in claimed:
-            _register(queues[node], node)
-            reply = queues[node].request(Claim(node=node, job=jobs[node], token=1), timeout=120)
-            if not reply.get("ok"):
-                out["claims_refused"] += 1
-            claimed.add(node)
-            out["ready"] += 1
-            due[node] = time.monotonic() + HEARTBEAT_S
-            continue
-        due[node] += HEARTBEAT_S
+    q = _queue(url, node)
+    try:
+        _register(q, node)
+        reply = q.request(Claim(node=node, job=job, token=1), timeout=600)
+    except Exception as e:  # noqa: BLE001 -- counted: an agent that never got going
+        out["errors"].append(f"setup {type(e).__name__}: {e}"[:200])
+        reply = {}
+    with _COUNT:
+        out["claims_refused"] += not reply.get("ok")
+        out["ready"] += 1
+    due = time.monotonic() + HEARTBEAT_S
+    while not stop.wait(max(0.0, due - time.monotonic())):
+        due += HEARTBEAT_S
         t0 = time.monotonic()
-        try:
-            reply = queues[node].request(Heartbeat(node=node, job=jobs[node], token=1), timeout=60, stop=stop)
+        try:  # as nodeagent's heartbeat thread: a heartbeat unanswered after two intervals gives way to the next
+            reply = q.request(Heartbeat(node=node, job=job, token=1), timeout=2 * HEARTBEAT_S, stop=stop)
         except Exception as e:  # an unanswered heartbeat is counted, not fatal to the bench
             if stop.is_set():
                 break
             out["errors"].append(f"{type(e).__name__}: {e}"[:200])
             continue
         took = time.monotonic() - t0
+        due = max(due, time.monotonic())  # a late reply: the next one 3 s from the due time, never in a burst
         if time.time() >= out["start"]:  # measured from the start the parent set
             out["latencies"].append(took)
             if reply.get("lease") is False:
                 out["leases_lost"].append(node)
-    for q in queues.values():
-        q.close()
+    q.close()
 
 
 def _puller_thread(url: str, node: str, stop, out: dict) -> None:
@@ -139,6 +140,8 @@ def _puller_thread(url: str, node: str, stop, out: dict) -> None:
         try:
             reply = q.request(NextBlock(node=node, job=job, after=last, have=have, done=done), timeout=60, stop=stop)
         except Exception as e:
+            if stop.is_set():
+                break
             out["errors"].append(f"{type(e).__name__}: {e}"[:200])
             continue
         done = []
@@ -149,20 +152,20 @@ def _puller_thread(url: str, node: str, stop, out: dict) -> None:
         have = [job]
         done = [BlockReport(job=job, block=last)]
         if time.time() >= out["start"]:
-            out["blocks"] += 1
-            out["last_block_at"] = time.time()
+            with _COUNT:
+                out["blocks"] += 1
+                out["last_block_at"] = time.time()
     q.close()
 
 
-def worker(url: str, agents: list[tuple[str, str]], pullers: list[str], threads: int, start_at, stop_at,
-           results) -> None:
-    """A process simulating ``agents`` on ``threads`` threads, and ``pullers``; results go to ``results``."""
+def worker(url: str, agents: list[tuple[str, str]], pullers: list[str], start_at, stop_at, results) -> None:
+    """A process simulating ``agents`` (a thread each) and ``pullers``; results go to ``results``."""
+    threading.stack_size(256 * 1024)  # hundreds of threads, each a few frames deep
     stop = threading.Event()
     out = {"latencies": [], "leases_lost": [], "errors": [], "ready": 0, "claims_refused": 0, "blocks": 0,
            "start": float("inf"), "last_block_at": 0.0}
-    groups = [agents[i::threads] for i in range(threads)] if agents else []
-    ts = [threading.Thread(target=_agent_thread, args=(url, g, stop, out), daemon=True)
-          for g in groups if g]
+    ts = [threading.Thread(target=_agent_thread, args=(url, node, job, stop, out), daemon=True)
+          for node, job in agents]
     for t in ts:
         t.start()
     while out["ready"] < len(agents):  # every agent holds its job: tell the parent, wait for the start
@@ -209,10 +212,7 @@ class Services:
                    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{mport}"}
             os.environ.update(aws)
             env.update(aws)
-            import boto3
-
-            boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
-            env["DLORCH_STORE"] = "s3://bench/dlorch"
+            env["DLORCH_STORE"] = fresh_s3_store(aws["AWS_ENDPOINT_URL"])
         else:
             env["DLORCH_STORE"] = str(tmp / "store")
         self.store = env["DLORCH_STORE"]
@@ -236,27 +236,53 @@ class Services:
                 p.kill()
                 p.wait()
         if self.moto is not None:
+            import urllib.request
+
+            # moto's objects outlive its server: drop them, or the next runs carry this run's ledger in memory
+            urllib.request.urlopen(urllib.request.Request(f"{os.environ['AWS_ENDPOINT_URL']}/moto-api/reset",
+                                                          method="POST"))
             self.moto.stop()
         self.log.close()
+
+
+def fresh_s3_store(endpoint: str) -> str:
+    """A store URL in a bucket of its own: moto keeps its objects per process, not per server, so every run
+    of one invocation would otherwise find the ledger of the run before (its jobs, its split blockwise job)."""
+    import uuid
+
+    import boto3
+
+    bucket = f"bench-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/dlorch"
 
 
 def _client(url: str):
     return _queue(url, f"client-bench{os.getpid()}")
 
 
+SUBMITTERS = 16  # client threads submitting the agents' jobs: the orchestrator reads their requests together
+
+
 def _submit_jobs(url: str, store: str, n: int) -> list[str]:
+    """Submit ``n`` jobs from a few client threads at once (each a client of its own, as users are)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from dlorch.core.protocol import Submit
 
-    q = _client(url)
-    ids = []
-    for i in range(n):
-        spec = {"kind": "train", "image": f"{store}/in/i.npy", "labels": f"{store}/in/l.npy", "epochs": 1000}
-        reply = q.request(Submit.model_validate({"spec": spec, "job_id": f"load-{i:05d}"}), timeout=120)
-        if not reply.get("ok"):
-            raise RuntimeError(f"submit refused: {reply}")
-        ids.append(reply["job"])
-    q.close()
-    return ids
+    def submit_every(k: int) -> list[str]:
+        q, ids = _queue(url, f"client-bench{os.getpid()}-{k}"), []
+        for i in range(k, n, SUBMITTERS):
+            spec = {"kind": "train", "image": f"{store}/in/i.npy", "labels": f"{store}/in/l.npy", "epochs": 1000}
+            reply = q.request(Submit.model_validate({"spec": spec, "job_id": f"load-{i:05d}"}), timeout=600)
+            if not reply.get("ok"):
+                raise RuntimeError(f"submit refused: {reply}")
+            ids.append(reply["job"])
+        q.close()
+        return ids
+
+    with ThreadPoolExecutor(SUBMITTERS) as pool:
+        return sorted(j for ids in pool.map(submit_every, range(SUBMITTERS)) for j in ids)
 
 
 def _blockwise_job(url: str, store: str) -> str:
@@ -308,13 +334,12 @@ def _measure(svc: Services, agents: int, ledger: str, duration: float) -> dict:
     jobs = _submit_jobs(svc.url, svc.store, agents)  # waits for the orchestrator to answer
     _blockwise_job(svc.url, svc.store)
     nodes = [(f"sim-{i:05d}", jid) for i, jid in enumerate(jobs)]
-    procs_n = max(1, min(4, agents // 250))
+    procs_n = max(PROCS_MIN, min(4, agents // 250))
     ctx = mp.get_context("spawn")
     start_at, stop_at, results = ctx.Value("d", 0.0), ctx.Value("d", 0.0), ctx.Queue()
     pullers = [f"puller-{i}" for i in range(PULLERS)]
     procs = [ctx.Process(target=worker, daemon=True,
-                         args=(svc.url, nodes[k::procs_n], pullers[k::procs_n],
-                               max(1, min(64, len(nodes[k::procs_n]) // 8)), start_at, stop_at, results))
+                         args=(svc.url, nodes[k::procs_n], pullers[k::procs_n], start_at, stop_at, results))
              for k in range(procs_n)]
     for p in procs:
         p.start()
@@ -340,6 +365,7 @@ def _measure(svc: Services, agents: int, ledger: str, duration: float) -> dict:
         "false_expiries": len(expired | {job_of[n] for n in lost}), "expired_jobs": len(expired),
         "leases_lost": len(lost),
         "heartbeats": len(latencies), "heartbeat_errors": sum(len(o["errors"]) for o in outs),
+        "error_samples": sorted({e for o in outs for e in o["errors"]})[:5],
         "claims_refused": sum(o["claims_refused"] for o in outs),
         "heartbeat_p50_ms": round(percentile(latencies, 0.50) * 1000, 1),
         "heartbeat_p99_ms": round(percentile(latencies, 0.99) * 1000, 1),

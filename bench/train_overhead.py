@@ -2,7 +2,8 @@
 
 dlorch side: `dlorch train segment` on the embedded default (orchestrator + one agent subprocess);
 an epoch's time is the interval between the publication of consecutive epoch checkpoints in the
-store, so it includes everything dlorch adds per epoch (checkpoint write, upload, progress report).
+store, so it includes everything dlorch adds per epoch on the training thread (the checkpoint write; the
+upload and the progress report run on a background publisher).
 Bare side: the engine's own module and data, `pl.Trainer.fit`, no checkpoints, no hooks; an epoch's time
 is the interval between consecutive epoch ends. The first epoch (warm-up) is left out of both.
 
@@ -76,7 +77,18 @@ def dlorch_epochs(image_path: Path, labels_path: Path, epochs: int, home: Path) 
     job_id = cp.stdout.strip().splitlines()[-1]
     job = json.loads((home / "ledger" / "jobs" / f"{job_id}.json").read_text())
     ckpts = sorted((home / "jobs" / job_id / "attempts").glob("*/ckpt/*.ckpt"))
-    return [p.stat().st_mtime for p in ckpts], job
+    # Checkpoints are published in the background and a newer one supersedes one not yet sent, so an
+    # epoch may be missing: its interval is spread over the epochs between two published ones.
+    ends, last = [], None
+    for p in ckpts:
+        epoch, t = int(p.stem.split("-")[-1]), p.stat().st_mtime
+        if last is not None:
+            step = (t - last[1]) / max(1, epoch - last[0])
+            ends += [ends[-1] + step * (i + 1) for i in range(epoch - last[0])]
+        else:
+            ends.append(t)
+        last = (epoch, t)
+    return ends, job
 
 
 def main() -> None:

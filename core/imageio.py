@@ -1,4 +1,4 @@
-"""Read and write images: TIFF, zarr, NumPy (.npy, .npz). Arrays keep their dtype."""
+"""Read and write images: TIFF, zarr, OME-Zarr, NumPy (.npy, .npz). Arrays keep their dtype."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dlorch.core.errors import BadInput, one_line
 from dlorch.core.store import image_suffix
 
 READ_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".zarr", ".ome.zarr", ".npy", ".npz")
-WRITE_FORMATS = {".tif": "tif", ".tiff": "tif", ".ome.tif": "tif", ".zarr": "zarr", ".npy": "npy"}
+WRITE_FORMATS = {".tif": "tif", ".tiff": "tif", ".ome.tif": "tif", ".zarr": "zarr", ".ome.zarr": "zarr", ".npy": "npy"}
 
 
 def split_key(spec: str) -> tuple[Path, str | None]:
@@ -49,6 +49,10 @@ def read_image(path: Path, key: str | None = None, role: str = "image") -> np.nd
                 name = _pick(list(z.files), key, role, path)
                 return _numbers(_load_numpy(f"{path}:{name}", lambda: z[name]), f"{path}:{name}")
         if suf in (".zarr", ".ome.zarr"):
+            from dlorch.core import omezarr
+
+            if key is None and omezarr.is_ome_zarr(str(path)):  # the full-resolution level
+                return _numbers(omezarr.read_level(str(path)), path)
             return np.asarray(open_zarr_array(path, key, role))
     except BadInput:
         raise
@@ -108,7 +112,7 @@ def output_format(path: Path) -> str:
     """The writer format (tif, zarr, npy) an output path asks for."""
     suf = image_suffix(path)
     if suf not in WRITE_FORMATS:
-        raise BadInput(f"output {path} must end in .tif, .zarr or .npy")
+        raise BadInput(f"output {path} must end in .tif, .zarr, .ome.zarr or .npy")
     return WRITE_FORMATS[suf]
 
 
@@ -168,11 +172,19 @@ def _probe_write(path: Path, directory: Path) -> None:
     probe.unlink(missing_ok=True)
 
 
-def write_image(array: np.ndarray, path: Path, fmt: str | None = None) -> Path:
-    """Write an array as TIFF (ImageJ-readable), zarr or .npy, atomically (temp name, then rename).
+def write_image(array: np.ndarray, path: Path, fmt: str | None = None, grid=None, labels: bool | None = None) -> Path:
+    """Write an array as TIFF (ImageJ-readable), zarr, OME-Zarr or .npy, atomically (temp name, then rename).
 
     Only what ``check_output_path`` allows is replaced: an existing file, or a zarr array (a
     previous output) for a .zarr; anything else raises ``BadInput`` and is left as it is.
+
+    Args:
+        array: (Z,)Y,X.
+        path: a name ending in ``.ome.zarr`` writes an OME-Zarr pyramid (``dlorch.core.omezarr``).
+        fmt: tif, zarr or npy; by default from the suffix.
+        grid: axes and voxel size (``omezarr.Grid``) for TIFF (ImageJ spacing and resolution) and
+            OME-Zarr; pixels if None.
+        labels: a label map (OME-Zarr levels by nearest neighbour); by default for uint8 and bool arrays.
     """
     path = Path(path)
     fmt = fmt or output_format(path)
@@ -186,11 +198,18 @@ def write_image(array: np.ndarray, path: Path, fmt: str | None = None) -> Path:
             import tifffile
 
             imagej = array.dtype in (np.uint8, np.uint16, np.float32) and array.ndim <= 6
-            tifffile.imwrite(tmp, array, imagej=imagej,
-                             metadata={"axes": "ZYX"[-array.ndim :]} if imagej and array.ndim <= 3 else None)
+            if imagej and array.ndim in (2, 3):
+                tifffile.imwrite(tmp, array, imagej=True, **_imagej_scale(array.ndim, grid))
+            else:
+                tifffile.imwrite(tmp, array, imagej=imagej)
         elif fmt == "npy":
             with open(tmp, "wb") as fh:
                 np.save(fh, array, allow_pickle=False)
+        elif image_suffix(path) == ".ome.zarr":
+            from dlorch.core import omezarr
+
+            is_labels = labels if labels is not None else array.dtype in (np.uint8, np.bool_)
+            omezarr.write_array(array, str(tmp), grid, labels=is_labels)
         else:
             import zarr
 
@@ -206,3 +225,44 @@ def write_image(array: np.ndarray, path: Path, fmt: str | None = None) -> Path:
         elif tmp.exists():
             tmp.unlink()
     return path
+
+
+def _imagej_scale(ndim: int, grid) -> dict:
+    """tifffile's ImageJ options: axes, and the voxel size (resolution in pixels per unit, Z spacing) if known."""
+    meta: dict = {"axes": "ZYX"[-ndim:]}
+    if grid is None:
+        return {"metadata": meta, "resolution": (1.0, 1.0)}
+    unit = {"micrometer": "um", "nanometer": "nm", "millimeter": "mm"}.get(grid.unit or "", grid.unit or "pixel")
+    meta["unit"] = unit
+    if ndim == 3:
+        meta["spacing"] = float(grid.scale[0])
+    y, x = grid.scale[-2:]
+    return {"metadata": meta, "resolution": (1.0 / float(x), 1.0 / float(y))}
+
+
+def read_grid(path: str | Path):
+    """The axes and voxel size of an OME-Zarr image or an ImageJ TIFF (``omezarr.Grid``), or None if not given."""
+    from dlorch.core import omezarr
+
+    suf = image_suffix(Path(str(path)))
+    try:
+        if suf in (".zarr", ".ome.zarr"):
+            return omezarr.read_grid(str(path))
+        if suf in (".tif", ".tiff") and Path(path).is_file():
+            import tifffile
+
+            with tifffile.TiffFile(path) as tf:
+                ij = tf.imagej_metadata or {}
+                tags = tf.pages[0].tags
+                if not ij or "XResolution" not in tags:
+                    return None
+                xr, yr = (a / b for a, b in (tags["XResolution"].value, tags["YResolution"].value))
+                unit = {"um": "micrometer", "\u00b5m": "micrometer", "nm": "nanometer"}.get(ij.get("unit"))
+                ndim = tf.series[0].ndim
+                if ndim not in (2, 3):
+                    return None
+                scale = ((float(ij.get("spacing", 1.0)),) if ndim == 3 else ()) + (1.0 / yr, 1.0 / xr)
+                return omezarr.Grid(tuple("zyx"[-ndim:]), scale, unit)
+    except Exception:  # a scale is a nicety: an unreadable one is left out, never an error
+        return None
+    return None

@@ -238,6 +238,7 @@ class Finish(AttemptReport):
     epochs_done: Count | None = None
     model: Uri | None = None
     output: Uri | None = None
+    confidence: Uri | None = None  # a segmentation's per-pixel confidence beside ``output`` (options.confidence)
     timings: Numbers = {}
     error: Text | None = None
     permanent: Flag = False  # the input can never work: no retry

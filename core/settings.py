@@ -53,6 +53,8 @@ class Settings(BaseSettings):
                             "copies used least recently are evicted")
     allow_urls: str = Field("", description="URL prefixes nodes may read and write besides the store, separated by "
                             "commas (e.g. s3://lab-data/); unset: the store only")
+    deployment: str = Field("default", description="this deployment's name: the fleet tags the machines it launches "
+                            "with it and lists only those")
 
     def resolved_store(self) -> str:
         """The store URL, defaulting to the embedded state directory."""

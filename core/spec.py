@@ -61,6 +61,7 @@ class AttemptOutcome(str, Enum):
 
 
 MAX_EPOCHS = 100_000
+CURVE_POINTS = 200  # the most epochs a job's curve keeps: its record stays small however long training runs
 MIN_PRIORITY, MAX_PRIORITY = -100, 100
 
 # The zoo's candidate variants (core/engine/zoo.py, whose VARIANTS a test keeps equal to this),
@@ -74,11 +75,11 @@ def _check_options(spec: "JobSpec") -> None:
     opts = spec.options
     allowed = set()
     if spec.task == "segmentation" and spec.kind in ("segment", "train"):
-        allowed.add("variant")
+        allowed |= {"variant", "init_from", "accepted", "accepted_weight"}
     if spec.task == "segmentation" and spec.kind in ("segment", "predict"):
-        allowed.add("tta")
+        allowed |= {"tta", "confidence"}
     if spec.kind == "predict":
-        allowed.add("block_voxels")
+        allowed |= {"block_voxels", "write_ome_zarr"}  # write_ome_zarr: blockwise into an OME-Zarr
     for key in opts:
         if key not in allowed:
             raise BadInput(f"invalid job spec: field 'options.{key}': a {spec.task} {spec.kind} job takes "
@@ -86,8 +87,27 @@ def _check_options(spec: "JobSpec") -> None:
     if "variant" in opts and opts["variant"] not in MODEL_VARIANTS:
         raise BadInput(f"invalid job spec: field 'options.variant': {opts['variant']!r} is not a model variant; "
                        f"choose one of {', '.join(MODEL_VARIANTS)}")
+    if "write_ome_zarr" in opts and not isinstance(opts["write_ome_zarr"], bool):
+        raise BadInput("invalid job spec: field 'options.write_ome_zarr': true or false")
     if "tta" in opts and not isinstance(opts["tta"], bool) and opts["tta"] is not None:
         raise BadInput("invalid job spec: field 'options.tta': true, false or null (the plan decides)")
+    for key in ("init_from", "accepted"):  # a model (job id or checkpoint URI), a label map's URI
+        if key in opts and (not isinstance(opts[key], str) or not 0 < len(opts[key]) <= 4096):
+            raise BadInput(f"invalid job spec: field 'options.{key}': a non-empty "
+                           f"{'model reference' if key == 'init_from' else 'label map URI'} (at most 4096 characters)")
+    if "accepted_weight" in opts:
+        w = opts["accepted_weight"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w <= 1:
+            raise BadInput("invalid job spec: field 'options.accepted_weight': a number in (0, 1], the loss weight "
+                           "of accepted pixels relative to painted ones")
+        if "accepted" not in opts:
+            raise BadInput("invalid job spec: field 'options.accepted_weight': weighs accepted labels; give "
+                           "options.accepted too (--accepted LABELS)")
+    if "confidence" in opts and not isinstance(opts["confidence"], bool):
+        raise BadInput("invalid job spec: field 'options.confidence': true or false")
+    if opts.get("confidence") and spec.blockwise:
+        raise BadInput("invalid job spec: field 'options.confidence': a confidence map is written for whole images; "
+                       "predict into .tif or .npy, or leave confidence out")
     if "block_voxels" in opts and (isinstance(opts["block_voxels"], bool) or not isinstance(opts["block_voxels"], int)
                                    or not 1 <= opts["block_voxels"] <= 2**40):
         raise BadInput("invalid job spec: field 'options.block_voxels': a whole number of voxels from 1 to 2**40")
@@ -191,8 +211,10 @@ class Job(_Strict):
     checkpoints: list[tuple[int, str]] = Field(default_factory=list)  # recent (epochs, uri), oldest first
     model: str | None = None  # final model checkpoint (training jobs)
     output: str | None = None  # result image (segment / predict)
+    confidence: str | None = None  # uint8 per-pixel confidence beside the output (options.confidence)
     plan: dict[str, Any] | None = None  # the engine's automatic configuration and its reasons
     metrics: dict[str, float] = Field(default_factory=dict)
+    curve: list[dict[str, float]] = Field(default_factory=list)  # per-epoch metrics ({"epoch": n, ...}), thinned
     error: str | None = None
     blocks: dict[str, Any] | None = None  # blockwise progress: total, done (and as ranges), per node, voxels, timings
     cancel_requested: bool = False
@@ -211,6 +233,21 @@ class Job(_Strict):
     def log(self, now: float, text: str) -> None:
         """Append a line to the job's event history (kept in the ledger, shown by ``dlorch logs``)."""
         self.events.append((now, text))
+
+    def record_epoch(self, epochs_done: int, metrics: dict[str, float]) -> None:
+        """Add an epoch's metrics to the curve (loss and held-out scores, for the dashboard).
+
+        Only losses and held-out scores (``*loss``, ``val_*``) are kept. An epoch trained again after a
+        resume replaces what was recorded from it on; past ``CURVE_POINTS`` every other point is dropped,
+        so the curve keeps its whole span.
+        """
+        point = {k: v for k, v in metrics.items() if k.endswith("loss") or k.startswith("val_")}
+        if not point:
+            return
+        curve = [p for p in self.curve if p.get("epoch", 0) < epochs_done]
+        if len(curve) >= CURVE_POINTS:
+            curve = curve[::2]
+        self.curve = [*curve, {"epoch": float(epochs_done), **dict(list(point.items())[:8])}]
 
     def public(self) -> dict[str, Any]:
         """The JSON document of ``dlorch status --json`` / ``jobs --json`` (a stable contract)."""

@@ -36,6 +36,10 @@ def open_volume(url: str, mode: str = "r"):
         raise _explain(url, e) from None
     if isinstance(node, zarr.Array):
         return node
+    from dlorch.core import omezarr
+
+    if omezarr.is_ome_zarr(url):  # an OME-Zarr image: its full-resolution level
+        return omezarr.open_level(url, 0)
     names = sorted(name for name, _ in node.arrays())
     if not names:
         raise BadInput(f"zarr group {url} holds no array")
@@ -90,7 +94,8 @@ def check_output_volume(url: str, input_url: str | None = None, owner: Owner | N
         root = root.rstrip("/")
         if not fs.exists(root):
             return
-        array = fs.isdir(root) and (fs.exists(f"{root}/.zarray") or _is_v3_array(fs, f"{root}/zarr.json"))
+        array = fs.isdir(root) and (fs.exists(f"{root}/.zarray") or _is_v3_array(fs, f"{root}/zarr.json")
+                                    or _is_ome_output(fs, f"{root}/zarr.json"))  # a dlorch OME-Zarr output
         stamp = _read_stamp(fs, root) if array else None
     except Exception as e:
         raise _explain(url, e) from None
@@ -163,6 +168,17 @@ def _read_stamp(fs, root: str) -> dict[str, Any] | None:
         stamp = attrs.get(STAMP) if isinstance(attrs, dict) else None
         return stamp if isinstance(stamp, dict) else None
     return None
+
+
+def _is_ome_output(fs, meta: str) -> bool:
+    """Whether ``meta`` is the group metadata of an OME-Zarr that dlorch wrote (a previous output, replaceable)."""
+    from dlorch.core.omezarr import OUTPUT
+
+    try:
+        doc = json.loads(fs.cat_file(meta))
+        return doc.get("node_type") == "group" and doc.get("attributes", {}).get(OUTPUT) is True
+    except (FileNotFoundError, ValueError, AttributeError):
+        return False
 
 
 def _is_v3_array(fs, meta: str) -> bool:

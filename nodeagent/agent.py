@@ -34,6 +34,8 @@ from dlorch.orchestrator.queue import Queue
 
 log = logging.getLogger("dlorch.agent")
 
+DRAIN = "drain requested"  # the stop reason of `dlorch nodes drain`
+
 
 class Agent:
     """One node's loop. ``step()`` takes and runs at most one job; ``run()`` loops it until stopped."""
@@ -58,6 +60,7 @@ class Agent:
         self._hb_thread: threading.Thread | None = None
         self._hb_done = threading.Event()
         self.blocks: BlockWorker | None = None  # created on the first blockwise job this node joins
+        self.handed_back = False  # a stop came while this node held work, which went back to the queue
 
     # -- lifecycle --------------------------------------------------------------------------------
     def register(self) -> None:
@@ -97,6 +100,11 @@ class Agent:
                 pass
             log.info("node %s stopped (%s)", self.node_id, self.stop.reason)
 
+    def work_left(self) -> bool:
+        """Whether the agent stopped with work in hand that it gave back, for a run that may take it up again:
+        a job handed back, or blocks left, on a signal or spot notice (a drain means: leave, do not come back)."""
+        return self.handed_back and self.stop.reason != DRAIN
+
     def step(self) -> bool:
         """Take one job from the queue and run it to its end or hand-back. False when the agent should exit."""
         if self.stop.is_set():
@@ -120,6 +128,8 @@ class Agent:
             ran = self.blocks.run(msg.job)
             if ran:
                 log.info("ran %d blocks (from %s)", ran, msg.job)
+            if self.stop.is_set():  # stopped among the blocks: those not done are other nodes' (or a later run's)
+                self.handed_back = True
             return not self.stop.is_set()
         job = self._claim(msg)
         if job is None:
@@ -145,6 +155,8 @@ class Agent:
             log.warning("could not upload the attempt log: %s", e)
         if not self.lease_lost.is_set():
             self._finish(job.id, token, body)
+        if body.get("outcome") == "handed_back":
+            self.handed_back = True
         return not self.stop.is_set()
 
     # -- talking to the orchestrator ----------------------------------------------------------------
@@ -227,7 +239,7 @@ class Agent:
             except Unreachable:
                 pass
         if reply.drain:
-            self.stop.set("drain requested")
+            self.stop.set(DRAIN)
         for job_id in reply.jobs_gone:
             if self.blocks is not None:
                 self.blocks.lost.add(job_id)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from dlorch.core.errors import BadInput, one_line
-from dlorch.core.imageio import read_image, write_image
+from dlorch.core.imageio import read_grid, read_image, write_image
 from dlorch.core.spec import Job
 from dlorch.core.store import DataStore
 from dlorch.nodeagent.interrupts import StopFlag
@@ -77,12 +77,13 @@ class Attempt:
         with self.timed("fetch_inputs_s"):
             image = self._read(spec.image, "image")
             aux = self._read(getattr(spec, task.aux_role), task.aux_role) if task.aux_role else None
+            task.fetch_extras(self._cached, self._read)  # e.g. accepted labels, a model to start from
         if aux is not None and aux.shape != image.shape:
             raise BadInput(f"{task.aux_role} shape {aux.shape} differs from image shape {image.shape}; "
                            f"give {task.aux_role} on the same grid as the image")
         with self.timed("plan_s"):
             try:
-                plan = task.plan_model(self.job.plan) if self.job.plan else task.plan(image, aux)
+                plan = task.plan_model(self.job.plan) if self.job.plan else task.plan(image, aux, self._voxel_size())
             except ValueError as e:  # the engine's verdict on the data (no labels, one class, ...)
                 raise BadInput(str(e)) from None
         with self.timed("fetch_checkpoint_s"):
@@ -101,7 +102,7 @@ class Attempt:
         with self.timed("upload_model_s"):
             body["model"] = self.store.put_file(result.checkpoint, f"{self.prefix}/model.ckpt")
         if spec.kind in ("segment", "denoise"):
-            body["output"] = self._predict_and_upload(result.checkpoint, image)
+            body.update(self._predict_and_upload(result.checkpoint, image))
         return {**body, "outcome": "succeeded"}
 
     def _predict_only(self) -> dict[str, Any]:
@@ -116,15 +117,19 @@ class Attempt:
             image = self._read(spec.image, "image")
         with self.timed("fetch_model_s"):
             model = self._cached(spec.model, ".ckpt")
-        return {"outcome": "succeeded", "output": self._predict_and_upload(model, image)}
+        return {"outcome": "succeeded", **self._predict_and_upload(model, image)}
 
-    def _predict_and_upload(self, checkpoint: Path, image: np.ndarray) -> str:
+    def _predict_and_upload(self, checkpoint: Path, image: np.ndarray) -> dict[str, str]:
+        """Predict and upload every output (``output``, and ``confidence`` where asked), by name: their URIs."""
         with self.timed("predict_s"):
-            result = task_of(self.job.spec).predict(checkpoint, image)
+            results = task_of(self.job.spec).predict_outputs(checkpoint, image)
         fmt = self.job.spec.output_format
+        uris = {}
         with self.timed("upload_output_s"):
-            local = write_image(result, self.workdir / f"output.{fmt}", fmt)
-            return self.store.put_file(local, f"{self.prefix}/output.{fmt}")
+            for name, result in results.items():
+                local = write_image(result, self.workdir / f"{name}.{fmt}", fmt)
+                uris[name] = self.store.put_file(local, f"{self.prefix}/{name}.{fmt}")
+        return uris
 
     def _resume_point(self) -> Path | None:
         """The newest readable accepted checkpoint; an unreadable one (truncated, missing) is skipped."""
@@ -157,6 +162,11 @@ class Attempt:
     def _cached(self, uri: str, suffix: str = "") -> Path:
         return fetch_cached(self.store, self.cache, uri, self.timings)
 
+    def _voxel_size(self) -> tuple[float, ...] | None:
+        """The image file's physical voxel size (OME-Zarr scale, ImageJ TIFF resolution), if it gives one."""
+        grid = read_grid(self._cached(self.job.spec.image))
+        return tuple(grid.scale) if grid is not None else None
+
     def _read(self, uri: str | None, role: str) -> np.ndarray:
         if uri is None:
             raise BadInput(f"the job has no {role}")
@@ -165,6 +175,9 @@ class Attempt:
 
 class _Hooks:
     """The engine's view of the attempt: when to stop, where checkpoints go."""
+
+    # Checkpoints are uploaded and reported off the training thread (engine runcontrol.CheckpointPublisher).
+    background = True
 
     def __init__(self, attempt: Attempt, plan: dict[str, Any], epochs_total: int) -> None:
         self.attempt, self.plan, self.epochs_total = attempt, plan, epochs_total

@@ -107,10 +107,33 @@ def _split(attempt: "Attempt", checkpoint: Path) -> dict[str, Any]:
         chunks = output_chunks(block, tuple(vol.chunks), np.dtype(out.dtype).itemsize)
         if attempt.lease_lost.is_set():  # paused past the lease: another planner may own the output now
             raise LeaseLost(attempt.lease_lost.reason or "lease lost")
-        create_volume(output, shape, chunks, out.dtype, attributes={"model": spec.model, **out.attributes},
-                      input_url=spec.image, owner=owner)  # checks the stamp again, just before writing
+        _create_output(spec, output, shape, chunks, out, str(vol.dtype), owner)  # checks the stamp again
     return {"outcome": "split", "output": output, **shared, "voxels": math.prod(shape),
             "blocks": [{"index": b.index, "core": b.core, "read": b.read} for b in blocks]}
+
+
+def _create_output(spec: JobSpec, output: str, shape: tuple[int, ...], chunks: tuple[int, ...], out: Any,
+                   image_dtype: str, owner: tuple[str, int]) -> None:
+    """Create the output array; or an OME-Zarr pyramid where one is asked for (an ``.ome.zarr`` output, the
+    ``write_ome_zarr`` option) or the input is OME-Zarr: then a segmentation goes under ``labels/`` of a copy of
+    an OME-Zarr input, and the input's axes and voxel size carry over. Either is stamped with ``owner``."""
+    from dlorch.core import omezarr
+    from dlorch.core.volumes import STAMP
+
+    attributes = {"model": spec.model, **out.attributes}
+    ome_input = omezarr.is_ome_zarr(spec.image)
+    if not (spec.options.get("write_ome_zarr") or output.rstrip("/").endswith(".ome.zarr") or ome_input):
+        create_volume(output, shape, chunks, out.dtype, attributes=attributes, input_url=spec.image, owner=owner)
+        return
+    labels = spec.task == "segmentation"
+    pyramid = omezarr.plan_pyramid(output, shape, chunks, omezarr.read_grid(spec.image), labels,
+                                   with_image=labels and ome_input)
+    check_output_volume(output, spec.image, owner)  # just before writing, as create_volume does
+    attributes[STAMP] = {"job": owner[0], "split": owner[1]}
+    if omezarr.same_layout(omezarr.load_pyramid(output), pyramid):
+        omezarr.restamp(output, attributes)  # this split's stamp; blocks written so far stay
+    else:
+        omezarr.create_pyramid(pyramid, out.dtype, image_dtype, attributes)
 
 
 def _calibration_sample(vol: Any, url: str, plan: Any) -> np.ndarray:
@@ -139,6 +162,7 @@ class _Context:
     checkpoint: Path
     source: Any  # the open input array
     sink: Any = None  # the open output array (opened on first write)
+    pyramid: Any = None  # an OME-Zarr output's levels (``omezarr.Pyramid``, opened), written instead of ``sink``
 
 
 def _compute(r: "_Ready", model: LoadedModel) -> np.ndarray:
@@ -253,6 +277,10 @@ class BlockWorker:
         split = raw.get("split")
         ctx = _Context(spec, task, raw["output"], (job_id, int(split) if split is not None else None),
                        task.calibration(raw), checkpoint, chunk_files(open_volume(spec.image)))
+        from dlorch.core import omezarr
+
+        pyramid = omezarr.load_pyramid(raw["output"])
+        ctx.pyramid = omezarr.open_pyramid(pyramid) if pyramid is not None else None
         if len(self.contexts) >= 8:
             self.contexts.pop(next(iter(self.contexts)))
         self.contexts[job_id] = ctx
@@ -270,9 +298,15 @@ class BlockWorker:
                 values = _compute(r, model)
                 t2 = time.perf_counter()
                 check_block_output(r.ctx.output, r.ctx.owner)  # still the array this job's split created
-                if r.ctx.sink is None:
-                    r.ctx.sink = chunk_files(open_volume(r.ctx.output, mode="r+"))
-                r.ctx.sink[r.block.core_slices()] = values
+                if r.ctx.pyramid is not None:  # OME-Zarr: every level of the block, and of the image copy
+                    from dlorch.core.omezarr import write_block
+
+                    image = r.region[r.block.crop()] if r.ctx.pyramid.with_image else None
+                    write_block(r.ctx.pyramid, r.block.core, values, image)
+                else:
+                    if r.ctx.sink is None:
+                        r.ctx.sink = chunk_files(open_volume(r.ctx.output, mode="r+"))
+                    r.ctx.sink[r.block.core_slices()] = values
                 t3 = time.perf_counter()
                 t.update(model_load_s=t1 - t0, compute_s=t2 - t1, write_s=t3 - t2)
             except BadInput as e:

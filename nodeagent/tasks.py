@@ -52,8 +52,9 @@ class Task(ABC):
         """A plan stored with the job (JSON) as the task's plan."""
 
     @abstractmethod
-    def plan(self, image: np.ndarray, aux: np.ndarray | None) -> Any:
-        """The training plan for this image (and its second input), as the spec asks."""
+    def plan(self, image: np.ndarray, aux: np.ndarray | None, voxel_size: tuple[float, ...] | None = None) -> Any:
+        """The training plan for this image (and its second input), as the spec asks; ``voxel_size``: the
+        image file's physical (Z, Y, X) voxel size where it gives one (it decides 2D or 3D)."""
 
     @abstractmethod
     def train(self, image: np.ndarray, aux: np.ndarray | None, plan: Any, **kwargs: Any) -> Any:
@@ -62,6 +63,14 @@ class Task(ABC):
     @abstractmethod
     def predict(self, checkpoint: Path, image: np.ndarray) -> np.ndarray:
         """The output of a trained model for a whole image."""
+
+    def predict_outputs(self, checkpoint: Path, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of a whole-image prediction by name: ``output``, and what the spec's options add."""
+        return {"output": self.predict(checkpoint, image)}
+
+    def fetch_extras(self, fetch: Callable[[str], Path], read: Callable[[str, str], np.ndarray]) -> None:
+        """Fetch the inputs a training takes besides the image and its second input (``fetch``: a store
+        URI to a local file; ``read``: a URI and its role to an array)."""
 
     # -- blockwise ------------------------------------------------------------------------------------
     @abstractmethod
@@ -99,30 +108,71 @@ class Segmentation(Task):
 
     aux_role = "labels"
 
+    def __init__(self, spec: JobSpec) -> None:
+        super().__init__(spec)
+        self.accepted: np.ndarray | None = None  # options.accepted, read by fetch_extras
+        self.init_from: Path | None = None  # options.init_from's checkpoint, fetched by fetch_extras
+
+    def fetch_extras(self, fetch, read):
+        opts = self.spec.options
+        if opts.get("accepted"):
+            self.accepted = read(opts["accepted"], "accepted labels")
+        if opts.get("init_from"):
+            self.init_from = fetch(opts["init_from"])
+
     def plan_model(self, raw):
         from dlorch.core.engine.segment import SegmentationPlan
 
         return SegmentationPlan.model_validate(raw)
 
-    def plan(self, image, aux):
-        from dlorch.core.engine.segment import plan_segmentation
+    def plan(self, image, aux, voxel_size=None):
+        from dlorch.core.engine.segment import plan_segmentation, read_model, warm_plan
 
-        plan = plan_segmentation(image, aux, epochs=self.spec.epochs, time_budget=self.spec.time_budget)
-        if self.spec.options.get("variant"):
-            from dlorch.core.engine.segment import apply_variant
+        spec = self.spec
+        if self.init_from is not None:  # the network is the model's; the variant, if any, made it
+            source, _ = read_model(self.init_from, spec.options["init_from"])
+            plan = warm_plan(image, aux, source, epochs=spec.epochs, time_budget=spec.time_budget,
+                             shown=spec.options["init_from"])
+        else:
+            plan = plan_segmentation(image, aux, epochs=spec.epochs, time_budget=spec.time_budget,
+                                     voxel_size=voxel_size)
+            if spec.options.get("variant"):
+                from dlorch.core.engine.segment import apply_variant
 
-            plan = apply_variant(plan, self.spec.options["variant"])
+                plan = apply_variant(plan, spec.options["variant"])
+        if self.init_from is not None:  # refused here, before training, if its weights do not fit
+            from dlorch.core.engine.segment.warmstart import initial_weights
+
+            initial_weights(self.init_from, plan, spec.options["init_from"])
+        if self.accepted is not None:
+            from dlorch.core.engine.inputs import check_accepted
+            from dlorch.core.engine.segment.accepted import DEFAULT_ACCEPTED_WEIGHT
+
+            check_accepted(aux, self.accepted, plan.num_classes)
+
+            weight = float(spec.options.get("accepted_weight", DEFAULT_ACCEPTED_WEIGHT))
+            plan = plan.model_copy(update={"accepted_weight": weight, "reasons": [
+                *plan.reasons, f"accepted labels: {int((self.accepted > 0).sum())} pixels accepted from a prediction, "
+                               f"each weighing {weight:g} of a painted one; painted labels win where both label a pixel"]})
         return plan
 
     def train(self, image, aux, plan, **kwargs):
         from dlorch.core.engine.segment import train_segmentation
 
-        return train_segmentation(image, aux, plan, **kwargs)
+        return train_segmentation(image, aux, plan, accepted=self.accepted, init_from=self.init_from, **kwargs)
 
     def predict(self, checkpoint, image):
         from dlorch.core.engine.segment import predict_segmentation
 
         return predict_segmentation(checkpoint, image, tta=self.spec.options.get("tta"))  # None: as the plan chose
+
+    def predict_outputs(self, checkpoint, image):
+        if not self.spec.options.get("confidence"):
+            return super().predict_outputs(checkpoint, image)
+        from dlorch.core.engine.segment import predict_with_confidence
+
+        labels, confidence = predict_with_confidence(checkpoint, image, tta=self.spec.options.get("tta"))
+        return {"output": labels, "confidence": confidence}
 
     def load(self, checkpoint):
         from dlorch.core.engine.segment import load_model
@@ -189,11 +239,12 @@ class Denoising(Task):
 
         return DenoisingPlan.model_validate(raw)
 
-    def plan(self, image, aux):
+    def plan(self, image, aux, voxel_size=None):
         from dlorch.core.engine.denoise import plan_denoising
 
         spec = self.spec
-        return plan_denoising(image, aux, epochs=spec.epochs, time_budget=spec.time_budget, mode=spec.mode)
+        return plan_denoising(image, aux, epochs=spec.epochs, time_budget=spec.time_budget, mode=spec.mode,
+                              voxel_size=voxel_size)
 
     def train(self, image, aux, plan, **kwargs):
         from dlorch.core.engine.denoise import train_denoising

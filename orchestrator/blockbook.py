@@ -84,8 +84,10 @@ class BlockBook:
         return [i for i in range(self.total) if i not in self.done and not self._held(i, now)]
 
     def has_waiting(self, now: float) -> bool:
-        """Whether any block is free to hand out (scans from the hint, stops at the first)."""
-        return any(i not in self.done and not self._held(i, now) for i in range(self._next, self.total))
+        """Whether any block is free to hand out: fewer done and held than there are (no scan of the blocks:
+        every block request asks, and blocks taken in order of locality leave the scan hint behind)."""
+        held = sum(1 for i, lease in self.leases.items() if lease.expires_at >= now and i not in self.done)
+        return len(self.done) + held < self.total
 
     def held_by(self, node: str) -> list[int]:
         return [i for i, lease in self.leases.items() if lease.node == node]

@@ -112,13 +112,14 @@ class BlockHandlers:
 
     def _next_block(self, req: NextBlock) -> NextBlockReply:
         now, node = self.clock(), req.node
-        for report in req.done:  # reported by this node, whatever the report says
-            self.on_block_done(BlockDone(node=node, job=report.job, block=report.block, timings=report.timings))
+        for report in req.done:  # reported by this node, whatever the report says (checked as a BlockReport)
+            self.on_block_done(BlockDone.model_construct(node=node, job=report.job, block=report.block,
+                                                         timings=report.timings))
         self._book(req.job)  # the job the node asks about may not be loaded yet after a restart
         book = choose_book(list(self.books.values()), set(req.models), now, req.job)
         if book is None:
             return NextBlockReply(block=None)
-        if any(j.status is JobStatus.QUEUED and j.spec.priority > book.priority for j in self.active.values()):
+        if self.top_queued_priority() > book.priority:
             # A more urgent job waits in the queue: send the node back to it (this job's dispatch
             # messages, re-sent by maintenance if need be, bring nodes back afterwards).
             return NextBlockReply(block=None)
@@ -127,10 +128,20 @@ class BlockHandlers:
         if index is None:
             return NextBlockReply(block=None)
         g = self.block_geometry[book.job_id][index]
-        reply = NextBlockReply(job=book.job_id, block=BlockGeometry(index=index, core=g["core"], read=g["read"]))
+        # Built unchecked (model_construct): the geometry was checked at the split, and a block costs little more
+        reply = NextBlockReply.model_construct(job=book.job_id, block=BlockGeometry.model_construct(
+            index=index, core=g["core"], read=g["read"]))
         if book.job_id not in req.have:
             reply.context = BlockContext.model_validate(self.block_context[book.job_id])
         return reply
+
+    def top_queued_priority(self) -> float:
+        """The highest priority of a queued job (-inf if none), worked out again only after a job is written
+        (``_track``): every block request asks, and looking at thousands of active jobs costs more than a block."""
+        if self._top_queued is None:
+            self._top_queued = max((j.spec.priority for j in self.active.values() if j.status is JobStatus.QUEUED),
+                                   default=float("-inf"))
+        return self._top_queued
 
     def _book(self, job_id: str | None) -> BlockBook | None:
         """A blockwise job's book: in memory, or loaded from the ledger if the job is still WAITING.

@@ -98,6 +98,9 @@ class Client:
         a wait for an orchestrator (which checks it again: it trusts no client).
         """
         parse_spec(spec)
+        from dlorch.orchestrator.submit import resolve_model_options
+
+        spec = resolve_model_options(self, dict(spec))  # options.init_from as a job id: its model's URI
         # The id is chosen here so that a request re-sent after a lost reply is the same job.
         return self.call(Submit(spec=spec, job_id=new_job_id()))["job"]
 

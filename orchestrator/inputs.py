@@ -77,7 +77,7 @@ def training_inputs(data: dict, task: str, mode: str | None = None) -> dict:
 
 
 def model_uri(c, model: str) -> tuple[str, str]:
-    """The store URI of a model and its task: a training job's id, a local .ckpt, or a URL.
+    """The store URI of a model and its task: a training job's id, a local .ckpt or bioimage.io .zip, or a URL.
 
     A checkpoint is loaded here as a node would load it, so a wrong file is one line now, naming
     the path the user gave, not a failed job later. A ``file://`` URL is a local path: uploaded.
@@ -85,6 +85,8 @@ def model_uri(c, model: str) -> tuple[str, str]:
     from dlorch.core.sources import file_url_path
 
     model = file_url_path(model) or model
+    if Path(model).suffix.lower() == ".zip" and Path(model).is_file():
+        return package_uri(c, model)
     if Path(model).exists() or "://" in model:
         uri = c.store.put_blob(Path(model)) if Path(model).exists() else model
         return uri, checkpoint_task(c, uri, shown=model)
@@ -99,6 +101,22 @@ def model_uri(c, model: str) -> tuple[str, str]:
             raise BadInput(f"job {job.id} {job.status.value} without a model; `dlorch logs {job.id}` says why")
         raise BadInput(f"job {job.id} has no model yet (it is {job.status.value}); wait for it to succeed")
     return job.model, job.spec.task
+
+
+def package_uri(c, package: str) -> tuple[str, str]:
+    """A bioimage.io package the user named (``dlorch export`` wrote it) as a dlorch checkpoint in the store.
+
+    Only its state-dict weights are read, into dlorch's own network (``zooimport``); its TorchScript
+    never runs. Another architecture is refused in one line.
+    """
+    import tempfile
+
+    from dlorch.orchestrator.zooimport import checkpoint_from_package
+
+    with tempfile.TemporaryDirectory() as tmp:
+        task, ckpt = checkpoint_from_package(Path(package), Path(tmp) / "model.ckpt", shown=package)
+        uri = c.store.put_blob(ckpt)
+    return uri, checkpoint_task(c, uri, shown=package)
 
 
 def checkpoint_task(c, uri: str, shown: str | None = None) -> str:

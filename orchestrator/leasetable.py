@@ -2,13 +2,17 @@
 
 Every agent heartbeats every few seconds. Writing its node record and its job's lease to the ledger on
 each one costs two read-modify-writes a heartbeat, which on an S3 ledger caps a deployment at a few
-dozen agents. So the orchestrator keeps the newest heartbeat of each node, and each running attempt's
-lease, in one ``LeaseTable``; the ledger gets a record only when it matters:
+dozen agents; even refreshing each record once per half lease costs a thousand agents 130 writes a
+second, more than an S3 round trip of tens of milliseconds allows one loop. So the orchestrator keeps
+the newest heartbeat of each node, and each running attempt's lease, in one ``LeaseTable``; the ledger
+gets:
 
-- at once when something changes hands: a node takes or leaves a job, starts draining, or is new;
-- otherwise when the ledger's copy grows older than ``refresh_s`` (half a lease by default), checked
-  a few times a second, at most ``per_pass`` records at a time, oldest copies first: agents that
-  started together do not all come due in one burst that stalls every request behind it.
+- the node's own record at once when something changes hands: a node takes or leaves a job, or is new
+  (one write per event, never per heartbeat), a few at a time, oldest first, so that a thousand agents
+  joining together do not stall every request behind their writes;
+- every renewal in one record, the liveness record (``live_record``: each node's newest heartbeat and
+  each lease's end), written about every ``live_every_s`` while anything was renewed: one write a pass,
+  whatever the number of agents. Readers of node records take the newer of the two (``Ledger.nodes``).
 
 Losing the memory (an orchestrator restart) loses only renewals since the last flush; a new
 orchestrator honours every lease for one more lease (``grace_until``), within which live nodes
@@ -26,6 +30,7 @@ Leases are judged by the newest heartbeat of each sender, stamped with its send 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import islice
 
 
 @dataclass
@@ -58,10 +63,11 @@ class Beat:
 
 @dataclass(frozen=True)
 class Flush:
-    """Records the ledger must get now: node ids and job ids."""
+    """Records the ledger must get now: node ids and job ids, and whether the liveness record is due."""
 
     nodes: list[str]
     jobs: list[str]
+    live: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,26 +85,24 @@ class LeaseTable:
 
     Args:
         lease_s: how long a lease lasts after the heartbeat that renewed it.
-        refresh_s: a record changed only by renewals is written once its ledger copy is this old
-            (default: half a lease, so the ledger never shows a live node as silent for a lease).
-        flush_every_s: how often ``due`` looks for such records.
-        per_pass: how many of them one look returns at most (what changed hands comes on top).
+        live_every_s: how often the liveness record is written while renewals came in (its copy of a
+            heartbeat or a lease is never much older than this).
+        urgent_per_pass: how many node records that changed hands one look returns at most (oldest first),
+            and ``urgent_every_s`` how long after a write of some the next are due.
     """
 
     lease_s: float
-    refresh_s: float | None = None
-    flush_every_s: float = 0.2
-    per_pass: int = 100
+    live_every_s: float = 2.0
+    urgent_per_pass: int = 10
+    urgent_every_s: float = 0.2
     nodes: dict[str, NodeBeat] = field(default_factory=dict)
     jobs: dict[str, JobLease] = field(default_factory=dict)
     seen_until: float = float("-inf")  # everything sent before this has been read
-    _urgent_nodes: set[str] = field(default_factory=set)
+    _urgent_nodes: dict[str, float] = field(default_factory=dict)  # node -> when it changed hands
     _urgent_jobs: set[str] = field(default_factory=set)
-    _next_flush: float = float("-inf")
-
-    def __post_init__(self) -> None:
-        if self.refresh_s is None:
-            self.refresh_s = self.lease_s / 2
+    _next_urgent: float = float("-inf")
+    _next_live: float = float("-inf")
+    _live_dirty: bool = False  # renewed since the liveness record was last written
 
     # -- what arrives -------------------------------------------------------------------------------
     def beat(self, node: str, sent_at: float, now: float, job: str | None = None,
@@ -111,10 +115,11 @@ class LeaseTable:
             return Beat(applied=False, renewed=None)
         if prior is None:
             prior = self.nodes[node] = NodeBeat(sent_at=sent_at)
-            self._urgent_nodes.add(node)
+            self._urgent_nodes.setdefault(node, now)
         elif (prior.job, prior.token) != (job, token):
-            self._urgent_nodes.add(node)  # it took or left a job: people and the scan see it at once
+            self._urgent_nodes.setdefault(node, now)  # it took or left a job: people and the scan see it soon
         prior.sent_at, prior.job, prior.token = sent_at, job, token
+        self._live_dirty = True
         if job is None or token is None:
             return Beat(applied=True, renewed=None)
         lease = self.jobs.get(job)
@@ -156,32 +161,45 @@ class LeaseTable:
     def forget_node(self, node: str) -> None:
         """The node left (bye): its record was written by whoever handled that."""
         self.nodes.pop(node, None)
-        self._urgent_nodes.discard(node)
+        self._urgent_nodes.pop(node, None)
 
     # -- what to do -----------------------------------------------------------------------------------
     def due(self, now: float) -> Flush:
-        """The records to write now: those that changed hands, and about once a second, stale copies."""
-        nodes, jobs = set(self._urgent_nodes), set(self._urgent_jobs)
-        if now >= self._next_flush:
-            self._next_flush = now + self.flush_every_s
-            old = [(b.written_at, n) for n, b in self.nodes.items() if b.sent_at - b.written_at >= self.refresh_s]
-            soon = now + self.lease_s - self.refresh_s  # a ledger copy lapsing before this is rewritten
-            lapsing = [(lease.written_expiry, j) for j, lease in self.jobs.items()
-                       if lease.expires_at > lease.written_expiry and lease.written_expiry <= soon]
-            nodes |= {n for _, n in sorted(old)[:self.per_pass]}
-            jobs |= {j for _, j in sorted(lapsing)[:self.per_pass]}
-        return Flush(nodes=sorted(nodes), jobs=sorted(jobs))
+        """The records to write now: a few of those that changed hands, and now and then the liveness record."""
+        nodes = list(islice(self._urgent_nodes, self.urgent_per_pass)) if now >= self._next_urgent else []
+        live = self._live_dirty and now >= self._next_live
+        return Flush(nodes=nodes, jobs=sorted(self._urgent_jobs), live=live)
 
-    def written(self, flush: Flush) -> None:
-        """The records of ``flush`` reached the ledger (one that failed is simply due again next time)."""
+    def unwritten(self) -> list[str]:
+        """The nodes whose change of hands waits for its record to be written, oldest first."""
+        return list(self._urgent_nodes)
+
+    def live_record(self) -> dict:
+        """The liveness record: each node's newest heartbeat (send time) and each running attempt's lease."""
+        return {"nodes": {n: b.sent_at for n, b in self.nodes.items()},
+                "jobs": {j: {"token": lease.token, "node": lease.node, "expires_at": lease.expires_at}
+                         for j, lease in self.jobs.items()}}
+
+    def written(self, flush: Flush, now: float | None = None) -> None:
+        """The records of ``flush`` reached the ledger (one that failed is simply due again next time).
+
+        ``now``: when it was written; the next node records are due ``urgent_every_s`` later, the liveness
+        record ``live_every_s`` later.
+        """
+        since = now if now is not None else float("-inf")
+        if flush.nodes:
+            self._next_urgent = since + self.urgent_every_s
         for n in flush.nodes:
             if (beat := self.nodes.get(n)) is not None:
                 beat.written_at = beat.sent_at
-            self._urgent_nodes.discard(n)
+            self._urgent_nodes.pop(n, None)
         for j in flush.jobs:
             if (lease := self.jobs.get(j)) is not None:
                 lease.written_expiry = lease.expires_at
             self._urgent_jobs.discard(j)
+        if flush.live:
+            self._live_dirty = False
+            self._next_live = since + self.live_every_s
 
     def lapsed(self, now: float, grace_until: float = float("-inf")) -> list[Lapsed]:
         """Attempts whose lease ran out before ``now``, judged only by heartbeats read up to their end.

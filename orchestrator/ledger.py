@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from pydantic import BaseModel
 
@@ -32,13 +32,22 @@ class Ledger:
         self.term = 0  # the leadership term this ledger writes in (set by a successful claim)
         self.leader_id: str | None = None  # the orchestrator that claimed it
         self.watch = LeaderWatch()  # what this process has seen of another leader's heartbeat counter
+        self._live_etag: str | None = None  # the etag of the liveness record as this ledger last wrote it
+        # Job and node records as this ledger last wrote them, with their etags: the next write of one is a
+        # single conditional PUT on that etag, no read first (a write by anyone else in between fails it,
+        # and the record is then read, fenced and written as usual). Ended jobs are dropped.
+        self._mine: dict[str, tuple[str, bytes]] = {}
 
     # -- jobs ---------------------------------------------------------------------------------
     def create(self, job: Job) -> None:
-        """Record a new job; fails if the id exists."""
+        """Record a new job; StaleWrite if the id exists (nothing is read first: a re-sent submit finds it so).
+
+        A marker left by a refused create of an ended job is removed by the next scan (``scan_active``).
+        """
         if not job.status.is_terminal():  # indexed first: no job may run without its marker
             self.store.put(f"{ACTIVE}/{check_id('job', job.id)}", b"{}")
-        self.store.put(f"jobs/{check_id('job', job.id)}", _dump(job, self.term), if_none_match=True)
+        key, data = f"jobs/{check_id('job', job.id)}", _dump(job, self.term)
+        self._remember(key, self.store.put(key, data, if_none_match=True), data, job.status.is_terminal())
 
     def find(self, job_id: str) -> Job | None:
         """A job, or None if there is no such record."""
@@ -87,15 +96,28 @@ class Ledger:
             StaleWrite: the job is not in an expected status, the change is not a legal transition,
                 another writer changed the record meanwhile, or a newer leader wrote it.
         """
-        job, etag, term = self._read_job(job_id)
-        self._fence(f"jobs/{job_id}", term)
+        key = f"jobs/{check_id('job', job_id)}"
+        mine = self._mine.get(key)
+        if mine is not None:  # as this ledger wrote it: the put below fails if anyone wrote it since
+            job, term = self._parse_record(Job, key, mine[1])
+            etag = mine[0]
+        else:
+            job, etag, term = self._read_job(job_id)
+        self._fence(key, term)
         before = job.status
         if expect is not None and before not in set(expect):
             raise StaleWrite(f"job {job_id} is {before.value}, expected {', '.join(s.value for s in expect)}")
         change(job)
         if job.status != before and job.status not in TRANSITIONS[before]:
             raise StaleWrite(f"job {job_id}: illegal transition {before.value} -> {job.status.value}")
-        self.store.put(f"jobs/{job_id}", _dump(job, self.term), if_match=etag)
+        data = _dump(job, self.term)
+        try:
+            self._remember(key, self.store.put(key, data, if_match=etag), data, job.status.is_terminal())
+        except StaleWrite:
+            self._mine.pop(key, None)
+            if mine is None:
+                raise
+            return self.update(job_id, change, expect=expect)  # written by another meanwhile: read, fence, again
         if job.status.is_terminal() and not before.is_terminal():
             self.store.delete(f"{ACTIVE}/{job_id}")  # if this is lost, active_jobs removes the marker later
         return job
@@ -119,12 +141,15 @@ class Ledger:
         Each such job has a marker under ``active/`` from its creation until it ends. A ledger written
         before the markers existed is indexed once, by reading every record.
         """
+        return sorted(self.scan_active(), key=lambda j: (j.created_at, j.id))
+
+    def scan_active(self) -> Iterator[Job]:
+        """``active_jobs`` one record at a time, in no order: a caller may spread the reads over time."""
         if self.store.get(ACTIVE_INDEXED) is None:
             for job in self.jobs():
                 if not job.status.is_terminal():
                     self.store.put(f"{ACTIVE}/{job.id}", b"{}")
             self.store.put(ACTIVE_INDEXED, b"{}")
-        out = []
         for key in self.store.list(ACTIVE):
             job_id = key.split("/", 1)[1]
             got = self.store.get(f"jobs/{job_id}")
@@ -132,8 +157,7 @@ class Ledger:
             if job is not None and job.status.is_terminal():
                 self.store.delete(key)  # its end was written but the marker's removal was lost
             elif job is not None:
-                out.append(job)
-        return sorted(out, key=lambda j: (j.created_at, j.id))
+                yield job
 
     # -- reading records ----------------------------------------------------------------------------
     def _parse(self, model: type[M], key: str, data: bytes) -> M:
@@ -180,7 +204,30 @@ class Ledger:
     # -- nodes --------------------------------------------------------------------------------
     def put_node(self, node: NodeInfo) -> None:
         """Record a node's registration or heartbeat (the orchestrator is its only writer)."""
-        self._put_fenced(f"nodes/{check_id('node', node.id)}", _dump(node, self.term))
+        key, data = f"nodes/{check_id('node', node.id)}", _dump(node, self.term)
+        if (mine := self._mine.get(key)) is not None:  # one conditional PUT on the copy this ledger wrote
+            try:
+                self._remember(key, self.store.put(key, data, if_match=mine[0]), data)
+                return
+            except StaleWrite:
+                self._mine.pop(key, None)
+        self._put_fenced(key, data)
+
+    def register_node(self, node: NodeInfo) -> NodeInfo:
+        """Record a node that registers: a new one in one conditional PUT (no read first); one registered
+        before keeps its first registration time. Returns the record as written."""
+        key, data = f"nodes/{check_id('node', node.id)}", _dump(node, self.term)
+        if key not in self._mine:
+            try:
+                self._remember(key, self.store.put(key, data, if_none_match=True), data)
+                return node
+            except StaleWrite:
+                pass
+        old = self.node(node.id)
+        if old is not None:
+            node = node.model_copy(update={"registered_at": old.registered_at})
+        self.put_node(node)
+        return node
 
     def node(self, node_id: str) -> NodeInfo | None:
         """A node by id, or None."""
@@ -188,14 +235,100 @@ class Ledger:
         return self._parse_or_skip(NodeInfo, f"nodes/{node_id}", got[0]) if got else None
 
     def nodes(self) -> list[NodeInfo]:
-        """All nodes ever registered, by registration time."""
+        """All nodes ever registered, by registration time, each with its newest heartbeat (``liveness``)."""
+        beats = self.liveness().get("nodes") or {}
         out = []
         for key in self.store.list("nodes"):
             got = self.store.get(key)
             node = self._parse_or_skip(NodeInfo, key, got[0]) if got else None
             if node is not None:
+                beat = beats.get(node.id)
+                if isinstance(beat, (int, float)) and beat > node.heartbeat_at and node.state != "gone":
+                    node.heartbeat_at = float(beat)
                 out.append(node)
         return sorted(out, key=lambda n: n.registered_at)
+
+    # -- liveness -------------------------------------------------------------------------------
+    def put_liveness(self, record: dict) -> None:
+        """Record every node's newest heartbeat and every running attempt's lease end, in one record.
+
+        Renewals are written here, one write however many agents heartbeat (``leasetable.py``); a node's
+        own record is written when it changes hands. The write is compare-and-set against the copy this
+        ledger wrote last, so it costs one request; anything else written meanwhile is read and fenced.
+        """
+        data = json.dumps({**record, TERM: self.term}, separators=(",", ":")).encode()
+        if self._live_etag is not None:
+            try:
+                self._live_etag = self.store.put(LIVENESS, data, if_match=self._live_etag)
+                return
+            except StaleWrite:
+                self._live_etag = None
+        self._put_fenced(LIVENESS, data)
+        got = self.store.get(LIVENESS)
+        self._live_etag = got[1] if got is not None and got[0] == data else None
+
+    def liveness(self) -> dict:
+        """The liveness record (``{"nodes": {id: heartbeat}, "jobs": {id: {token, node, expires_at}}}``), or {}."""
+        got = self.store.get(LIVENESS)
+        try:
+            record = json.loads(got[0]) if got else {}
+        except ValueError:
+            return {}  # unreadable: the node records and the job records still hold their last copies
+        return record if isinstance(record, dict) else {}
+
+    # -- other records (the fleet's instances, billing, failures, work rates, scale config) -----------
+    def put_record(self, key: str, record: dict, *, fenced: bool = True) -> None:
+        """Write a JSON record under ``key`` (e.g. ``fleet/instances/<node>``).
+
+        ``fenced``: written by the leading orchestrator, refused once a newer leader wrote it; unfenced
+        records (the scale config ``dlorch scale`` writes) are still compare-and-set, never torn.
+        """
+        if not fenced:
+            got = self.store.get(key)
+            self.store.put(key, json.dumps(record, separators=(",", ":")).encode(),
+                           if_match=got[1] if got else None, if_none_match=got is None)
+            return
+        self._put_fenced(key, json.dumps({**record, TERM: self.term}, separators=(",", ":")).encode())
+
+    def record(self, key: str) -> dict | None:
+        """A JSON record written by ``put_record`` (its term removed), None if absent; a damaged one is an error."""
+        got = self.store.get(key)
+        return None if got is None else self._plain(key, got[0])
+
+    def records(self, prefix: str) -> list[dict]:
+        """Every record under ``prefix``, by key; damaged ones are logged once and left out."""
+        out = []
+        for key in self.store.list(prefix):
+            got = self.store.get(key)
+            if got is None:
+                continue
+            try:
+                out.append(self._plain(key, got[0]))
+            except CorruptRecord as e:
+                if key not in _REPORTED:
+                    _REPORTED.add(key)
+                    log.warning("%s", e)
+        return out
+
+    def _plain(self, key: str, data: bytes) -> dict:
+        try:
+            fields = json.loads(data)
+            if not isinstance(fields, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            root = getattr(self.store, "root", None)
+            path = f"{root}/{key}.json" if root is not None else key
+            raise CorruptRecord(f"ledger record {path} is unreadable ({first_problem(e)}); restore it from a backup "
+                                "or move it aside (dlorch leaves it as it is)") from None
+        fields.pop(TERM, None)
+        return fields
+
+    def _remember(self, key: str, etag: str, data: bytes, ended: bool = False) -> None:
+        """Keep a job or node record as written (``_mine``); an ended job's is dropped (rarely written again)."""
+        if ended:
+            self._mine.pop(key, None)
+        else:
+            self._mine[key] = (etag, data)
 
     # -- fencing ----------------------------------------------------------------------------------
     def _fence(self, key: str, stored_term: int) -> None:
@@ -219,7 +352,9 @@ class Ledger:
             if got is not None:
                 self._fence(key, _term_of(got[0]))
             try:
-                self.store.put(key, data, if_match=got[1] if got else None, if_none_match=got is None)
+                etag = self.store.put(key, data, if_match=got[1] if got else None, if_none_match=got is None)
+                if key.startswith("nodes/"):
+                    self._remember(key, etag, data)
                 return
             except StaleWrite:
                 continue
@@ -292,6 +427,7 @@ class Ledger:
 
 ACTIVE = "active"  # one empty record per job that may still run: the orchestrator's periodic scan lists these
 ACTIVE_INDEXED = "indexes/active"  # present once every job that may run has its marker
+LIVENESS = "liveness"  # every node's newest heartbeat and every lease's end, written as one record
 
 
 class CorruptRecord(BadInput):

@@ -2,12 +2,15 @@
 
 A mixin of ``Orchestrator`` (service.py), which supplies the ledger, the settings, the clock,
 ``_update`` / ``_holder``, the block books (blockservice.py) and the lease table (leasetable.py): a
-heartbeat renews leases in memory, and node records and leases reach the ledger when they change hands
-or their ledger copy grows old (``flush_leases``), so a heartbeat costs no ledger write as a rule. Requests arrive typed
-(``core/protocol.py``); a node's own requests were checked to come from that node.
+heartbeat renews leases in memory; a node's record reaches the ledger when it takes or leaves a job, and
+all renewals together in one liveness record every few seconds (``flush_leases``, time-bounded), so a
+heartbeat costs no ledger write as a rule. Requests arrive typed (``core/protocol.py``); a node's own
+requests were checked to come from that node.
 """
 
 from __future__ import annotations
+
+import time
 
 from dlorch.core.errors import DlorchError, StaleWrite
 from dlorch.core.protocol import Bye, Drain, DrainReply, Heartbeat, HeartbeatReply, Register, Reply, refusal
@@ -22,10 +25,7 @@ class NodeHandlers:
         """Record a node. The same id registering again is a new agent: an old drain does not concern it."""
         now = self.clock()
         info = NodeInfo.model_validate({**req.node_info.model_dump(), "registered_at": now, "heartbeat_at": now})
-        old = self.ledger.node(info.id)
-        if old is not None:
-            info.registered_at = old.registered_at
-        self.ledger.put_node(info)
+        info = self.ledger.register_node(info)  # one that registered before keeps its first registration time
         self.node_infos[info.id] = info
         return Reply()
 
@@ -90,17 +90,28 @@ class NodeHandlers:
             self.node_infos[node_id] = node
         return node
 
+    FLUSH_BUDGET_S = 0.05  # ledger writes of one flush stop once they took this long (the rest wait their turn)
+
     def flush_leases(self, now: float) -> None:
-        """Write what the lease table says is due: records that changed hands, and copies grown old."""
+        """Write what the lease table says is due: records that changed hands, and the liveness record.
+
+        Time-bounded: on a slow ledger (S3) the writes stop after ``FLUSH_BUDGET_S`` (at least one goes);
+        what is left stays due and goes with a later flush, so requests are never held up for long.
+        """
         due = self.leasetable.due(now)
-        if not due.nodes and not due.jobs:
+        if not due.nodes and not due.jobs and not due.live:
             return
+        t0 = time.monotonic()
         done = Flush(nodes=[], jobs=[])
         for node_id in due.nodes:
             if (node := self.node_infos.get(node_id)) is not None:
                 self.ledger.put_node(node)
             done.nodes.append(node_id)
+            if time.monotonic() - t0 >= self.FLUSH_BUDGET_S:
+                break
         for job_id in due.jobs:
+            if time.monotonic() - t0 >= self.FLUSH_BUDGET_S:
+                break
             lease = self.leasetable.jobs.get(job_id)
             if lease is None:
                 continue
@@ -108,7 +119,10 @@ class NodeHandlers:
                 done.jobs.append(job_id)
             else:  # the ledger says otherwise (the next rescan reads who holds it)
                 self.leasetable.release(job_id)
-        self.leasetable.written(done)
+        live = due.live and (not done.nodes or time.monotonic() - t0 < self.FLUSH_BUDGET_S)
+        if live:
+            self.ledger.put_liveness(self.leasetable.live_record())
+        self.leasetable.written(Flush(nodes=done.nodes, jobs=done.jobs, live=live), now)
 
     def lapsed_leases(self, now: float) -> list[Lapsed]:
         """Flush what is due, then the attempts whose lease ran out, judged up to what the queue let us read."""
@@ -123,6 +137,13 @@ class NodeHandlers:
             self.leasetable.release(job_id)
         for job in self.active.values():
             self.track_lease(job)
+        if not getattr(self, "_liveness_read", False):  # the first scan: renewals only the liveness record holds
+            self._liveness_read = True
+            for job_id, held in (self.ledger.liveness().get("jobs") or {}).items():
+                att = job.current if (job := self.active.get(job_id)) is not None else None
+                if (att and isinstance(held, dict) and (held.get("token"), held.get("node")) == (att.token, att.node)
+                        and isinstance(held.get("expires_at"), (int, float))):
+                    self.leasetable.hold(job_id, att.token, att.node, float(held["expires_at"]))
 
     def track_lease(self, job: Job) -> None:
         """The lease table's view of a job just written or read: who holds its running attempt until when."""

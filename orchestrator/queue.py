@@ -36,16 +36,37 @@ log = logging.getLogger("dlorch.queue")
 
 # The tables huey's SqliteStorage keeps (and SQLite its own): all a dlorch queue file may hold.
 SQLITE_QUEUE_TABLES = {"kv", "schedule", "task", "counter", "sqlite_sequence"}
+# How long opening a SQLite queue waits out another process's write lock (one frozen mid-write by SIGSTOP
+# holds it until it runs again) before giving up with one line, instead of failing at SQLite's first timeout.
+SQLITE_OPEN_WAIT_S = 120.0
 
 
-def _huey(url: str, name: str):
+def _open(url: str, name: str, wait_s: float):
+    """huey's storage for ``url``; a SQLite file another process holds locked is waited for up to ``wait_s``.
+
+    Raises:
+        Unreachable: still locked after ``wait_s`` (one line naming the file and what to do).
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return _huey(url, name, timeout=max(1.0, min(30.0, deadline - time.monotonic())))
+        except sqlite3.OperationalError as e:
+            if time.monotonic() >= deadline:
+                raise Unreachable(f"cannot open queue {redact(url)}: {e} after {wait_s:.0f}s; another process "
+                                  "holds it (a stopped dlorch process: continue it with `kill -CONT PID` or end "
+                                  "it)") from None
+            time.sleep(0.5)
+
+
+def _huey(url: str, name: str, timeout: float = 30.0):
     p = urlparse(url)
     if p.scheme == "sqlite":
         from huey import SqliteHuey
 
         path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else p.path
         _check_queue_file(path, url)
-        return SqliteHuey(name=name, filename=path, strict_fifo=True, timeout=30)
+        return SqliteHuey(name=name, filename=path, strict_fifo=True, timeout=timeout)
     if p.scheme in ("redis", "rediss", "unix"):
         try:
             p.port  # noqa: B018 -- parses the port, which raises on one out of range
@@ -86,9 +107,9 @@ CHANNEL = "ch"  # the channel a message was sent on, inside its signed body
 class Channel:
     """One named channel: send, receive (verified), and a key-value slot for replies."""
 
-    def __init__(self, url: str, name: str, signer: Signer) -> None:
+    def __init__(self, url: str, name: str, signer: Signer, open_wait_s: float = SQLITE_OPEN_WAIT_S) -> None:
         self.url, self.name, self.signer = url, name, signer
-        self.huey = _huey(url, f"dlorch-{name}")
+        self.huey = _open(url, f"dlorch-{name}", open_wait_s)
         self.storage = self.huey.storage
         self.blocking = bool(getattr(self.storage, "blocking", False))
         self.rejected = 0
@@ -117,6 +138,29 @@ class Channel:
             if not self.blocking:  # Redis blocks in BZPOPMIN; SQLite is polled with backoff
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 0.01)
+
+    def receive_waiting(self, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` verified messages that wait now, without blocking; forged ones are logged and dropped.
+
+        One round trip on Redis (``ZPOPMIN`` with a count) however many wait: an orchestrator reading a
+        thousand agents' heartbeats one round trip each spends most of its time waiting on Redis.
+        """
+        pop = getattr(self.storage, "conn", None)
+        if self.blocking and hasattr(pop, "zpopmin"):
+            items = self._io(lambda: pop.zpopmin(self.storage.queue_key, count=limit))
+            raw = [data[8:] for data, _ in items]  # huey prefixes each message with its enqueue time
+        else:
+            raw = []
+            while len(raw) < limit and (data := self._io(self._dequeue_now)) is not None:
+                raw.append(data)
+        out = []
+        for data in raw:
+            try:
+                out.append(self._open(data))
+            except ForgedMessage as e:
+                self.rejected += 1
+                log.warning("rejected a message on %s: %s", self.name, e)
+        return out
 
     def _open(self, data: bytes) -> dict[str, Any]:
         """Verify a message and its channel binding: one signed for another channel is a replay, refused."""
@@ -156,13 +200,25 @@ class Channel:
 
     def put_reply(self, key: str, message: dict[str, Any]) -> None:
         """Leave a signed reply under ``key``, bound to it: a reply moved under another key is refused."""
-        data = self.signer.seal({**message, REPLY_TO: key})
+        self.put_replies([(key, message)])
+
+    def put_replies(self, replies: list[tuple[str, dict[str, Any]]]) -> None:
+        """``put_reply`` for several replies, in one round trip on Redis."""
+        sealed = [(key, self.signer.seal({**message, REPLY_TO: key})) for key, message in replies]
         conn = getattr(self.storage, "conn", None)
         if conn is not None and hasattr(conn, "blpop"):  # Redis: a list the asker blocks on
-            rkey = f"dlorch.reply.{self.name}.{key}"
-            self._io(lambda: conn.pipeline().rpush(rkey, data).expire(rkey, self.REPLY_TTL_S).execute())
+            def put() -> None:
+                pipe = conn.pipeline(transaction=False)  # sent together; no MULTI/EXEC to answer per command
+                for key, data in sealed:
+                    rkey = f"dlorch.reply.{self.name}.{key}"
+                    pipe.rpush(rkey, data).expire(rkey, self.REPLY_TTL_S)
+                pipe.execute()
+
+            if sealed:
+                self._io(put)
         else:
-            self._io(lambda: self._put_sqlite_reply(key, data, time.time()))
+            for key, data in sealed:
+                self._io(lambda: self._put_sqlite_reply(key, data, time.time()))
 
     SWEEP_EVERY_S = 60.0  # how often expired SQLite replies are looked for
 
@@ -237,11 +293,20 @@ class Channel:
             raise
         except Exception as e:  # redis.ConnectionError, sqlite3.OperationalError, ...
             if type(e).__module__.startswith(("redis", "sqlite3")) or isinstance(e, OSError):
-                raise Unreachable(
-                    f"cannot reach queue {redact(self.url)}: {redact(str(e))}; "
-                    "start it (redis-server) or fix --queue/DLORCH_QUEUE"
-                ) from None
+                raise Unreachable(f"cannot reach queue {redact(self.url)}: {redact(str(e))}; {_fix(e)}") from None
             raise
+
+
+def _fix(e: Exception) -> str:
+    """How to fix a queue error: a refused password or TLS certificate has its own fix; anything else, start it."""
+    text = str(e)
+    if type(e).__name__.startswith("Authentication") or any(k in text for k in ("WRONGPASS", "NOAUTH",
+                                                                                 "invalid username-password")):
+        return "the queue refused its password: fix it in --queue/DLORCH_QUEUE (rediss://:PASSWORD@host:6379/0)"
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return ("the queue's TLS certificate was refused: connect by a host name the certificate holds, and give "
+                "its CA as ?ssl_ca_certs=/path/ca.pem in --queue/DLORCH_QUEUE if no system CA signed it")
+    return "start it (redis-server) or fix --queue/DLORCH_QUEUE"
 
 
 class Queue:

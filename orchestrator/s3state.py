@@ -35,6 +35,8 @@ class S3StateStore:
             kw["IfNoneMatch"] = "*"
         try:
             return self._call(self.s3.put_object, **kw)["ETag"]
+        except _NotFound:  # S3 answers If-Match on a key that is gone with 404: the condition failed
+            raise StaleWrite(f"{key} is gone (expected etag {if_match})") from None
         except StaleWrite:
             # Ambiguous: botocore retries a conditional PUT whose first try landed but whose answer was lost,
             # and the retry then fails its own condition. Read back: if the record holds exactly our bytes,

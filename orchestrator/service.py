@@ -13,6 +13,7 @@ nodeservice.py, block requests in blockservice.py.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -34,9 +35,15 @@ from dlorch.orchestrator.leases import AfterAttempt, Next, after_attempt, missin
 from dlorch.orchestrator.leasetable import LeaseTable
 from dlorch.orchestrator.nodeservice import NodeHandlers
 from dlorch.orchestrator.replay import Refused, ReplayGuard
+from dlorch.orchestrator.rescan import Rescan
 from dlorch.orchestrator.queue import Queue
 
 log = logging.getLogger("dlorch.orchestrator")
+
+
+def _request_key(message: dict[str, Any]) -> tuple[str, str]:
+    """A queued request's (sender, request id) as it claims them (checked when it is handled)."""
+    return str(message.get("sender")), str(message.get("rid"))
 
 
 class NotLeader(DlorchError):
@@ -48,7 +55,12 @@ class Orchestrator(NodeHandlers, BlockHandlers):
 
     MAINTAIN_EVERY_S = 1.0
     REQUEUE_MIN_AGE_S = 5.0
+    REQUEUE_CHECK_EVERY_S = 5.0  # how often the jobs channel is read for queued jobs whose message was lost
     RESCAN_EVERY_S = 30.0  # full ledger scan; between scans, maintenance uses the in-memory index
+    RESCAN_BUDGET_S = 0.1  # of each maintenance pass spent reading the scan's records (rescan.py)
+    READ_AHEAD = 5000  # requests read from the queue and held in memory, heartbeats answered first (step)
+    REQUESTS_BUDGET_S = 0.25  # of each step spent on the requests other than heartbeats
+    REPLY_DELAY_S = 0.01  # how long a reply may wait to be posted with others (one Redis round trip for many)
     KEEP_CHECKPOINTS = 5  # accepted checkpoints remembered per job, to fall back on a corrupt one
     WATCH_LEADER_EVERY_S = 0.2  # how often a claimant looks at the heartbeat counter of a recorded leader
 
@@ -62,13 +74,20 @@ class Orchestrator(NodeHandlers, BlockHandlers):
         self.last_enqueued: dict[str, float] = {}
         self._next_maintain = 0.0
         self._next_rescan = 0.0
+        self._next_requeue_check = float("-inf")  # maintain's clock
+        self._rescan: Rescan | None = None
+        # Requests read, not yet handled, by (sender, request id), in the order read (step)
+        self._read: dict[tuple[str, str], dict[str, Any]] = {}
+        self._outbox: list[tuple[float, tuple[str, dict[str, Any]]]] | None = None  # replies to post (step)
         self.active: dict[str, Job] = {}  # queued and running jobs, as last written by this orchestrator
+        self._top_queued: float | None = None  # top_queued_priority, None until worked out again
         # Node heartbeats and attempt leases in memory, flushed to the ledger when due (leasetable.py).
         self.leasetable = LeaseTable(lease_s=settings.lease_s)
         self.node_infos: dict[str, NodeInfo] = {}  # node records as their newest heartbeat left them
         self.sent_at: float | None = None  # the send time of the queued request being handled
         self._init_blocks()
         self.guard = ReplayGuard()  # the queued requests seen lately: replays and duplicates refused
+        self._soon: collections.deque[Callable[[], Any]] = collections.deque()  # other threads' calls (call_soon)
         self._handlers: dict[str, Callable[[Any], Reply]] = {
             "submit": self.on_submit, "claim": self.on_claim, "heartbeat": self.on_heartbeat,
             "progress": self.on_progress, "finish": self.on_finish, "cancel": self.on_cancel,
@@ -97,22 +116,75 @@ class Orchestrator(NodeHandlers, BlockHandlers):
             time.sleep(self.WATCH_LEADER_EVERY_S)
 
     def step(self, timeout: float = 0.2, max_events: int = 200) -> int:
-        """One iteration: handle waiting requests (waiting up to ``timeout`` for the first), maintain."""
-        handled = 0
-        wait = timeout
-        while handled < max_events:
-            msg = self.queue.events.receive(timeout=wait)
-            if msg is None:
-                break
-            self.accept(msg)
-            handled += 1
-            wait = 0.0
-            if time.monotonic() >= self._next_maintain:
-                break  # a steady stream of heartbeats must not starve maintenance
+        """One iteration: handle waiting requests (waiting up to ``timeout`` for the first), maintain.
+
+        Heartbeats are answered as they are read, ahead of the other requests read with them, which wait
+        in memory (``_read``) and are handled for up to ``REQUESTS_BUDGET_S`` a step: a thousand agents
+        registering and claiming on a slow ledger (S3) take minutes, and the heartbeats of those already
+        working must not queue behind them past a lease. A node's heartbeat naming a job only follows the
+        reply to its claim, so no heartbeat overtakes what it depends on. What waits in memory when the
+        orchestrator stops is sent again by its senders (every request is re-sent until answered); so is a
+        request read beyond ``READ_AHEAD``. A copy re-sent while the request waits here takes its place
+        (the newer stamp: a request that waited longer than ``protocol.FRESH_S`` is not refused as stale).
+        """
+        handled, events = 0, self.queue.events
+        self._outbox = []  # replies are posted together (put_replies): one Redis round trip for many
+        try:
+            batch = events.receive_waiting(max_events)  # all that waits, in one read
+            if not batch and not self._read and timeout > 0:  # nothing: wait for the next (those sent with it
+                batch = [m] if (m := events.receive(timeout=timeout)) is not None else []  # are the next step's)
+            for msg in batch:
+                if msg.get("type") == "heartbeat":  # cheap, and a lease hangs on it
+                    self.accept(msg)
+                    handled += 1
+                elif (key := _request_key(msg)) in self._read:  # a copy sent again: its newer stamp stays fresh
+                    self._read[key] = msg
+                elif len(self._read) < self.READ_AHEAD:
+                    self._read[key] = msg
+            self._post_replies()
+            until = time.monotonic() + self.REQUESTS_BUDGET_S
+            while self._read:
+                msg = self._read.pop(next(iter(self._read)))  # the oldest, as its newest copy
+                self.accept(msg)
+                handled += 1
+                self._post_replies(older_than=self.REPLY_DELAY_S)
+                if time.monotonic() >= until:  # their share of the step, even when maintenance is due: a
+                    break  # flood of heartbeats must not starve block pulls and claims
+            self._post_replies()
+        finally:  # replies not posted (the queue went away) are posted again for their senders' copies
+            self._outbox = None
+        while self._soon:
+            fn = self._soon.popleft()
+            try:
+                fn()
+            except DlorchError as e:
+                log.warning("%s", e)
         if time.monotonic() >= self._next_maintain:
             self.maintain(self.clock())
             self._next_maintain = time.monotonic() + self.MAINTAIN_EVERY_S
         return handled
+
+    def _post_replies(self, older_than: float = 0.0) -> None:
+        """Post the replies waiting in the outbox, if the first has waited ``older_than`` seconds."""
+        if self._outbox and time.monotonic() - self._outbox[0][0] >= older_than:
+            replies, self._outbox = [r for _, r in self._outbox], []
+            self.queue.events.put_replies(replies)
+
+    def call_soon(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` on the orchestrator's own thread at its next step (the fleet controller's drains), so
+        that the records it writes keep one writer. Thread-safe."""
+        self._soon.append(fn)
+
+    def fleet_view(self) -> tuple[list[Job], list[NodeInfo], list[dict[str, Any]]]:
+        """Copies of the active jobs, the node records as their newest heartbeats left them, and each
+        blockwise job's blocks left and holders, for another thread (the fleet controller). Thread-safe: a
+        dict copy is atomic, and job records are replaced, not changed; node records are copied here."""
+        jobs = list(self.active.copy().values())
+        nodes = [n.model_copy() for n in self.node_infos.copy().values()]
+        blocks = [{"job": b.job_id, "priority": b.priority, "created_at": b.created_at,
+                   "left": b.total - len(b.done), "holders": sorted({lease.node for lease in b.leases.copy().values()})}
+                  for b in list(self.books.copy().values())]
+        return jobs, nodes, blocks
 
     def run(self, stop: threading.Event) -> None:
         """Loop ``step`` until ``stop`` is set."""
@@ -159,8 +231,13 @@ class Orchestrator(NodeHandlers, BlockHandlers):
             finally:
                 self.sent_at = None
             self.guard.keep_reply(env, reply)
-        if not env.oneway:
-            self.queue.events.put_reply(env.rid, {**reply, protocol.NOW: self.clock()})
+        if env.oneway:
+            return
+        reply = {**reply, protocol.NOW: self.clock()}
+        if self._outbox is None:
+            self.queue.events.put_reply(env.rid, reply)
+        else:  # posted with the others of the step (step)
+            self._outbox.append((time.monotonic(), (env.rid, reply)))
 
     def handle(self, request: dict[str, Any] | BaseModel, sender: str | None = None) -> dict[str, Any]:
         """Apply one request and return its reply as JSON; whatever the request, nothing is raised.
@@ -190,9 +267,14 @@ class Orchestrator(NodeHandlers, BlockHandlers):
         self.me.heartbeat_at = now
         if not self.ledger.renew_leadership(self.me):
             raise NotLeader("lost orchestrator leadership to another process")
-        if time.monotonic() >= self._next_rescan:  # the index is rebuilt from the ledger now and then
-            jobs = self.ledger.active_jobs()  # no ended job's record is read
-            self.active = {j.id: j for j in jobs if j.status is not JobStatus.WAITING}
+        if self._rescan is None and time.monotonic() >= self._next_rescan:  # the index is rebuilt now and then
+            self._rescan = Rescan(self.ledger.scan_active())  # no ended job's record is read
+        if self._rescan is not None and self._rescan.step(self.RESCAN_BUDGET_S):  # a few records a pass
+            scan, self._rescan = self._rescan, None
+            jobs = scan.fresh()  # what this orchestrator wrote meanwhile is newer than what the scan read
+            self.active = {**{j.id: j for j in jobs if j.status is not JobStatus.WAITING},
+                           **{i: j for i, j in self.active.items() if i in scan.touched}}
+            self._top_queued = None
             self.sync_leases()
             for job in jobs:
                 if job.status is JobStatus.WAITING and job.id not in self.books:
@@ -206,7 +288,8 @@ class Orchestrator(NodeHandlers, BlockHandlers):
                               note=f"lease of node {exp.node} expired")
         requeued = {e.job_id for e in expired}  # just enqueued by _end_attempt
         queued = [j for j in active if j.status is JobStatus.QUEUED and j.id not in requeued]
-        if queued:
+        if queued and now >= self._next_requeue_check:  # reads (and verifies) every queued message
+            self._next_requeue_check = now + self.REQUEUE_CHECK_EVERY_S
             messages = [d.wire() for m in self.queue.jobs.items() if (d := protocol.parse_dispatch(m, quiet=True))]
             for job in missing_from_queue(queued, messages, self.last_enqueued, now, self.REQUEUE_MIN_AGE_S):
                 log.info("job %s missing from the queue; enqueued again", job.id)
@@ -218,22 +301,24 @@ class Orchestrator(NodeHandlers, BlockHandlers):
         now = self.clock()
         job = Job(id=req.job_id or new_job_id(now), spec=spec, created_at=now, updated_at=now,
                   epochs_total=spec.epochs if spec.trains else None)
-        existing = self.ledger.store.get(f"jobs/{job.id}")
-        if existing is None:  # a re-sent submit is the same job, not a second one
-            job.log(now, f"submitted: {spec.kind} (priority {spec.priority})")
+        job.log(now, f"submitted: {spec.kind} (priority {spec.priority})")
+        try:
             self._create(job)
-            self._enqueue(job, now)
+        except StaleWrite:  # a re-sent submit is the same job, not a second one
+            return SubmitReply(job=job.id)
+        self._enqueue(job, now)
         return SubmitReply(job=job.id)
 
     def on_claim(self, req: Claim) -> Reply:
         now = self.clock()
         node, token = req.node, req.token
 
-        current = self.ledger.get(req.job)
-        att = current.current
-        if current.status is JobStatus.RUNNING and att and att.token == token and att.node == node:
-            # The same claim again (its reply was lost): the node already holds it.
-            return ClaimReply(job=current, lease_expires_at=att.lease_expires_at)
+        def held(job: Job | None) -> bool:  # the same claim again (its reply was lost): the node holds it
+            att = job.current if job is not None else None
+            return att is not None and job.status is JobStatus.RUNNING and (att.token, att.node) == (token, node)
+
+        if held(current := self.active.get(req.job)):
+            return ClaimReply(job=current, lease_expires_at=current.current.lease_expires_at)
 
         def claim(job: Job) -> None:
             if job.next_token != token or job.cancel_requested:
@@ -247,7 +332,12 @@ class Orchestrator(NodeHandlers, BlockHandlers):
             how = f"resumed from epoch {job.epochs_done}" if job.checkpoint else "started"
             job.log(now, f"attempt {token} {how} on node {node}")
 
-        job = self._update(req.job, claim, expect=[JobStatus.QUEUED])
+        try:
+            job = self._update(req.job, claim, expect=[JobStatus.QUEUED])
+        except StaleWrite:  # e.g. claimed before a restart of this orchestrator: the ledger says if it is this claim
+            if not held(current := self.ledger.get(req.job)):
+                raise
+            return ClaimReply(job=current, lease_expires_at=current.current.lease_expires_at)
         self.last_enqueued.pop(job.id, None)
         return ClaimReply(job=job, lease_expires_at=now + self.settings.lease_s)
 
@@ -285,6 +375,8 @@ class Orchestrator(NodeHandlers, BlockHandlers):
                 job.checkpoint = ckpt
                 job.checkpoints = [*job.checkpoints, (att.epochs_done, ckpt)][-self.KEEP_CHECKPOINTS:]
             job.metrics.update(req.metrics)
+            if req.metrics and resumed is None:
+                job.record_epoch(req.epochs_done, req.metrics)
             job.updated_at = now
 
         self._update(req.job, progress, expect=[JobStatus.RUNNING])
@@ -322,10 +414,13 @@ class Orchestrator(NodeHandlers, BlockHandlers):
 
     def _track(self, job: Job) -> None:
         """Keep the in-memory index of active jobs that maintenance scans (the orchestrator writes them all)."""
+        if self._rescan is not None:
+            self._rescan.wrote(job.id)
         if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
             self.active[job.id] = job
         else:
             self.active.pop(job.id, None)
+        self._top_queued = None
         self.track_lease(job)
 
     def _enqueue(self, job: Job, now: float) -> None:
@@ -392,7 +487,7 @@ class Orchestrator(NodeHandlers, BlockHandlers):
         att.timings.update(report.timings)
         if report.epochs_done is not None:  # never fewer than its checkpoints said: they are the resume point
             att.epochs_done = job.epochs_done = max(report.epochs_done, att.epochs_done)
-        for field in ("checkpoint", "model", "output"):
+        for field in ("checkpoint", "model", "output", "confidence"):
             uri = getattr(report, field)
             if uri:
                 if not self._owned(uri, job.id, att.token):

@@ -65,3 +65,16 @@ def code_checkpoint(path: Path, marker: Path, base: Path | None = None, raw: boo
     else:
         torch.save(contents, path)
     return path
+
+
+def pytest_runtest_logreport(report) -> None:
+    """With DLORCH_TEST_TIMES=PATH, each test's phase, outcome and seconds are appended to PATH as they finish.
+
+    A line per phase survives a run that is stopped part-way (``--durations`` prints only at the end).
+    """
+    import os
+
+    path = os.environ.get("DLORCH_TEST_TIMES")
+    if path and (report.when == "call" or report.outcome != "passed"):
+        with open(path, "a") as f:
+            f.write(f"{report.duration:9.2f} {report.outcome:8} {report.when:8} {report.nodeid}\n")

@@ -1,7 +1,10 @@
-"""2D or 3D: how many in-plane pixels a slice step is worth, measured from the data, and the rule both tasks follow.
+"""2D or 3D: how many in-plane pixels a slice step is worth, from the file's voxel size or measured from the data,
+and the rule both tasks follow.
 
 A (Z, Y, X) stack close to isotropic is processed as a volume (the network sees context across
-slices); serial sections, time series and thin stacks slice by slice in 2D.
+slices); serial sections, time series and thin stacks slice by slice in 2D. Where the file gives a
+physical voxel size (OME-Zarr scales, an ImageJ TIFF's resolution and spacing) that size decides;
+a file without one (pixels, or ImageJ's default of 1 x 1 x 1) has its anisotropy measured.
 """
 
 from __future__ import annotations
@@ -19,6 +22,41 @@ MIN_SLICES_3D = 16
 def is_volume(depth: int, aniso: float) -> bool:
     """Whether a stack of ``depth`` slices, a slice step worth ``aniso`` pixels, is processed in 3D."""
     return depth >= MIN_SLICES_3D and aniso <= MAX_ANISOTROPY_3D
+
+
+def declared_anisotropy(voxel_size: tuple[float, ...] | list[float] | None) -> float | None:
+    """In-plane pixels a slice step is worth by a (Z, Y, X) voxel size; None where the file declares none.
+
+    A size of 1 x 1 x 1 is what a file without one reads as (NumPy, plain zarr, ImageJ's default),
+    so it is taken as no size: the data are measured instead.
+    """
+    if voxel_size is None or len(voxel_size) != 3:
+        return None
+    z, y, x = (float(v) for v in voxel_size)
+    if not all(math.isfinite(v) and v > 0 for v in (z, y, x)) or (z, y, x) == (1.0, 1.0, 1.0):
+        return None
+    return z / math.sqrt(y * x)
+
+
+def stack_anisotropy(stack: np.ndarray, voxel_size: tuple[float, ...] | list[float] | None = None) -> tuple[float, str]:
+    """The anisotropy planning uses, and where it comes from (a reason for the plan).
+
+    Args:
+        stack: (Z, Y, X).
+        voxel_size: the file's physical voxel size (Z, Y, X), if it gives one.
+
+    Returns:
+        (in-plane pixels a slice step is worth, ``inf`` where too few slices to matter; the reason).
+    """
+    declared = declared_anisotropy(voxel_size) if stack.shape[0] > 1 else None
+    if declared is not None:
+        z, y, x = (float(v) for v in voxel_size)
+        return declared, (f"anisotropy {declared:.2f} from the image's voxel size {z:g} x {y:g} x {x:g} (z, y, x), "
+                          "not measured")
+    aniso = measured_anisotropy(stack)
+    if not math.isfinite(aniso):
+        return aniso, f"anisotropy not measured: {stack.shape[0]} slice(s) (< {MIN_SLICES_3D} for 3D)"
+    return aniso, f"anisotropy {aniso:.2f} measured from the data (the image gives no voxel size)"
 
 
 def measured_anisotropy(stack: np.ndarray) -> float:

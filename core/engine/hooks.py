@@ -38,7 +38,13 @@ class TrainResult:
 
 
 class TrainHooks(Protocol):
-    """Callbacks from the training loop to the job runner."""
+    """Callbacks from the training loop to the job runner.
+
+    Hooks with a true ``background`` attribute have ``on_checkpoint`` called on a publisher thread
+    (runcontrol.CheckpointPublisher): training goes on while it uploads; a newer checkpoint supersedes
+    one not yet handed over; the last is always handed over before the training call returns; its
+    exceptions are raised on the training thread at the next batch end. Without it, the call is inline.
+    """
 
     def should_stop(self) -> bool:
         """Polled at every batch end; True finishes the current epoch, checkpoints it and returns.

@@ -128,3 +128,29 @@ def check_denoising_inputs(
             )
         target_stack = as_stack(tgt, "target")
     return stack, target_stack, mode
+
+
+def check_accepted(labels: np.ndarray, accepted: np.ndarray, num_classes: int) -> np.ndarray:
+    """Validate accepted labels (pixels a user accepted from a prediction) against the painted ones.
+
+    Args:
+        labels: the painted label map (any shape ``check_labels`` accepts).
+        accepted: same shape, integers, 0 = not accepted, 1..K = classes of the painted labels.
+        num_classes: K, the painted labels' class count.
+
+    Returns:
+        The accepted labels as a uint8 stack of the painted labels' stack shape.
+
+    Raises:
+        ValueError: another shape, a non-integer dtype, or a class the painted labels do not have.
+    """
+    lab, acc = np.asarray(labels), np.asarray(accepted)
+    if acc.shape != lab.shape:
+        raise ValueError(f"accepted labels shape {acc.shape} differs from labels shape {lab.shape}; give accepted "
+                         "labels on the same image grid")
+    if not (np.issubdtype(acc.dtype, np.integer) or acc.dtype == bool):
+        raise ValueError(f"accepted labels have dtype {acc.dtype}; pass integer labels (0 = not accepted, 1..K)")
+    if acc.size and (acc.min() < 0 or acc.max() > num_classes):
+        raise ValueError(f"accepted labels must lie in 0..{num_classes} (the painted labels' classes; 0 = not "
+                         f"accepted), found {int(acc.min())}..{int(acc.max())}; renumber them as the painted labels")
+    return acc.astype(np.uint8).reshape(as_stack(lab, "labels").shape)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -25,6 +26,100 @@ KEEP_CHECKPOINTS = 2
 # The keys the run-control state is stored under in a checkpoint's "callbacks" section, one per
 # task: the names of the classes that once wrote them, kept so stored checkpoints resume.
 STATE_KEYS = ("RunControl", "DenoiseRunControl")
+# The learning rate anneals by steps, and by time only once the time used runs ahead of the plan:
+# the share of the budget counts from this share on (``time_progress``). A run on schedule then
+# follows its steps alone, and the same command trains the same weights however the clock jitters.
+TIME_SLACK = 0.1
+
+
+def time_progress(train_seconds: float, budget_s: float | None) -> float:
+    """Training progress by the clock, for the learning rate: 0 until TIME_SLACK of the budget, 1 at its end (pure)."""
+    if not budget_s:
+        return 0.0
+    return max(0.0, (train_seconds / budget_s - TIME_SLACK) / (1 - TIME_SLACK))
+
+
+class CheckpointPublisher:
+    """Hands checkpoints to ``hooks.on_checkpoint`` on a background thread, so uploads and reports overlap training.
+
+    The queue holds one: a newer checkpoint supersedes one not yet sent (it holds everything the
+    older one did). ``flush`` waits until the newest is published, so the final checkpoint always
+    is before a job finishes. A failure of the hook (a lost lease, a store error) stops the
+    publisher and is raised on the training thread at its next call (``raise_failure``, ``submit``,
+    ``flush``), as if the hook had raised there.
+    """
+
+    def __init__(self, hooks: TrainHooks) -> None:
+        self.hooks = hooks
+        self._cond = threading.Condition()
+        self._pending: tuple[pathlib.Path, Progress] | None = None
+        self._sending: pathlib.Path | None = None
+        self._failure: BaseException | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.superseded = 0  # checkpoints replaced by a newer one before they were sent
+
+    def submit(self, path: pathlib.Path, progress: Progress) -> None:
+        """Publish ``path`` next, replacing a checkpoint still waiting."""
+        with self._cond:
+            self._raise_failure()
+            if self._pending is not None:
+                self.superseded += 1
+            self._pending = (path, progress)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="checkpoint-publisher", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def in_use(self) -> set[pathlib.Path]:
+        """Checkpoint files the publisher is sending or will send (not to be deleted yet)."""
+        with self._cond:
+            return {p for p in (self._sending, self._pending[0] if self._pending else None) if p is not None}
+
+    def raise_failure(self) -> None:
+        """Raise the hook's exception, if publishing failed."""
+        with self._cond:
+            self._raise_failure()
+
+    def flush(self) -> None:
+        """Wait until every submitted checkpoint is published or superseded; raise the hook's failure."""
+        with self._cond:
+            while self._failure is None and (self._pending is not None or self._sending is not None):
+                self._cond.wait()
+            self._raise_failure()
+
+    def close(self) -> None:
+        """Stop the thread once it is idle (what is still waiting is dropped)."""
+        with self._cond:
+            self._closed = True
+            self._pending = None
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._pending is None:
+                    return
+                (path, progress), self._pending = self._pending, None
+                self._sending = path
+            try:
+                self.hooks.on_checkpoint(path, progress)
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
+                with self._cond:
+                    self._failure, self._sending, self._pending = e, None, None
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._sending = None
+                self._cond.notify_all()
 
 
 class EpochPlan(Protocol):
@@ -95,6 +190,8 @@ class RunControl(pl.Callback):
         self.last_checkpoint: pathlib.Path | None = None
         self.metrics: dict[str, float] = {}
         self._written: list[pathlib.Path] = []
+        # Hooks whose notice is slow (an upload and a report) and safe off the training thread say so.
+        self.publisher = CheckpointPublisher(hooks) if getattr(hooks, "background", False) else None
         self._t = clock()
 
     @property
@@ -116,13 +213,15 @@ class RunControl(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module: TrainingModule, batch, batch_idx: int) -> None:
         self._tick()
         budget = self.plan.time_budget_s
-        pl_module.time_fraction = self.train_seconds / budget if budget else 0.0
+        pl_module.time_fraction = time_progress(self.train_seconds, budget)
         if self.budget_spent():
             # The module's own hook then returns -1, which ends this epoch early.
             pl_module.skip_rest_of_epoch = True
 
     def on_train_batch_end(self, trainer, pl_module: TrainingModule, outputs, batch, batch_idx: int) -> None:
         self._tick()
+        if self.publisher is not None:
+            self.publisher.raise_failure()
         if self.hooks.should_stop():
             self.stop_requested = True
 
@@ -149,10 +248,22 @@ class RunControl(pl.Callback):
         os.replace(tmp, path)  # the hook only ever sees a complete file
         self.last_checkpoint = path
         self._written.append(path)
-        self.hooks.on_checkpoint(path, Progress(self.epochs_done, self.plan.epochs, dict(self.metrics)))
+        progress = Progress(self.epochs_done, self.plan.epochs, dict(self.metrics))
+        in_use: set[pathlib.Path] = set()
+        if self.publisher is None:
+            self.hooks.on_checkpoint(path, progress)
+        else:
+            self.publisher.submit(path, progress)
+            in_use = self.publisher.in_use()
+        keep = [p for p in self._written[:-KEEP_CHECKPOINTS] if p in in_use]
         for old in self._written[:-KEEP_CHECKPOINTS]:
-            old.unlink(missing_ok=True)
-        self._written = self._written[-KEEP_CHECKPOINTS:]
+            if old not in in_use:
+                old.unlink(missing_ok=True)
+        self._written = keep + self._written[-KEEP_CHECKPOINTS:]
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: TrainingModule, exception: BaseException) -> None:
+        if self.publisher is not None:
+            self.publisher.close()
 
     def state_dict(self) -> dict:
         return {"train_seconds": self.train_seconds, "epochs_done": self.epochs_done, "metrics": self.metrics,
@@ -163,7 +274,12 @@ class RunControl(pl.Callback):
         self.metrics = dict(state_dict.get("metrics", {}))
 
     def result(self) -> TrainResult:
-        """The outcome of the call, once Lightning's fit has returned."""
+        """The outcome of the call, once Lightning's fit has returned (and its last checkpoint published)."""
+        if self.publisher is not None:
+            try:
+                self.publisher.flush()
+            finally:
+                self.publisher.close()
         if self.last_checkpoint is None:
             raise RuntimeError("training ended without writing a checkpoint")
         stopped_by = self.stopped_by or StopReason.EPOCHS

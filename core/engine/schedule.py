@@ -3,6 +3,12 @@
 An epoch is the checkpoint and stop-request interval, so its length is set in seconds from the
 measured step time. The epoch count is the task's step target, or as many epochs as the time
 budget holds where that is fewer. Every choice adds a line to the plan's ``reasons``. Pure.
+
+The same command must give the same answer, so the plan may not follow the noise of a stopwatch:
+a measured step time is snapped onto a coarse grid (``STEP_GRID``: 4 points per doubling) before
+anything is derived from it, and a value this machine settled on before is kept unless a new
+measurement is more than ``STEP_HYSTERESIS`` times faster (``settle_step_seconds``). Steps per epoch and
+the epoch count are then the same from run to run; the time budget stays a cap.
 """
 
 from __future__ import annotations
@@ -13,6 +19,38 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_STEPS_PER_EPOCH = 250
+# Measured step times are snapped to 2 ** (k / STEP_GRID) seconds: a plan changes only when the
+# machine is ~19 % faster or slower, not with the few percent a shared CPU jitters by.
+STEP_GRID = 4
+# A step time settled on before is kept unless a new measurement is faster by more than this
+# factor: a measurement near a grid boundary would otherwise flip between the two neighbours. A
+# slower measurement never replaces it: contention on a shared machine only ever lengthens steps
+# (an ISBI plan made next to two other trainings measured 9.5 s a step, 40x the idle machine's,
+# and trained 20 steps), and the time cap covers a machine that really got slower.
+STEP_HYSTERESIS = 1.3
+
+
+def snap_step_seconds(step_s: float) -> float:
+    """The grid point (2 ** (k / STEP_GRID) seconds) nearest to ``step_s`` on a log scale (pure)."""
+    k = round(math.log2(step_s) * STEP_GRID)
+    return float(2.0 ** (k / STEP_GRID))
+
+
+def settle_step_seconds(measured: float | None, previous: float | None = None) -> float | None:
+    """The step time a plan is derived from: ``previous`` unless ``measured`` is clearly faster, else snapped.
+
+    Args:
+        measured: seconds per step just measured, or None (not measured).
+        previous: the value settled on for the same network on this machine before, or None.
+
+    Returns:
+        A grid value (or None when nothing was measured).
+    """
+    if not measured or measured <= 0:
+        return None
+    if previous and previous > 0 and measured * STEP_HYSTERESIS >= previous:
+        return float(previous)
+    return snap_step_seconds(measured)
 
 
 @dataclass(frozen=True)
@@ -56,7 +94,8 @@ def steps_per_epoch(step_s: float | None, epoch_s: float, cover: int, rules: Epo
     if not step_s:
         return steps, f"step time not measured -> {steps} steps/epoch"
     capped = ", capped by image size)" if cover < by_time else ")"
-    return steps, f"measured {step_s:.3f} s/step -> {steps} steps/epoch (~{epoch_s:.0f} s epochs{capped}"
+    return steps, (f"step time {step_s:.3f} s (measured, on a grid of {STEP_GRID} points per doubling) -> "
+                   f"{steps} steps/epoch (~{epoch_s:.0f} s epochs{capped}")
 
 
 def epoch_count(steps: int, epoch_s: float, budget: float, wanted_steps: int, rules: EpochRules
@@ -119,7 +158,9 @@ def plan_schedule(
         early_stop: the task's early-stop rule in words, or None if it has none; it applies to an
             automatic epoch count only, since a count the user gave is run in full.
     """
-    step_s = step_seconds if step_seconds and step_seconds > 0 else None
+    # Snapped (a no-op on a value ``settle_step_seconds`` returned): see the module docstring.
+    step_s = settle_step_seconds(step_seconds)
+    eval_seconds = settle_step_seconds(eval_seconds)
     cover = math.ceil(rules.cover_passes * train_pixels / (batch * math.prod(patch)))
     steps, why = steps_per_epoch(step_s, epoch_s, cover, rules)
     reasons = [why]

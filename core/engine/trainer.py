@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dlorch.core.engine.device import Runtime, apply_threads, detect_runtime
@@ -47,9 +48,15 @@ def quiet_lightning() -> Iterator[None]:
 
 
 def start_run(seed: int) -> Runtime:
-    """The device to train on, its threads applied and every generator seeded with ``seed``."""
+    """The device to train on, its threads applied and every generator seeded with ``seed``.
+
+    On a CPU, torch's deterministic algorithms are asked for too (a warning, not an error, where
+    an operation has none): the same inputs then train the same weights.
+    """
     runtime = detect_runtime()
     apply_threads(runtime)
+    if runtime.accelerator == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
     pl.seed_everything(seed, verbose=False)
     return runtime
 

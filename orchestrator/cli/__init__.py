@@ -17,7 +17,7 @@ import typer
 
 from dlorch.core.errors import DlorchError, redact
 from dlorch.core.settings import requested_precision
-from dlorch.orchestrator.cli import fleet, gc, jobs, nodes, training
+from dlorch.orchestrator.cli import export, fleet, gc, jobs, nodes, scale, training, wizard
 from dlorch.orchestrator.cli.common import global_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -25,7 +25,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 # The command table, in the order `dlorch --help` lists it.
 for command in (fleet.up, nodes.agent, training.segment, training.denoise, training.predict, jobs.submit,
-                jobs.jobs, jobs.status, jobs.logs, jobs.cancel, jobs.evaluate, gc.gc):
+                jobs.jobs, jobs.status, jobs.logs, jobs.cancel, jobs.evaluate, gc.gc, wizard.wizard, scale.scale,
+                scale.cost, export.export):
     app.command()(command)
 app.add_typer(training.train_app, name="train")
 app.add_typer(nodes.nodes_app, name="nodes")

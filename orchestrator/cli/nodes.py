@@ -25,6 +25,10 @@ def agent(
     parent: Optional[int] = typer.Option(None, "--parent", min=1,
                                          help="stop when process PID ends (the commands that start a local agent "
                                               "set it)"),
+    handed_back_status: int = typer.Option(
+        0, "--handed-back-status", min=0, max=255, envvar="DLORCH_HANDED_BACK_STATUS",
+        help="exit with this status when a signal or spot notice stopped the agent while it held work (handed "
+             "back to the queue), so that a batch script can requeue itself (infra/slurm uses 75)"),
 ) -> None:
     """Run a node agent: take jobs from the queue one at a time until drained or signalled."""
     from dlorch.nodeagent.agent import Agent
@@ -44,6 +48,8 @@ def agent(
     if parent:
         stop_with_parent(a.stop, parent)
     a.run()
+    if handed_back_status and a.work_left():
+        raise typer.Exit(handed_back_status)
 
 
 @nodes_app.callback(invoke_without_command=True)
@@ -54,13 +60,17 @@ def nodes(ctx: typer.Context, as_json: bool = typer.Option(False, "--json"),
         return
     from dlorch.orchestrator.cli import views
 
+    from dlorch.orchestrator.fleet.records import node_fleet_info
+
     c = client()
     now = time.time()
     found = c.nodes(now, include_left=all_nodes)
+    fleet = node_fleet_info(c.ledger, now)
     if as_json:
-        typer.echo(json.dumps([n.public(now, c.settings.lease_s) for n in found], indent=1))
+        typer.echo(json.dumps([{**n.public(now, c.settings.lease_s), "fleet": fleet.get(n.id, {"kind": "static"})}
+                               for n in found], indent=1))
     else:
-        views.nodes_table(found, now, c.settings.lease_s)
+        views.nodes_table(found, now, c.settings.lease_s, fleet)
 
 
 @nodes_app.command("drain")

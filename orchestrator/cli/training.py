@@ -12,6 +12,19 @@ from dlorch.orchestrator.cli.common import DETACH, EPOCHS, PRIORITY, TIME_BUDGET
 
 train_app = typer.Typer(no_args_is_help=True, help="Train a model without predicting.")
 
+# Options of the trainings a bootstrapping round runs (the wizard's rounds, or a user's own).
+INIT_FROM = typer.Option(None, "--init-from", metavar="MODEL",
+                         help="start from this segmentation model's weights (a training job's id or a .ckpt; same "
+                              "classes): fine-tuning after more labels")
+ACCEPTED = typer.Option(None, "--accepted", metavar="LABELS",
+                        help="a second label map of pixels accepted from a prediction (0 = none, 1..K); where "
+                             "--labels paints a pixel too, the painted label wins")
+ACCEPTED_WEIGHT = typer.Option(None, "--accepted-weight", metavar="W",
+                               help="loss weight of accepted pixels relative to painted ones, in (0, 1] (default 0.5)")
+CONFIDENCE = typer.Option(False, "--confidence",
+                          help="segmentation: also write the per-pixel confidence (uint8, max probability x 255) "
+                               "beside OUT, as OUT's name with .confidence before its suffix")
+
 
 def segment(
     image: str = typer.Argument(..., help="image: TIFF, zarr, .npy or .npz (file.npz:NAME picks an array)"),
@@ -22,14 +35,21 @@ def segment(
     priority: int = PRIORITY,
     candidates: int = typer.Option(1, "--candidates", min=1, help="train N candidate models in parallel, keep the best"),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", show_default=False, help=TTA_HELP),
+    init_from: Optional[str] = INIT_FROM,
+    accepted: Optional[str] = ACCEPTED,
+    accepted_weight: Optional[float] = ACCEPTED_WEIGHT,
+    confidence: bool = CONFIDENCE,
     detach: bool = DETACH,
 ) -> None:
     """Train on sparse labels and segment the image (one job; with --candidates, N jobs and the best predicts)."""
-    fmt = submit.checked_output_format(out, [image, labels])
+    fmt = submit.checked_output_format(out, [image, labels, accepted])
+    if confidence:
+        submit.checked_output_format(submit.confidence_path(out), [image, labels, accepted])
     c = client()
-    spec = submit.segmentation_spec(c, "segment", image, labels, epochs, time_budget, priority, fmt, tta)
+    spec = submit.segmentation_spec(c, "segment", image, labels, epochs, time_budget, priority, fmt, tta,
+                                    init_from, accepted, accepted_weight, confidence)
     if candidates > 1:
-        best = run_candidates(c, {**spec, "kind": "train"}, candidates, detach)
+        best = run_candidates(c, submit.training_of(spec), candidates, detach)
         if best is not None:
             run_job(c, submit.prediction_after_training(spec, best.model), detach=False, out=out)
         return
@@ -79,12 +99,16 @@ def train_segment(
     time_budget: Optional[float] = TIME_BUDGET,
     priority: int = PRIORITY,
     candidates: int = typer.Option(1, "--candidates", min=1, help="train N candidate models in parallel"),
+    init_from: Optional[str] = INIT_FROM,
+    accepted: Optional[str] = ACCEPTED,
+    accepted_weight: Optional[float] = ACCEPTED_WEIGHT,
     detach: bool = typer.Option(False, "--detach", help="print only the job id(s) and return"),
 ) -> None:
     """Train a segmentation model; `dlorch predict JOB IMAGE` applies it."""
-    submit.check_checkpoint_out(out, [image, labels])
+    submit.check_checkpoint_out(out, [image, labels, accepted])
     c = client()
-    spec = submit.segmentation_spec(c, "train", image, labels, epochs, time_budget, priority)
+    spec = submit.segmentation_spec(c, "train", image, labels, epochs, time_budget, priority,
+                                    init_from=init_from, accepted=accepted, accepted_weight=accepted_weight)
     if candidates > 1:
         best = run_candidates(c, spec, candidates, detach)
         if best is not None and out is not None:
@@ -94,7 +118,8 @@ def train_segment(
 
 
 def predict(
-    model: str = typer.Argument(..., help="id of a succeeded training job, or a model .ckpt path/URI"),
+    model: str = typer.Argument(..., help="id of a succeeded training job, a model .ckpt path/URI, or a "
+                                          "bioimage.io .zip that dlorch export wrote"),
     image: str = typer.Argument(..., help="image to segment or denoise (the model's task); a .zarr volume (path or"
                                           " s3:// URL) into .zarr is predicted blockwise, memory-bounded"),
     out: str = typer.Option(..., "-o", "--out", help="labels or denoised image to write: .tif, .zarr or .npy; or an"
@@ -103,12 +128,16 @@ def predict(
     block_voxels: Optional[int] = typer.Option(None, "--block-voxels", min=1,
                                                help="blockwise: voxels per block (default: ~3 s of compute, measured)"),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", show_default=False, help=TTA_HELP),
+    confidence: bool = CONFIDENCE,
     detach: bool = DETACH,
 ) -> None:
     """Segment or denoise an image with a trained model."""
     fmt = submit.checked_output_format(out, [image])
+    local = submit.local_output(out)
+    if confidence and local is not None:
+        submit.checked_output_format(submit.confidence_path(local), [image])
     c = client()
-    spec = submit.prediction_spec(c, model, image, out, fmt, priority, block_voxels, tta)
+    spec = submit.prediction_spec(c, model, image, out, fmt, priority, block_voxels, tta, confidence)
     run_job(c, spec, detach, out=submit.local_output(out))
 
 

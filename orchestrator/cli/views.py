@@ -71,16 +71,24 @@ def job_detail(j: Job) -> None:
 _PRECISION = {"32-true": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16"}
 
 
-def nodes_table(nodes: list[NodeInfo], now: float, lease_s: float) -> None:
-    """``dlorch nodes``."""
+def nodes_table(nodes: list[NodeInfo], now: float, lease_s: float, fleet: dict[str, dict] | None = None) -> None:
+    """``dlorch nodes``: static, local, Slurm and EC2 nodes side by side (``fleet``: per node id, what the
+    fleet recorded of its machine: kind, type, market, price, idle seconds)."""
+    fleet = fleet or {}
     t = Table(box=None)
-    for col in ("id", "host", "pid", "state", "cpus", "mem GiB", "gpus", "torch", "precision", "job", "heartbeat"):
+    for col in ("id", "kind", "type", "market", "$/h", "host", "state", "job", "idle", "gpus", "precision",
+                "heartbeat"):
         t.add_column(col)
     for n in nodes:
+        f = fleet.get(n.id, {})
         gpus = ", ".join(f"{g['name']} {g['memory_bytes'] / 2**30:.0f}G" for g in n.gpus) or "-"
         state = n.state if n.alive(now, lease_s) else "lost"
-        t.add_row(n.id, n.hostname, str(n.pid), state, str(n.cpus), f"{n.memory_bytes / 2**30:.1f}", gpus,
-                  n.torch, _PRECISION.get(n.precision, n.precision or "-"), n.job or "-", _ago(n.heartbeat_at, now))
+        idle = f.get("idle_s")
+        price = f.get("price_usd_h")
+        t.add_row(n.id, f.get("kind", "static"), f.get("type", "-"), f.get("market", "-"),
+                  "-" if price is None else f"{price:.4g}", n.hostname, state, n.job or "-",
+                  "-" if idle is None or n.job else f"{idle:.0f}s", gpus,
+                  _PRECISION.get(n.precision, n.precision or "-"), _ago(n.heartbeat_at, now))
     console.print(t)
 
 

@@ -62,3 +62,20 @@ def s3(monkeypatch):
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bucket")
     yield env
     server.stop()
+
+
+@pytest.fixture
+def ec2(s3, monkeypatch):
+    """The same moto server for EC2 as well: an AMI and a launch template "dlorch-node" launching it.
+
+    moto's ~1300 default AMIs take seconds to load and list, so it loads none; the one AMI is registered.
+    """
+    import boto3
+
+    monkeypatch.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")  # read when the region's EC2 state is made
+    client = boto3.client("ec2", endpoint_url=s3["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    client.register_image(Name="dlorch-node-image")
+    ami = client.describe_images(Owners=["self"])["Images"][0]["ImageId"]
+    client.create_launch_template(LaunchTemplateName="dlorch-node",
+                                  LaunchTemplateData={"ImageId": ami, "InstanceType": "t3.micro"})
+    return {**s3, "region": "us-east-1", "launch_template": "dlorch-node", "ami": ami}

@@ -78,6 +78,22 @@ def job_json(job_id: str, env: dict | None = None) -> dict:
     return json.loads(dlorch("status", job_id, "--json", env=env).stdout)
 
 
+def ledger_job(home: Path, job_id: str) -> dict:
+    """A job's ledger record, read directly: polling through the CLI costs a process (~1 CPU second) per look,
+    taken from the agents under test on a 2-core machine. Assertions on what the CLI shows still go through it."""
+    return json.loads((home / "ledger" / "jobs" / f"{job_id}.json").read_text())
+
+
+def ledger_jobs(home: Path) -> dict[str, dict]:
+    """Every job's ledger record by id (see ``ledger_job``)."""
+    return {p.stem: json.loads(p.read_text()) for p in (home / "ledger" / "jobs").glob("*.json")}
+
+
+def registered(home: Path, node_id: str) -> bool:
+    """Whether node ``node_id`` has registered (the orchestrator wrote its ledger record)."""
+    return (home / "ledger" / "nodes" / f"{node_id}.json").exists()
+
+
 def wait_for(pred, timeout: float = 120, every: float = 0.3, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -121,7 +137,7 @@ class Cluster:
 
     def job(self, job_id: str) -> dict:
         """The ledger record, read directly (polling through the CLI would cost a process per look)."""
-        return json.loads((self.home / "ledger" / "jobs" / f"{job_id}.json").read_text())
+        return ledger_job(self.home, job_id)
 
     def wait_job(self, job_id: str, pred, timeout: float = 300, what: str = "") -> dict:
         return wait_for(lambda: (j := self.job(job_id)) and pred(j) and j, timeout, 0.2,
@@ -131,17 +147,30 @@ class Cluster:
         return (self.tmp / f"{node_id}.log").read_text(errors="replace")
 
     def close(self) -> None:
-        procs = [*self.agents.values(), *([self.service] if self.service else [])]
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    p.send_signal(signal.SIGCONT)
-                    p.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for p in procs:
+        stop_agents_then(self.service, *self.agents.values())
+
+
+def terminate(*procs: subprocess.Popen) -> None:
+    """SIGTERM (after SIGCONT, in case a test froze one) every process still running, then wait for all of them;
+    SIGKILL one that is not gone within 60 s."""
+    for p in procs:
+        if p.poll() is None:
             try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+                p.send_signal(signal.SIGCONT)
+                p.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def stop_agents_then(service: subprocess.Popen | None, *agents: subprocess.Popen) -> None:
+    """Stop the agents, then the orchestrator: an agent says goodbye on its way out, and with the orchestrator
+    already gone it would wait out that message's 5 s timeout."""
+    terminate(*agents)
+    if service is not None:
+        terminate(service)

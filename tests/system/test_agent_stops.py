@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.system.harness import Cluster, cli_env, spawn, wait_for
+from tests.system.harness import Cluster, cli_env, ledger_jobs, spawn, wait_for
 
 
 def _running(pid: int) -> bool:
@@ -49,9 +49,15 @@ def test_an_agent_waiting_to_report_to_a_gone_orchestrator_stops_promptly_on_sig
     with Cluster(tmp_path, home) as c:
         agent = c.agent("a1")
         wait_for(lambda: _registered(home), 120, what="the agent to register")
-        jid = c.submit("predict", str(model), str(image), "-o", str(tmp_path / "p.tif"))
-        c.wait_job(jid, lambda j: j["status"] == "running", 120, what="the claim")
+        # Submitted by a process the test does not wait for: the attempt (~3 s) could end while the CLI is
+        # still exiting, and a claim looked for only after that is never seen.
+        submit = spawn("predict", str(model), str(image), "-o", str(tmp_path / "p.tif"), "--detach", env=c.env)
+        jid = wait_for(lambda: next((i for i, j in ledger_jobs(home).items() if j["status"] == "running"), None),
+                       120, 0.05, what="the claim")
+        # The ledger records the claim before the agent hears of it: the kill waits for the agent to start.
+        wait_for(lambda: f"running {jid} attempt 1" in c.node_log("a1"), 60, 0.05, what="the attempt to start")
         c.service.send_signal(signal.SIGKILL)  # the orchestrator is gone before the attempt ends
+        assert submit.wait(timeout=60) == 0
         c.service.wait()
         # The attempt's log is uploaded right before its finish report: from then on the agent waits to be heard.
         wait_for(lambda: (home / "jobs" / jid / "attempts" / "1" / "log.txt").exists(), 120,

@@ -4,6 +4,7 @@ import random
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -12,6 +13,7 @@ from tests.system.harness import Cluster
 
 KILLS = 10
 TRAIN_EPOCHS = 3
+TRAINS, PREDICTS = range(6), range(4)
 
 
 def test_chaos_every_job_succeeds_with_exact_epochs(redis_server, home, tmp_path):
@@ -26,11 +28,6 @@ def test_chaos_every_job_succeeds_with_exact_epochs(redis_server, home, tmp_path
         ref = c.submit("predict", model, str(img), "-o", str(tmp_path / "ref.npy"))
         ref_out = np.load(c.wait_job(ref, lambda j: j["status"] == "succeeded", 120)["output"])
 
-        trains = [c.submit("segment", str(img), "--labels", str(lab), "-o", str(tmp_path / f"t{i}.tif"),
-                           "--epochs", str(TRAIN_EPOCHS)) for i in range(6)]
-        preds = [c.submit("predict", model, str(img), "-o", str(tmp_path / f"p{i}.npy")) for i in range(4)]
-        everything = trains + preds
-
         kills, stop = [], threading.Event()
         rng = random.Random(7)
 
@@ -44,9 +41,19 @@ def test_chaos_every_job_succeeds_with_exact_epochs(redis_server, home, tmp_path
                     kills.append((time.time(), victim))
                 c.agent(victim)  # the node comes back (a fresh process)
 
+        # The kills start before the jobs are submitted: started after the last submission (a process each,
+        # one after another), they found every job done on a quiet machine and only ever killed idle agents.
+        # The submissions run side by side, so that all three agents have work from the start.
         t = threading.Thread(target=killer, daemon=True)
         t.start()
         try:
+            with ThreadPoolExecutor(len(TRAINS) + len(PREDICTS)) as pool:
+                trains = list(pool.map(lambda i: c.submit("segment", str(img), "--labels", str(lab), "-o",
+                                                          str(tmp_path / f"t{i}.tif"), "--epochs", str(TRAIN_EPOCHS)),
+                                       TRAINS))
+                preds = list(pool.map(lambda i: c.submit("predict", model, str(img), "-o", str(tmp_path / f"p{i}.npy")),
+                                      PREDICTS))
+            everything = trains + preds
             for jid in everything:
                 c.wait_job(jid, lambda j: j["status"] in ("succeeded", "failed", "cancelled"), 900)
             while len(kills) < KILLS:  # keep the chaos going to the promised count
@@ -70,4 +77,5 @@ def test_chaos_every_job_succeeds_with_exact_epochs(redis_server, home, tmp_path
             assert j["status"] == "succeeded", (jid, j["error"])
             np.testing.assert_array_equal(np.load(j["output"]), ref_out)
         assert len(kills) >= KILLS
+        assert any(len(c.job(jid)["attempts"]) > 1 for jid in everything)  # the kills hit work in progress
         assert redone <= len(kills), f"{redone} epochs redone over {len(kills)} kills"

@@ -64,6 +64,8 @@ class TestStateStoreContract:
         with pytest.raises(StaleWrite):
             store.put("jobs/a", b"3", if_match=e1)  # a stale writer
         assert store.get("jobs/a") == (b"2", e2)
+        with pytest.raises(StaleWrite):
+            store.put("jobs/b", b"1", if_match=e2)  # nothing there: the condition fails (S3 says 404)
         assert store.get("jobs/b") is None
         assert store.list("jobs") == ["jobs/a"]
 
@@ -92,6 +94,43 @@ class TestStateStoreContract:
         led.update("j-2", lambda j: setattr(j, "status", JobStatus.CANCELLED))
         assert [j.id for j in led.active_jobs()] == ["j-1", "j-3"]
         assert store.list("active") == ["active/j-1", "active/j-3"]
+
+
+    def test_a_record_written_last_by_this_ledger_is_written_again_unread_and_a_newer_leaders_write_is_fenced(
+            self, store):
+        old = Ledger(Counting(store))
+        old.term = 1
+        old.create(_job())
+        old.store.calls.clear()
+        old.update("j-1", lambda j: j.log(2.0, "by the leader"))
+        assert old.store.calls == [("put", "jobs/j-1")]  # one conditional PUT on the etag it wrote
+        newer = Ledger(store)
+        newer.term = 2  # a newer leader (this one was deposed without knowing it yet)
+        newer.update("j-1", lambda j: j.log(3.0, "by the newer leader"))
+        with pytest.raises(StaleWrite, match="newer orchestrator"):
+            old.update("j-1", lambda j: j.log(4.0, "by the deposed leader"))
+        assert [text for _, text in newer.get("j-1").events][-2:] == ["by the leader", "by the newer leader"]
+
+
+class Counting:
+    """A state store that records the requests made of it."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, []
+
+    def get(self, key):
+        self.calls.append(("get", key))
+        return self.inner.get(key)
+
+    def put(self, key, data, **kw):
+        self.calls.append(("put", key))
+        return self.inner.put(key, data, **kw)
+
+    def list(self, prefix):
+        return self.inner.list(prefix)
+
+    def delete(self, key):
+        self.inner.delete(key)
 
 
 def test_missing_bucket_is_one_line(ledger_bucket, s3_endpoint):

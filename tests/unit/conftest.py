@@ -18,12 +18,17 @@ class Clock:
         return self.t
 
 
-@pytest.fixture
-def orch(tmp_path):
+def leading_orchestrator(tmp_path, store=None) -> Orchestrator:
+    """A leading orchestrator on ``store`` (a local ledger by default), its clock as ``clock_``, its store as ``store_``."""
     clock = Clock()
-    s = Settings(store=str(tmp_path), lease_s=10, max_attempts=2)
-    o = Orchestrator(s, Ledger(LocalDirStateStore(tmp_path / "ledger")),
+    store = store if store is not None else LocalDirStateStore(tmp_path / "ledger")
+    o = Orchestrator(Settings(store=str(tmp_path), lease_s=10, max_attempts=2), Ledger(store),
                      Queue(f"sqlite:///{tmp_path / 'q.db'}", Signer(b"k")), clock=clock)
     o.lead()
-    o.clock_ = clock
+    o.clock_, o.store_ = clock, store
     return o
+
+
+@pytest.fixture
+def orch(tmp_path):
+    return leading_orchestrator(tmp_path)

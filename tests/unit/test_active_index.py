@@ -51,10 +51,14 @@ def test_the_periodic_scan_reads_no_ended_job(tmp_path):
     store, ledger, done = _ledger_with_history(tmp_path)
     orch = _orchestrator(tmp_path, ledger)
     orch.maintain(1000.0)  # the first scan of a ledger indexes it, once (see the test below)
+    while orch._rescan is not None:  # a scan reads for a tenth of a second a pass, then goes on at the next
+        orch.maintain(1000.0)
     for _ in range(3):
         store.reads.clear()
         orch._next_rescan = 0.0  # a rescan is due
         orch.maintain(1000.0)
+        while orch._rescan is not None:
+            orch.maintain(1000.0)
         assert "jobs/j-live" in store.reads and not set(done) & set(store.reads), store.reads
     assert list(orch.active) == ["j-live"]
 

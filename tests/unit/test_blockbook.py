@@ -93,3 +93,29 @@ def test_choose_book_priority_then_affinity_then_fifo():
         urgent.pick("x", 0.0, LEASE)
     assert choose_book([old, new, urgent], set(), 0.0) is old  # nothing left to hand out of urgent
     assert choose_book([], set(), 0.0) is None
+
+
+class CountingSet(set):
+    """A done set that counts the membership tests made of it."""
+
+    looked = 0
+
+    def __contains__(self, item):
+        CountingSet.looked += 1
+        return super().__contains__(item)
+
+
+def test_whether_a_block_waits_is_known_without_walking_the_blocks_done():
+    b = book(2_000)
+    b.pick("slow", 0.0, LEASE)  # block 0 held long: the scan hint stays behind it
+    last = b.pick("a", 0.0, LEASE)
+    for _ in range(1_000):  # a node taking its blocks in order (locality)
+        b.finish("a", last, {})
+        last = b.pick("a", 1.0, LEASE, near=last)
+    b.done = CountingSet(b.done)
+    assert choose_book([b], set(), 1.0) is b  # every block request asks
+    assert CountingSet.looked <= len(b.leases)  # was: every block done since the hint (1,000), on every request
+    for i in range(b.total):
+        if b.pick("a", 2.0, LEASE) is None:
+            break
+    assert not b.has_waiting(2.0) and b.has_waiting(2.0 + LEASE + 1)  # all held; then their leases ran out

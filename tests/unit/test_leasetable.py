@@ -13,17 +13,20 @@ def table_with_lease(now: float = 100.0) -> LeaseTable:
     return t
 
 
-def test_renewals_are_written_only_when_the_ledger_copy_grows_old():
+def test_renewals_are_written_as_one_liveness_record_every_few_seconds():
     t = table_with_lease()
-    writes = 0
+    writes, records = 0, 0
     for now in range(103, 161, 3):  # a heartbeat every 3 s for a minute
         t.beat("n1", float(now), float(now), job="j-1", token=1)
         t.caught_up(float(now))
         flush = t.due(float(now))
-        writes += len(flush.jobs) + len(flush.nodes)
-        t.written(flush)
+        writes += flush.live
+        records += len(flush.jobs) + len(flush.nodes)
+        t.written(flush, float(now))
         assert t.lapsed(float(now)) == []
-    assert 0 < writes <= 10  # 20 heartbeats would have cost 40 writes; about one per record per half lease
+    assert records == 0 and writes == 20  # nothing changed hands; every heartbeat came after two seconds
+    assert t.live_record() == {"nodes": {"n1": 160.0}, "jobs": {"j-1": {"token": 1, "node": "n1", "expires_at": 190.0}}}
+    assert not t.due(161.0).live  # nothing renewed since
 
 
 def test_a_change_of_hands_is_flushed_at_once():
@@ -89,23 +92,23 @@ def test_a_heartbeat_for_another_attempt_renews_nothing():
 def test_a_failed_flush_is_due_again():
     t = table_with_lease()
     t.beat("n1", 120.0, 120.0, job="j-1", token=1)
+    t.beat("n2", 120.0, 120.0)
     first = t.due(120.0)
-    assert first.jobs == ["j-1"] and first.nodes == ["n1"]  # never t.written(first): the write failed
+    assert first.live and first.nodes == ["n2"]  # never t.written(first): the write failed
     assert t.due(121.0) == first
 
 
 def test_records_due_together_are_written_a_few_at_a_time_oldest_first():
-    t = LeaseTable(lease_s=LEASE, per_pass=100)
-    for i in range(1000):  # a thousand agents that started together
+    t = LeaseTable(lease_s=LEASE, urgent_per_pass=10, urgent_every_s=0.2)
+    for i in range(100):  # a hundred agents that started together
         t.hold(f"j-{i}", 1, f"n{i:04d}", 130.0)
         t.beat(f"n{i:04d}", 100.0 + i / 1000, 100.0 + i / 1000, job=f"j-{i}", token=1)
-    t.written(t.due(101.0))  # the new nodes, at once
-    for i in range(1000):
-        t.beat(f"n{i:04d}", 116.0, 116.0, job=f"j-{i}", token=1)
-    passes, now = [], 116.0
-    while (flush := t.due(now)).nodes or flush.jobs:
-        assert len(flush.nodes) <= 100 and len(flush.jobs) <= 100
+    passes, now = [], 100.1
+    while (flush := t.due(now)).nodes:
+        assert len(flush.nodes) <= 10 and t.due(now + 0.1).nodes == flush.nodes  # none more before it is written
         passes.append(flush)
-        t.written(flush)
+        t.written(flush, now)
+        assert t.due(now + 0.1).nodes == []  # the next ones a fifth of a second later
         now += 0.2
-    assert len(passes) == 10 and passes[0].nodes[0] == "n0000"  # all within two seconds, oldest copies first
+    assert len(passes) == 10 and passes[0].nodes[0] == "n0000"  # all within two seconds, oldest first
+    assert passes[0].live and not any(p.live for p in passes[1:])  # renewals: one record, now and then

@@ -97,7 +97,7 @@ def test_a_replayed_heartbeat_does_not_keep_a_dead_nodes_job(orch):
     for _ in range(3):
         orch.clock_.t += 3
         _replay(orch, q, beat)
-    assert orch.ledger.get(jid).current.lease_expires_at == 1015
+    assert orch.leasetable.jobs[jid].expires_at == orch.ledger.liveness()["jobs"][jid]["expires_at"] == 1015
     orch.clock_.t += 2  # now 1016: past the lease
     orch.maintain(orch.clock_())
     job = orch.ledger.get(jid)
@@ -212,3 +212,19 @@ def test_a_finish_reporting_fewer_epochs_than_its_checkpoints_keeps_the_resume_p
                         "epochs_done": 1, "checkpoint": ck})["ok"]
     job = orch.ledger.get(jid)
     assert (job.status, job.epochs_done, job.checkpoint) == (JobStatus.QUEUED, 3, ck)
+
+
+def test_a_claim_sent_again_after_its_kept_reply_was_forgotten_is_not_applied_twice(orch, tmp_path):
+    orch.guard.reply_capacity = 2  # replies kept for duplicates: the oldest are forgotten beyond this
+    _register(orch, "n1")
+    jid = _submit(orch)
+    q = _queue(orch, "n1")
+    rid, _ = _send(orch, q, {"type": "claim", "job": jid, "token": 1, "node": "n1"})
+    assert q.events.take_reply(rid)["ok"]
+    for i in range(3):  # other requests: the claim's kept reply is forgotten
+        _send(orch, _queue(orch, f"n{i + 2}"), {"type": "heartbeat", "node": f"n{i + 2}"})
+    before = _records(tmp_path)
+    q.events.send(q.stamp({"type": "claim", "job": jid, "token": 1, "node": "n1"}, rid))  # its sender, again
+    orch.step(timeout=0.5)
+    assert _records(tmp_path) == before and q.events.take_reply(rid) is None  # a duplicate: not applied again
+    assert orch.ledger.get(jid).status is JobStatus.RUNNING and len(orch.ledger.get(jid).attempts) == 1

@@ -3,6 +3,8 @@
 import sqlite3
 import time
 
+import pytest
+
 from dlorch.core.wire import Signer
 from dlorch.orchestrator.queue import Channel
 
@@ -40,3 +42,25 @@ def test_put_reply_sweeps_now_and_then_by_itself(tmp_path):
     ch.REPLY_TTL_S, ch._next_sweep = 300.0, 0.0  # the next sweep is due
     ch.put_reply("last", {"ok": True})
     assert _kv_rows(db) == 2 and ch.take_reply("expired") is None and ch.take_reply("first") == {"ok": True}
+
+
+def test_a_queue_file_another_process_holds_locked_is_waited_for_then_named(tmp_path):
+    import sqlite3
+    import threading
+    import time
+
+    from dlorch.core.errors import Unreachable
+
+    db = tmp_path / "queue.db"
+    url = f"sqlite:///{db}"
+    Channel(url, "events", Signer(b"k"))  # the file and its tables exist
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")  # as a process frozen in the middle of a write holds it
+    with pytest.raises(Unreachable, match=r"cannot open queue .*another process holds it"):
+        Channel(url, "events", Signer(b"k"), open_wait_s=1.5)
+    threading.Timer(1.5, lambda: holder.execute("COMMIT")).start()  # it runs again: the wait ends
+    t0 = time.monotonic()
+    ch = Channel(url, "events", Signer(b"k"), open_wait_s=60)
+    assert 1.0 < time.monotonic() - t0 < 30
+    ch.send({"n": 1})
+    assert ch.receive(timeout=1)["n"] == 1

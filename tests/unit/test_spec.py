@@ -36,8 +36,18 @@ def test_terminal_statuses_have_no_way_out():
         ({"kind": "segment", "labels": "l", "options": {"variant": "ce-only", "tta": False}}, None),
         ({"kind": "predict", "model": "m", "options": {"block_voxels": 4096, "tta": None}}, None),
         ({"kind": "predict", "model": "m", "task": "denoising", "options": {"block_voxels": 1}}, None),
-        ({"kind": "segment", "labels": "l", "options": {"block_voxels": 10}}, "takes tta, variant"),
-        ({"kind": "predict", "model": "m", "options": {"variant": "ce-only"}}, "takes block_voxels, tta"),
+        ({"kind": "segment", "labels": "l", "options": {"block_voxels": 10}},
+         "takes accepted, accepted_weight, confidence, init_from, tta, variant"),
+        ({"kind": "predict", "model": "m", "options": {"variant": "ce-only"}}, "takes block_voxels, confidence, "),
+        ({"kind": "train", "labels": "l", "options": {"init_from": "j-1", "accepted": "a", "accepted_weight": 1}}, None),
+        ({"kind": "train", "labels": "l", "options": {"confidence": True}}, "takes accepted, accepted_weight, init_from"),
+        ({"kind": "train", "labels": "l", "options": {"init_from": ""}}, "non-empty model reference"),
+        ({"kind": "train", "labels": "l", "options": {"accepted": "a", "accepted_weight": 0}}, r"in \(0, 1\]"),
+        ({"kind": "train", "labels": "l", "options": {"accepted": "a", "accepted_weight": True}}, r"in \(0, 1\]"),
+        ({"kind": "train", "labels": "l", "options": {"accepted_weight": 0.5}}, "give options.accepted too"),
+        ({"kind": "predict", "model": "m", "options": {"confidence": 1}}, "true or false"),
+        ({"kind": "predict", "model": "m", "options": {"confidence": True}, "image": "v.zarr", "output_format": "zarr"},
+         "written for whole images"),
         ({"kind": "predict", "model": "m", "task": "denoising", "options": {"tta": True}}, "takes block_voxels"),
         ({"kind": "denoise", "task": "denoising", "options": {"variant": "ce-only"}}, "takes no options"),
         ({"kind": "train", "labels": "l", "options": {"variant": "unet"}}, "not a model variant"),
@@ -52,5 +62,5 @@ def test_engine_options_are_checked_per_kind_of_job(fields, problem):
     if problem is None:
         assert parse_spec(spec).options == fields["options"]
     else:
-        with pytest.raises(BadInput, match=problem.replace("*", r"\*")):
+        with pytest.raises(BadInput, match=problem.replace("**", r"\*\*")):
             parse_spec(spec)

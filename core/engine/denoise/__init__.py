@@ -26,6 +26,10 @@ The way of a job (shared parts in ``core/engine/``):
     predict.py         checkpoint (../checkpoint.py) -> windows with Gaussian blending (../tiling.py)
                        -> un-normalise
       posterior.py     n2v: posterior mean of network output and noisy pixel, noise level estimated
+      sure.py          n2v, whole images (predict_denoising): blend with collaborative filtering per
+                       slice by Stein's unbiased risk estimate
+        collab.py      BM3D's two passes (block matching, 3D transform, hard threshold, Wiener)
+        noiselevel.py  noise std from the patch covariance's smallest eigenvalues
 """
 
 from dlorch.core.engine.denoise.plan import DenoisingPlan, plan_denoising

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from dlorch.core.engine.anisotropy import is_volume, measured_anisotropy
-from dlorch.core.engine.calibrate import time_steps
+from dlorch.core.engine.anisotropy import is_volume, stack_anisotropy
+from dlorch.core.engine.calibrate import settled_seconds, time_steps
 from dlorch.core.engine.denoise.blindspot import mask_density, masked_mse
 from dlorch.core.engine.denoise.data import GRID, MAX_VAL_TILES, choose_holdout
 from dlorch.core.engine.denoise.intensity import mean_std
@@ -90,6 +90,7 @@ class DenoisingPlan(BaseModel):
     blindspot_cell: int | None  # n2v: one masked pixel per cell x cell block; None otherwise
     blindspot_radius: int | None  # n2v: replacement drawn from the (2r+1)^2 window minus its centre
     posterior: bool = False  # n2v: recombine the prediction with the noisy pixel (posterior.py)
+    classical: bool = False  # n2v: blend with collaborative filtering by SURE in whole-image prediction (sure.py)
     input_mean: float  # normalisation of the network input: (x - mean) / std, no clipping
     input_std: float
     target_mean: float  # the output is un-normalised with these: y * std + mean
@@ -120,11 +121,6 @@ def denoising_geometry(
     region = (z, y - val_rows, x) if dims == 3 else (y - val_rows, x)
     patch = choose_patch(region, d.patch3d if dims == 3 else d.patch)
     return val_slices, val_rows, region, patch, d.batch3d if dims == 3 else d.batch
-
-
-def choose_patch(extent_yx: tuple[int, ...], default: int) -> list[int]:
-    """Patch per axis: the device default, or the training extent rounded down to 16 (at least 16)."""
-    return [max(GRID, min(default, GRID * (int(d) // GRID))) for d in extent_yx]
 
 
 def choose_patch(extent_yx: tuple[int, ...], default: int) -> list[int]:
@@ -169,6 +165,8 @@ def loss_rule(mode: str, dims: int) -> tuple[int | None, int | None, list[str]]:
         f"other pixel of its {window} window; loss on masked pixels only",
         "prediction: Gaussian posterior mean of the blind-spot output and the noisy pixel, noise level "
         "estimated from the image (keeps the detail a pixel's neighbours cannot predict)",
+        "whole images: blended slice by slice with collaborative filtering (BM3D's algorithm) at the noise std "
+        "estimated from the image, the share chosen by Stein's unbiased risk estimate",
     ]
 
 
@@ -243,8 +241,9 @@ def derive_denoising_plan(
         mode=mode, spatial_dims=dims, image_shape=[z, y, x], epochs=schedule.epochs,
         steps_per_epoch=schedule.steps_per_epoch, time_budget_s=schedule.time_budget_s, patch_size=patch,
         batch_size=batch, filters=filters, lr=d.lr, blindspot_cell=cell, blindspot_radius=radius,
-        posterior=mode == "n2v", input_mean=input_stats[0], input_std=input_stats[1], target_mean=target_stats[0],
-        target_std=target_stats[1], val_slices=val_slices, val_rows=val_rows, infer_roi=infer_roi, seed=seed,
+        posterior=mode == "n2v", classical=mode == "n2v", input_mean=input_stats[0], input_std=input_stats[1],
+        target_mean=target_stats[0], target_std=target_stats[1], val_slices=val_slices, val_rows=val_rows,
+        infer_roi=infer_roi, seed=seed,
         planned_on=runtime.accelerator, step_seconds=schedule.step_seconds,
         reasons=[*reasons, *schedule.reasons, f"AdamW lr {d.lr:g}, 3% warm-up then cosine to 2%"],
     )
@@ -257,6 +256,7 @@ def plan_denoising(
     epochs: int | None = None,
     time_budget: float | None = None,
     mode: str | None = None,
+    voxel_size: tuple[float, ...] | None = None,
 ) -> DenoisingPlan:
     """Plan denoising training for an image (and optionally its target).
 
@@ -268,6 +268,8 @@ def plan_denoising(
         time_budget: caps total training seconds (across resumes). Without either override a
             device default budget applies (CPU 600 s, CUDA 1800 s).
         mode: "n2v", "n2n", "care", or None for automatic.
+        voxel_size: the file's physical voxel size (Z, Y, X), which decides 2D or 3D where given;
+            else the anisotropy is measured (``anisotropy.stack_anisotropy``).
 
     Returns:
         The plan.
@@ -288,12 +290,18 @@ def plan_denoising(
     runtime = detect_runtime()
     d = DEFAULTS[runtime.accelerator]
     # A volume close to isotropic is denoised in 3D (the same rule as segmentation's).
-    dims = 3 if is_volume(stack.shape[0], measured_anisotropy(stack)) else 2
+    aniso, aniso_why = stack_anisotropy(stack, voxel_size)  # the file's voxel size, where it gives one
+    dims = 3 if is_volume(stack.shape[0], aniso) else 2
     _, _, _, patch, batch = denoising_geometry(stack.shape, d, dims)
-    step_s, eval_s = measure_step_seconds(choose_filters(patch, d.filters), patch, batch, "batch", runtime)
-    return derive_denoising_plan(image_shape=stack.shape, mode=mode, runtime=runtime, spatial_dims=dims,
+    filters = choose_filters(patch, d.filters)
+    step_s, eval_s = measure_step_seconds(filters, patch, batch, "batch", runtime)
+    # The same command plans the same epochs: the measurement settles on this machine's record.
+    step_s, eval_s = settled_seconds(f"denoise|{patch}|{batch}|{filters}", runtime, step_s, eval_s)
+    plan = derive_denoising_plan(image_shape=stack.shape, mode=mode, runtime=runtime, spatial_dims=dims,
                                  input_stats=input_stats, target_stats=target_stats, step_seconds=step_s,
                                  eval_seconds=eval_s, epochs=epochs, time_budget=time_budget)
+    return plan if stack.shape[0] == 1 else plan.model_copy(update={"reasons": [*plan.reasons[:2], aniso_why,
+                                                                               *plan.reasons[2:]]})
 
 
 def measure_step_seconds(

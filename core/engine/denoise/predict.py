@@ -15,6 +15,7 @@ from dlorch.core.engine.denoise.intensity import normalise_input
 from dlorch.core.engine.denoise.module import CKPT_KEY, build_denoiser
 from dlorch.core.engine.denoise.plan import DenoisingPlan
 from dlorch.core.engine.denoise.posterior import POSTERIOR_REACH, estimate_noise_var, posterior_mean
+from dlorch.core.engine.denoise.sure import blend_with_collab
 from dlorch.core.engine.device import apply_threads, detect_runtime
 from dlorch.core.engine.inputs import as_stack
 from dlorch.core.engine.network import memory_format, placed
@@ -182,7 +183,10 @@ def predict_denoising(
     The input is normalised with the training image's mean and std (the model learnt the
     noise at that scale) and the output un-normalised with the target's; nothing is rounded or
     clipped, so float data keep their range and sign. Noise2Void models then combine their
-    prediction with the noisy pixel (``posterior.py``) when the plan says so.
+    prediction with the noisy pixel (``posterior.py``) when the plan says so, and, where the plan
+    has ``classical``, blend the result slice by slice with collaborative filtering by SURE
+    (``sure.py``: SURE on up to three slices, the filter once on every slice whose share is above 0;
+    a whole-image step: blockwise prediction runs ``denoise_with_details`` alone).
 
     Args:
         checkpoint: a ``.ckpt`` written by ``train_denoising`` (unused when ``model`` is given).
@@ -197,4 +201,17 @@ def predict_denoising(
         ValueError: the image is not 2D/3D, empty or non-finite, or the checkpoint is not a
             denoising checkpoint.
     """
-    return denoise_with_details(checkpoint, image, model=model, roi=roi).image
+    model = model if model is not None else load_denoiser(checkpoint)
+    done = denoise_with_details(checkpoint, image, model=model, roi=roi)
+    plan = model[1]
+    if not plan.classical:
+        return done.image
+    # The blend's divergence needs the same network and posterior on a perturbed copy: the same noise level.
+    noise_var = None if done.noise_std is None else (done.noise_std / float(plan.input_std)) ** 2
+
+    def again(stack: np.ndarray) -> np.ndarray:
+        return as_stack(denoise_with_details(None, stack, model=model, roi=roi, noise_var=noise_var).image)
+
+    stack = as_stack(image)
+    return blend_with_collab(stack, as_stack(done.image), again, seed=plan.seed,
+                             slicewise=plan.spatial_dims == 2).image.reshape(np.shape(image))

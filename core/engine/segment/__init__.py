@@ -24,15 +24,18 @@ The way of a job (shared parts in ``core/engine/``):
     predict.py       checkpoint (../checkpoint.py) -> windows with Gaussian blending (../tiling.py)
                      -> class probabilities, rescaled to the image's class priors (priors.py)
     zoo.py           named variants of a plan: the candidates a wizard trains side by side
+    warmstart.py     training from a chosen model's weights (its network kept, the schedule re-planned)
+    accepted.py      labels accepted from a prediction, weighed less than painted ones in the loss
 """
 
 from dlorch.core.engine.hooks import NoHooks, Progress, StopReason, TrainHooks, TrainResult
 from dlorch.core.engine.segment.intensity import IntensityStats, intensity_stats
 from dlorch.core.engine.segment.plan import SegmentationPlan, plan_segmentation
 from dlorch.core.engine.segment.predict import (labels_from_probabilities, load_model, predict_probabilities,
-                                                predict_segmentation, prediction_grid)
+                                                predict_segmentation, predict_with_confidence, prediction_grid)
 from dlorch.core.engine.segment.priors import estimate_priors
 from dlorch.core.engine.segment.train import train_segmentation
+from dlorch.core.engine.segment.warmstart import read_model, warm_plan
 from dlorch.core.engine.segment.zoo import apply_variant, candidate_names
 
 __all__ = [
@@ -52,6 +55,9 @@ __all__ = [
     "plan_segmentation",
     "predict_probabilities",
     "predict_segmentation",
+    "predict_with_confidence",
     "prediction_grid",
+    "read_model",
     "train_segmentation",
+    "warm_plan",
 ]

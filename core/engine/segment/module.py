@@ -8,6 +8,7 @@ import torch
 
 from dlorch.core.engine.module import TrainingModule
 from dlorch.core.engine.network import build_unet
+from dlorch.core.engine.segment.accepted import decode_accepted
 from dlorch.core.engine.segment.augment import augment_batch
 from dlorch.core.engine.segment.losses import sparse_ce_dice_loss
 from dlorch.core.engine.segment.plan import PLATEAU_MIN_GAIN, SegmentationPlan
@@ -43,6 +44,14 @@ class SegmentationModule(TrainingModule):
         # undone at prediction by priors.py.
         self.label_counts = torch.zeros(plan.num_classes, dtype=torch.float64)
         self._live: dict[str, torch.Tensor] | None = None
+        # A warm start's validation tiles, scored on its starting weights before the first step
+        # (``validate_start``); None: nothing to score first.
+        self.start_tiles = None
+        self.start_val_iou: float | None = None
+        # The validation tiles, for an epoch the time budget cut short (Lightning validates only a whole one).
+        self.val_tiles = None
+        self._validated_epoch = -1
+        self.start_prior: list[float] | None = None  # the class shares the starting weights were trained under
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer is None or not self.trainer.training:
@@ -53,8 +62,13 @@ class SegmentationModule(TrainingModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = sparse_ce_dice_loss(self(x), y, dice_weight=self.plan.dice_weight)
-        counts = torch.bincount(y.reshape(-1).long(), minlength=self.plan.num_classes + 1)[1:]
+        weights = None
+        if self.plan.accepted_weight is not None:  # accepted labels arrive encoded as class + K (accepted.py)
+            y, weights = decode_accepted(y, self.plan.num_classes, self.plan.accepted_weight)
+        loss = sparse_ce_dice_loss(self(x), y, dice_weight=self.plan.dice_weight, weights=weights)
+        # The class shares the loss saw, each pixel by its weight: the priors prediction corrects for.
+        counts = torch.bincount(y.reshape(-1).long(), weights=None if weights is None else weights.reshape(-1),
+                                minlength=self.plan.num_classes + 1)[1:]
         self.label_counts = self.label_counts.to(counts.device) + counts.detach().to(torch.float64)
         # Kept as tensors on the device: a float() per step would stall a GPU on every batch.
         self._train_sum = self._train_sum + loss.detach()
@@ -64,6 +78,50 @@ class SegmentationModule(TrainingModule):
     def on_train_start(self) -> None:
         if self.ema is not None:  # restored from a checkpoint on the CPU
             self.ema = {k: v.to(self.device) for k, v in self.ema.items()}
+        if self.start_tiles is not None and self.best_state is None:
+            self.validate_start()
+
+    @torch.no_grad()
+    def _score_tiles(self, tiles) -> dict[str, float] | None:
+        """Validation outside Lightning's loop: the averaged weights scored on ``tiles``, the live ones put back."""
+        self.on_validation_epoch_start()  # the averaged weights in, if any
+        was_training = self.net.training
+        self.net.eval()
+        with self.trainer.precision_plugin.forward_context():
+            for i in range(len(tiles)):  # a Dataset: indexed, not iterated
+                x, y = tiles[i]
+                self.validation_step((x.to(self.device), y.to(self.device)), i)
+        self.net.train(was_training)
+        if self._live is not None:
+            self.net.load_state_dict(self._live)
+            self._live = None
+        m = self._val_metrics()
+        self._val = []
+        return m
+
+    def update_best(self) -> None:
+        # An epoch the time budget cut short skipped Lightning's validation: without this its weights would
+        # be judged by the epoch before's score, and a run of one cut epoch would have no held-out score.
+        if self.val_tiles is not None and self._validated_epoch != self.current_epoch:
+            m = self._score_tiles(self.val_tiles)
+            if m is not None:
+                self.epoch_metrics.update(m)
+            self._validated_epoch = self.current_epoch
+        super().update_best()
+
+    def validate_start(self) -> None:
+        """Score the starting weights of a warm start on the held-out strokes; they are the weights to beat.
+
+        A fine-tuning whose epochs all score worse than the model it began from (more than
+        ``plan.select_tolerance`` below it) then ends with that model's weights, not with worse ones.
+        """
+        m = self._score_tiles(self.start_tiles)
+        if m is None:
+            return
+        self.best_score = m["val_iou"] - 1e-3 * m["val_loss"]
+        self.best_state = self.weights_to_keep()
+        self.best_epoch = -1  # epoch 0 in the metrics: the weights training started from
+        self.best_val_iou = self.start_val_iou = m["val_iou"]
 
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -110,8 +168,17 @@ class SegmentationModule(TrainingModule):
         if self._live is not None:
             self.net.load_state_dict(self._live)
             self._live = None
-        if not self._val or self.trainer.sanity_checking:
+        if self.trainer.sanity_checking:
             return
+        m = self._val_metrics()
+        if m is not None:
+            self.epoch_metrics.update(m)
+            self._validated_epoch = self.current_epoch
+
+    def _val_metrics(self) -> dict[str, float] | None:
+        """Held-out loss, mean IoU over the classes present and accuracy from the batches scored; None if none."""
+        if not self._val:
+            return None
         total = torch.stack(self._val).sum(0).cpu()
         k = self.plan.num_classes
         conf = total[2:].reshape(k, k)
@@ -119,9 +186,8 @@ class SegmentationModule(TrainingModule):
         union = conf.sum(0) + conf.sum(1) - tp
         present = conf.sum(1) > 0
         iou = (tp / union.clamp(min=1))[present]
-        self.epoch_metrics["val_loss"] = float(total[0] / total[1].clamp(min=1))
-        self.epoch_metrics["val_iou"] = float(iou.mean()) if len(iou) else 0.0
-        self.epoch_metrics["val_acc"] = float(tp.sum() / conf.sum().clamp(min=1))
+        return {"val_loss": float(total[0] / total[1].clamp(min=1)), "val_iou": float(iou.mean()) if len(iou) else 0.0,
+                "val_acc": float(tp.sum() / conf.sum().clamp(min=1))}
 
     def keep_if_best(self, m: dict[str, float]) -> None:
         """Keep the current (averaged) weights if they score about as well as the best so far.
@@ -140,6 +206,8 @@ class SegmentationModule(TrainingModule):
             self.best_val_iou = m.get("val_iou", -1.0)
         if "val_iou" in m:
             m["best_val_iou"] = self.best_val_iou
+            if self.start_val_iou is not None:
+                m["start_val_iou"] = self.start_val_iou
             if m["val_iou"] > self.peak_val_iou + PLATEAU_MIN_GAIN:
                 self.peak_val_iou, self.peak_epochs = m["val_iou"], self.current_epoch + 1
             m["peak_val_iou"], m["peak_epoch"] = self.peak_val_iou, float(self.peak_epochs)
@@ -150,9 +218,13 @@ class SegmentationModule(TrainingModule):
             "best_val_iou": self.best_val_iou,
             "peak_val_iou": self.peak_val_iou,
             "peak_epochs": self.peak_epochs,
+            "start_val_iou": self.start_val_iou,
             "ema": self.ema,
             "label_counts": self.label_counts.cpu(),
-            "train_prior": (self.label_counts / self.label_counts.sum().clamp(min=1)).cpu().tolist(),
+            # Kept starting weights are corrected for the shares they learnt under, not this run's.
+            "train_prior": self.start_prior if self.best_epoch < 0 and self.start_prior is not None
+            else (self.label_counts / self.label_counts.sum().clamp(min=1)).cpu().tolist(),
+            "start_prior": self.start_prior,
         }
 
     def restore_state(self, own: dict) -> None:
@@ -160,6 +232,8 @@ class SegmentationModule(TrainingModule):
         self.best_val_iou = own.get("best_val_iou", -1.0)
         self.peak_val_iou = own.get("peak_val_iou", -1.0)
         self.peak_epochs = own.get("peak_epochs", 0)
+        self.start_val_iou = own.get("start_val_iou")
+        self.start_prior = own.get("start_prior")
         self.ema = own.get("ema")
         if own.get("label_counts") is not None:
             self.label_counts = own["label_counts"].to(torch.float64)

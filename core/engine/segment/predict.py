@@ -144,6 +144,27 @@ def predict_segmentation(checkpoint: pathlib.Path, image: np.ndarray, tta: bool 
     return labels_from_probabilities(predict_probabilities(checkpoint, image, tta=tta))
 
 
+def predict_with_confidence(checkpoint: pathlib.Path, image: np.ndarray,
+                            tta: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Label map of an image and how sure the model is of every pixel.
+
+    Args:
+        checkpoint, image, tta: as for ``predict_segmentation``.
+
+    Returns:
+        (uint8 labels 1..K, uint8 confidence 0..255: the chosen class's probability x 255, after the
+        class priors' correction), both of the image's shape.
+    """
+    probs = predict_probabilities(checkpoint, image, tta=tta)
+    return labels_from_probabilities(probs), confidence_from_probabilities(probs)
+
+
+def confidence_from_probabilities(probs: np.ndarray) -> np.ndarray:
+    """The highest class probability of every pixel of (K, ...) probabilities, as uint8 (x 255, rounded)."""
+    best = probs.max(axis=0)
+    return np.clip(np.rint(best * 255.0), 0, 255).astype(np.uint8)
+
+
 def labels_from_probabilities(probs: np.ndarray) -> np.ndarray:
     """The most probable class of every pixel of (K, ...) probabilities, as uint8 1..K (ties: the lower class).
 

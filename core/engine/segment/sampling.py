@@ -68,6 +68,7 @@ class TrainPatches(Dataset):
         batch_size: int,
         steps_per_epoch: int,
         seed: int,
+        num_classes: int | None = None,
     ) -> None:
         """Build the sampler.
 
@@ -78,6 +79,8 @@ class TrainPatches(Dataset):
             batch_size: patches per batch.
             steps_per_epoch: batches per epoch (the dataset length).
             seed: base seed.
+            num_classes: K where labels above K stand for class ``label - K`` (accepted labels,
+                ``encode_accepted``): those are drawn as their class. None: every value is its own class.
         """
         self.patch = tuple(int(p) for p in patch)
         self.pads = _pad_widths(self.patch)
@@ -90,10 +93,13 @@ class TrainPatches(Dataset):
         self.epoch = 0
         rng = np.random.default_rng([seed, 7919])
         self.centres: list[np.ndarray] = []
+        groups: dict[int, list[int]] = {}
         for c in np.unique(labels):
             if c == 0:
                 continue
-            idx = np.flatnonzero(labels == c)
+            groups.setdefault(int(c - 1) % num_classes + 1 if num_classes else int(c), []).append(int(c))
+        for _, values in sorted(groups.items()):
+            idx = np.flatnonzero(labels == values[0]) if len(values) == 1 else np.flatnonzero(np.isin(labels, values))
             if len(idx) > _MAX_CENTRES_PER_CLASS:
                 idx = rng.choice(idx, _MAX_CENTRES_PER_CLASS, replace=False)
             self.centres.append(idx)

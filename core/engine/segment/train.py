@@ -8,13 +8,15 @@ import numpy as np
 
 from dlorch.core.engine.device import thread_candidates
 from dlorch.core.engine.hooks import TrainHooks, TrainResult
-from dlorch.core.engine.inputs import check_labels
+from dlorch.core.engine.inputs import check_accepted, check_labels
 from dlorch.core.engine.runcontrol import RunControl, finished_result, read_run_state
+from dlorch.core.engine.segment.accepted import DEFAULT_ACCEPTED_WEIGHT, encode_accepted
 from dlorch.core.engine.segment.holdout import split_strokes
 from dlorch.core.engine.segment.intensity import normalize
 from dlorch.core.engine.segment.module import SegmentationModule
 from dlorch.core.engine.segment.plan import SegmentationPlan, extended_epochs, plateaued
 from dlorch.core.engine.segment.sampling import TrainPatches, ValTiles
+from dlorch.core.engine.segment.warmstart import initial_weights, source_prior
 from dlorch.core.engine.threads import ThreadTuner
 from dlorch.core.engine.trainer import fit, start_run
 
@@ -45,6 +47,8 @@ def train_segmentation(
     workdir: pathlib.Path,
     resume_from: pathlib.Path | None,
     hooks: TrainHooks,
+    accepted: np.ndarray | None = None,
+    init_from: pathlib.Path | None = None,
 ) -> TrainResult:
     """Train (or resume training) a segmentation model on sparse labels.
 
@@ -62,6 +66,11 @@ def train_segmentation(
         workdir: directory for checkpoints (created if missing).
         resume_from: a checkpoint of an earlier call, or None to start fresh.
         hooks: stop polling and checkpoint notices; exceptions they raise propagate.
+        accepted: labels accepted from a prediction (same shape, 0 = none, 1..K), weighed
+            ``plan.accepted_weight`` (default 0.5) of a painted pixel; painted labels win where both
+            label a pixel, and only painted strokes are held back for validation (accepted.py).
+        init_from: a segmentation checkpoint whose weights training starts from (warmstart.py;
+            the plan should be ``warm_plan``'s). Ignored when resuming: a resume continues its own run.
 
     Returns:
         Epochs done in total, why it stopped, the last checkpoint and its metrics.
@@ -90,10 +99,24 @@ def train_segmentation(
     norm = normalize(stack)
     split = split_strokes(lab, plan.val_fraction, seed=plan.seed, link_slices=plan.spatial_dims == 3)
     patch = tuple(plan.patch_size)
-    train_data = TrainPatches(norm, split.train, patch, plan.batch_size, plan.steps_per_epoch, plan.seed)
+    train_labels = split.train
+    if accepted is not None:
+        if plan.accepted_weight is None:
+            plan.accepted_weight = DEFAULT_ACCEPTED_WEIGHT
+        train_labels = encode_accepted(split.train, check_accepted(labels, accepted, k), lab, k)
+    elif plan.accepted_weight is not None:
+        raise ValueError("the plan weighs accepted labels but none were given; pass accepted=, or plan without them")
+    train_data = TrainPatches(norm, train_labels, patch, plan.batch_size, plan.steps_per_epoch, plan.seed,
+                              num_classes=k)
     val_data = ValTiles(norm, split.val, patch, plan.batch_size, plan.seed)
     candidates = thread_candidates(runtime)
     tuner = [ThreadTuner(candidates)] if len(candidates) > 1 and plan.steps_per_epoch >= THREAD_PROBE_MIN_STEPS else []
-    return fit(SegmentationModule(plan), run_control(plan, workdir, hooks, train_seconds), train_data, val_data,
+    module = SegmentationModule(plan)
+    module.val_tiles = val_data if len(val_data) else None
+    if init_from is not None and resume_from is None:
+        module.net.load_state_dict(initial_weights(pathlib.Path(init_from), plan))
+        if len(val_data):  # the starting weights are scored first: a worse fine-tuning is not kept
+            module.start_tiles, module.start_prior = val_data, source_prior(pathlib.Path(init_from))
+    return fit(module, run_control(plan, workdir, hooks, train_seconds), train_data, val_data,
                runtime=runtime, workdir=workdir, resume_from=resume_from, callbacks=tuner,
                max_epochs=max(plan.epochs, plan.epochs_ceiling or 0))  # the run control ends it at plan.epochs
