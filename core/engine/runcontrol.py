@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import pytorch_lightning as pl
+import torch
 
 from dlorch.core.engine.checkpoint import read_checkpoint
 from dlorch.core.engine.hooks import Progress, StopReason, TrainHooks, TrainResult
@@ -39,33 +40,61 @@ def time_progress(train_seconds: float, budget_s: float | None) -> float:
     return max(0.0, (train_seconds / budget_s - TIME_SLACK) / (1 - TIME_SLACK))
 
 
-class CheckpointPublisher:
-    """Hands checkpoints to ``hooks.on_checkpoint`` on a background thread, so uploads and reports overlap training.
+def write_checkpoint(checkpoint: dict, path: pathlib.Path) -> None:
+    """Serialise a checkpoint to ``path`` through a temporary file: a reader only ever sees a complete one."""
+    tmp = path.with_suffix(".ckpt.tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
 
-    The queue holds one: a newer checkpoint supersedes one not yet sent (it holds everything the
-    older one did). ``flush`` waits until the newest is published, so the final checkpoint always
-    is before a job finishes. A failure of the hook (a lost lease, a store error) stops the
-    publisher and is raised on the training thread at its next call (``raise_failure``, ``submit``,
-    ``flush``), as if the hook had raised there.
+
+def snapshot(trainer: pl.Trainer, *, copy: bool = True) -> dict:
+    """The trainer's checkpoint as of now; with ``copy``, its tensors copied, so training may go on while it is saved.
+
+    What Lightning's ``save_checkpoint`` would write (weights, optimiser moments, the callbacks' and
+    the module's sections); the copy costs milliseconds where serialising costs a tenth of a second.
+    """
+    checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+    return _copy_tensors(checkpoint) if copy else checkpoint
+
+
+def _copy_tensors(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return type(value)((k, _copy_tensors(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy_tensors(v) for v in value)
+    return value
+
+
+class CheckpointPublisher:
+    """Writes checkpoints and hands them to ``hooks.on_checkpoint`` on a background thread, off the training thread.
+
+    The training thread only snapshots the state (``snapshot``); serialising it, the upload and the
+    report overlap the next epoch. The queue holds one: a newer checkpoint supersedes one not yet
+    written (it holds everything the older one did). ``flush`` waits until the newest is written
+    and published, so the final checkpoint always is before a job finishes. A failure (a lost lease,
+    a store error, a full disk) stops the publisher and is raised on the training thread at its next
+    call (``raise_failure``, ``submit``, ``flush``), as if it had happened there.
     """
 
     def __init__(self, hooks: TrainHooks) -> None:
         self.hooks = hooks
         self._cond = threading.Condition()
-        self._pending: tuple[pathlib.Path, Progress] | None = None
+        self._pending: tuple[pathlib.Path, Progress, dict | None] | None = None
         self._sending: pathlib.Path | None = None
         self._failure: BaseException | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
         self.superseded = 0  # checkpoints replaced by a newer one before they were sent
 
-    def submit(self, path: pathlib.Path, progress: Progress) -> None:
-        """Publish ``path`` next, replacing a checkpoint still waiting."""
+    def submit(self, path: pathlib.Path, progress: Progress, checkpoint: dict | None = None) -> None:
+        """Publish ``path`` next (first writing ``checkpoint`` there, if given), replacing a checkpoint still waiting."""
         with self._cond:
             self._raise_failure()
             if self._pending is not None:
                 self.superseded += 1
-            self._pending = (path, progress)
+            self._pending = (path, progress, checkpoint)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="checkpoint-publisher", daemon=True)
                 self._thread.start()
@@ -108,9 +137,12 @@ class CheckpointPublisher:
                     self._cond.wait()
                 if self._pending is None:
                     return
-                (path, progress), self._pending = self._pending, None
+                (path, progress, checkpoint), self._pending = self._pending, None
                 self._sending = path
             try:
+                if checkpoint is not None:
+                    write_checkpoint(checkpoint, path)
+                    del checkpoint
                 self.hooks.on_checkpoint(path, progress)
             except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
                 with self._cond:
@@ -243,17 +275,15 @@ class RunControl(pl.Callback):
 
     def _write_checkpoint(self, trainer: pl.Trainer) -> None:
         path = self.workdir / f"epoch-{self.epochs_done:04d}.ckpt"
-        tmp = path.with_suffix(".ckpt.tmp")
-        trainer.save_checkpoint(tmp)
-        os.replace(tmp, path)  # the hook only ever sees a complete file
         self.last_checkpoint = path
         self._written.append(path)
         progress = Progress(self.epochs_done, self.plan.epochs, dict(self.metrics))
         in_use: set[pathlib.Path] = set()
         if self.publisher is None:
+            write_checkpoint(snapshot(trainer, copy=False), path)
             self.hooks.on_checkpoint(path, progress)
-        else:
-            self.publisher.submit(path, progress)
+        else:  # serialised on the publisher's thread: training goes on meanwhile
+            self.publisher.submit(path, progress, snapshot(trainer))
             in_use = self.publisher.in_use()
         keep = [p for p in self._written[:-KEEP_CHECKPOINTS] if p in in_use]
         for old in self._written[:-KEEP_CHECKPOINTS]:

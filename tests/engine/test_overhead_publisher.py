@@ -85,3 +85,54 @@ def test_training_with_background_hooks_publishes_its_last_checkpoint_and_fails_
     failing = GatedHooks(fail_on=1)
     with pytest.raises(RuntimeError, match="store refused epoch 1"):
         train_segmentation(image, labels, plan, workdir=tmp_path / "bad", resume_from=None, hooks=failing)
+
+
+def _fitted_trainer(tmp_path):
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, _):
+            (x,) = batch
+            return self.layer(x).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.1)
+
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    module = Module()
+    trainer.fit(module, DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4))
+    return trainer, module
+
+
+def test_a_snapshot_keeps_the_state_of_its_moment_while_training_goes_on(tmp_path):
+    from dlorch.core.engine.runcontrol import snapshot
+
+    trainer, module = _fitted_trainer(tmp_path)
+    copied, live = snapshot(trainer), snapshot(trainer, copy=False)
+    before = module.layer.weight.detach().clone()
+    moments = [s["exp_avg"].clone() for s in copied["optimizer_states"][0]["state"].values()]
+    with torch.no_grad():  # the next epoch's steps change weights and moments in place
+        module.layer.weight.add_(1.0)
+        for s in trainer.optimizers[0].state.values():
+            s["exp_avg"].add_(1.0)
+    assert torch.equal(copied["state_dict"]["layer.weight"], before)
+    assert all(torch.equal(s["exp_avg"], m) for s, m in zip(copied["optimizer_states"][0]["state"].values(), moments))
+    assert not torch.equal(live["state_dict"]["layer.weight"], before)  # what an uncopied dump would have written
+
+
+def test_the_publisher_writes_the_snapshot_on_its_own_thread_before_the_hook_sees_it(tmp_path):
+    hooks = GatedHooks()
+    pub = CheckpointPublisher(hooks)
+    path = tmp_path / "epoch-0001.ckpt"
+    pub.submit(path, Progress(1, 1), {"state_dict": {"w": torch.ones(3)}})
+    pub.flush()
+    pub.close()
+    assert hooks.sent == [1] and hooks.threads == {"checkpoint-publisher"}
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))
+    assert not list(tmp_path.glob("*.tmp"))
