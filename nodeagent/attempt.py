@@ -196,7 +196,8 @@ class _Hooks:
         if a.lease_lost.is_set():
             raise LeaseLost(a.lease_lost.reason or "lease lost")
         with a.timed("upload_checkpoint_s"):
-            uri = a.store.put_file(Path(path), f"{a.prefix}/ckpt/epoch-{progress.epochs_done:05d}.ckpt")
+            # the engine writes each epoch's checkpoint to a new file and never changes it again
+            uri = a.store.put_file(Path(path), f"{a.prefix}/ckpt/epoch-{progress.epochs_done:05d}.ckpt", link=True)
         self.epochs_total = progress.epochs_total  # re-fitted to the time budget as training runs
         reply = a.report({"type": "progress", "epochs_done": progress.epochs_done,
                           "epochs_total": self.epochs_total, "checkpoint": uri, "plan": self.plan,

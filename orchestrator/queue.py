@@ -100,6 +100,13 @@ def _check_queue_file(path: str, url: str) -> None:
                        f"file of dlorch's own, e.g. sqlite:///{os.path.join(os.path.dirname(path) or '.', 'queue.db')}")
 
 
+# A SQLite queue is polled: every POLL_BUSY_S at most while messages came in the last
+# POLL_IDLE_AFTER_S, every POLL_IDLE_S once it has been quiet. The embedded orchestrator then wakes
+# 40 times a second, not 100, beside a training job that wants both cores.
+POLL_BUSY_S = 0.01
+POLL_IDLE_AFTER_S = 2.0
+POLL_IDLE_S = 0.025
+
 REPLY_TO = "reply_to"  # the request id a reply answers, inside its signed body
 CHANNEL = "ch"  # the channel a message was sent on, inside its signed body
 
@@ -114,6 +121,7 @@ class Channel:
         self.blocking = bool(getattr(self.storage, "blocking", False))
         self.rejected = 0
         self._next_sweep = 0.0  # when put_reply next looks for expired SQLite replies
+        self._last_message = 0.0  # when receive last returned a message (the SQLite poll slows when idle)
 
     def send(self, message: dict[str, Any], priority: int = 0) -> None:
         """Sign and enqueue a message, bound to this channel."""
@@ -128,16 +136,20 @@ class Channel:
             data = self._io(self._dequeue if timeout > 0 else self._dequeue_now)
             if data is not None:
                 try:
-                    return self._open(data)
+                    message = self._open(data)
                 except ForgedMessage as e:
                     self.rejected += 1
                     log.warning("rejected a message on %s: %s", self.name, e)
                     continue
-            if time.monotonic() >= deadline:
+                self._last_message = time.monotonic()
+                return message
+            now = time.monotonic()
+            if now >= deadline:
                 return None
             if not self.blocking:  # Redis blocks in BZPOPMIN; SQLite is polled with backoff
-                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                delay = min(delay * 2, 0.01)
+                cap = POLL_BUSY_S if now - self._last_message < POLL_IDLE_AFTER_S else POLL_IDLE_S
+                time.sleep(min(delay, max(0.0, deadline - now)))
+                delay = min(delay * 2, cap)
 
     def receive_waiting(self, limit: int) -> list[dict[str, Any]]:
         """Up to ``limit`` verified messages that wait now, without blocking; forged ones are logged and dropped.

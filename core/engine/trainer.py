@@ -51,12 +51,15 @@ def start_run(seed: int) -> Runtime:
     """The device to train on, its threads applied and every generator seeded with ``seed``.
 
     On a CPU, torch's deterministic algorithms are asked for too (a warning, not an error, where
-    an operation has none): the same inputs then train the same weights.
+    an operation has none): the same inputs then train the same weights. Their side effect of
+    filling every new tensor with NaN first is turned off: no dlorch operation reads memory it did
+    not write, and the fill cost 5 % of an epoch (ISBI, 2 cores).
     """
     runtime = detect_runtime()
     apply_threads(runtime)
     if runtime.accelerator == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
     pl.seed_everything(seed, verbose=False)
     return runtime
 

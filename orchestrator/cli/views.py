@@ -95,7 +95,8 @@ def nodes_table(nodes: list[NodeInfo], now: float, lease_s: float, fleet: dict[s
 def follow(client, job_id: str, service=None) -> Job:
     """Show a progress bar until the job ends; returns its final record."""
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[state]}"),
-                  TimeElapsedColumn(), console=err_console, transient=False) as bar:
+                  TimeElapsedColumn(), console=err_console, transient=False,
+                  refresh_per_second=2) as bar:  # redrawn twice a second: a training job beside it wants the cores
         task = bar.add_task(job_id, total=None, state="queued")
 
         def update(job: Job) -> None:

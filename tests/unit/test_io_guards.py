@@ -1,5 +1,7 @@
 """Outputs never destroy what is already there; damaged cached copies are fetched again (in-process checks)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import zarr
@@ -92,3 +94,18 @@ def test_cached_copies_are_checked_by_hash_or_size_and_fetched_again(tmp_path):
         local.write_bytes(damage(local.read_bytes()))
         assert fetch_cached(store, cache, uri, t).read_bytes() == src.read_bytes() and t["downloads"] == 2
     assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == []  # no temporary left behind
+
+
+def test_a_local_store_links_a_file_handed_over_and_copies_one_that_is_not(tmp_path):
+    from dlorch.core.store import DataStore
+
+    store = DataStore(str(tmp_path / "store"))
+    src = tmp_path / "epoch-0001.ckpt"
+    src.write_bytes(b"weights" * 1000)
+    store.put_file(src, "jobs/j/ckpt/1.ckpt", link=True)
+    store.put_file(src, "jobs/j/ckpt/2.ckpt")
+    linked, copied = tmp_path / "store/jobs/j/ckpt/1.ckpt", tmp_path / "store/jobs/j/ckpt/2.ckpt"
+    assert linked.read_bytes() == copied.read_bytes() == src.read_bytes()
+    assert linked.stat().st_ino == src.stat().st_ino and copied.stat().st_ino != src.stat().st_ino
+    src.unlink()  # the engine deletes its old checkpoints: what the store published stays
+    assert linked.read_bytes() == b"weights" * 1000
