@@ -4,7 +4,7 @@ A FLOP-count model would be pure but wrong by several times across CPUs (AVX2 vs
 cores shared with other jobs); real steps of the planned network cost a second or two and tell
 the truth. The number is recorded in the plan, which is why a plan should be made on the kind of
 machine that trains. Each task builds its network and loss and reduces the timings its own way
-(segmentation: the median of a few steps; denoising: the fastest of a short window).
+(segmentation: the fastest of a few steps; denoising: the fastest of a short window).
 
 A measurement carries a few percent of noise on a shared machine, and far more under contention;
 ``settled_seconds`` keeps, per machine and network, the grid value a plan used last time unless a
