@@ -34,6 +34,7 @@ KAISER_BETA = 2.0
 # same clean content differ by 2 sigma^2 in pass 1 (noisy against noisy); Lebrun's 2500 and 400
 # (0-255 scale) at sigma 25 are 4 and 0.64 sigma^2.
 TAU_HARD, TAU_WIENER = 4.0, 0.64
+STAGE1 = "bior1.5"  # the first pass's patch transform ("dct": the second pass's, as before)
 _CHUNK = 4096  # reference patches per batch of the transform step (memory ~ chunk x 32 x 64 floats)
 _BAND = 8  # reference rows per block-matching band
 
@@ -45,6 +46,23 @@ def _dct_matrix(n: int) -> torch.Tensor:
     m = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
     m[0] /= math.sqrt(2.0)
     return m.float()
+
+
+def _bior15() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 8-point biorthogonal 1.5 wavelet transform of BM3D's first pass: (forward, inverse, row norms).
+
+    Three levels with periodic extension, as ``pywt.wavedec(x, "bior1.5", mode="periodization", level=3)``
+    computes it (rows: the mean, the level-3 detail, the two level-2 details, the four level-1 ones).
+    Not orthogonal: a coefficient's noise std is sigma times its row's norm (1 to 1.06).
+    """
+    r2 = math.sqrt(2.0)
+    rows = [[1.0] * 8, [v / 32 for v in (21, 43, 43, 21, -21, -43, -43, -21)]]
+    fwd = torch.tensor(rows, dtype=torch.float64) / (2 * r2)
+    level2 = torch.tensor([[75, 53, -53, -75, -11, 11, -11, 11], [-11, 11, -11, 11, 75, 53, -53, -75]],
+                          dtype=torch.float64) / 128
+    level1 = torch.kron(torch.eye(4, dtype=torch.float64), torch.tensor([[1.0, -1.0]], dtype=torch.float64)) / r2
+    fwd = torch.cat([fwd, level2, level1])
+    return fwd.float(), torch.linalg.inv(fwd).float(), torch.linalg.norm(fwd, dim=1).float()
 
 
 def _haar(n: int) -> torch.Tensor:
@@ -122,6 +140,9 @@ def _filter_pass(
     h, w = noisy.shape
     ph, pw = h - PATCH + 1, w - PATCH + 1
     d = _dct_matrix(PATCH)
+    # pass 1 in the bior1.5 wavelet (Dabov et al.'s choice, 0.1-0.2 dB above the DCT there), pass 2 in the DCT
+    fwd, inv, norms = _bior15() if guide is None and STAGE1 == "bior1.5" else (d, d.T, torch.ones(PATCH))
+    threshold = LAMBDA_HARD * sigma * torch.outer(norms, norms)  # each coefficient's noise std, times lambda
     cols = F.unfold(noisy[None, None], PATCH)[0].T.reshape(-1, PATCH, PATCH)  # (P, 8, 8) patches
     gcols = None if guide is None else F.unfold(guide[None, None], PATCH)[0].T.reshape(-1, PATCH, PATCH)
     kaiser = torch.from_numpy(np.outer(np.kaiser(PATCH, KAISER_BETA), np.kaiser(PATCH, KAISER_BETA))).float()
@@ -133,9 +154,9 @@ def _filter_pass(
         refs = torch.nonzero(size == s)[:, 0]
         for c0 in range(0, len(refs), _CHUNK):
             sel = idx[refs[c0 : c0 + _CHUNK], :s]  # (r, s)
-            spec = torch.einsum("ij,rjkl->rikl", hs, d @ cols[sel] @ d.T)  # (r, s, 8, 8)
+            spec = torch.einsum("ij,rjkl->rikl", hs, fwd @ cols[sel] @ fwd.T)  # (r, s, 8, 8)
             if gcols is None:
-                keep = spec.abs() >= LAMBDA_HARD * sigma
+                keep = spec.abs() >= threshold
                 spec = spec * keep
                 weight = 1.0 / (var * keep.flatten(1).sum(1).clamp(min=1).float())
             else:
@@ -143,7 +164,7 @@ def _filter_pass(
                 shrink = basic**2 / (basic**2 + var)
                 spec = spec * shrink
                 weight = 1.0 / (var * (shrink**2).flatten(1).sum(1).clamp(min=1e-12))
-            patches = d.T @ torch.einsum("ji,rjkl->rikl", hs, spec) @ d  # inverse: both transforms orthonormal
+            patches = inv @ torch.einsum("ji,rjkl->rikl", hs, spec) @ inv.T  # the Haar across is orthonormal
             wk = (weight[:, None] * kaiser.reshape(1, -1))[:, None].expand(-1, s, -1)  # (r, s, 64)
             flat = sel.reshape(-1)
             num.index_add_(0, flat, patches.reshape(len(flat), -1) * wk.reshape(len(flat), -1))
