@@ -6,10 +6,11 @@ method"). Two passes over reference patches on a stride-3 grid:
 
 1. Block matching on the noisy image (8x8 patches, 33x33 search window, up to 16 matches within
    a distance threshold; a group keeps the largest power of two of them); the group goes through
-   a 2D DCT per patch and a Haar transform across patches, coefficients below
-   2.7 sigma are zeroed, and the patches come back weighted by 1 / (kept coefficients) and a
+   a 2D biorthogonal 1.5 wavelet transform per patch (Dabov et al.'s choice; the DCT lost 0.08 dB
+   on the photographs) and a Haar transform across patches, coefficients below
+   2.7 sigma (times the wavelet's row norms) are zeroed, and the patches come back weighted by 1 / (kept coefficients) and a
    Kaiser window into a basic estimate.
-2. Block matching again on the basic estimate (up to 32 matches); the noisy group is shrunk by
+2. Block matching again on the basic estimate (up to 32 matches); in the 2D DCT the noisy group is shrunk by
    the empirical Wiener coefficients |B|^2 / (|B|^2 + sigma^2) of the basic estimate's group.
 
 Written here in torch (vectorised over all reference patches) because no dependency of dlorch
