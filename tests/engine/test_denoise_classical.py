@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dlorch.core.engine.denoise.collab import collab_filter
+from dlorch.core.engine.denoise import noiselevel
 from dlorch.core.engine.denoise.noiselevel import estimate_sigma
 from dlorch.core.engine.denoise.sure import blend_with_collab, stack_sigma, sure_weight
 
@@ -48,6 +49,26 @@ def test_collaborative_filtering_gains_much_over_the_noisy_input():
     assert psnr(out, clean) > psnr(noisy, clean) + 8.0
     # Told a much smaller noise it leaves most of the noise in: the sigma is what it works with.
     assert psnr(collab_filter(noisy, 2.0), clean) < psnr(out, clean) - 4.0
+
+
+def test_texture_over_half_the_image_does_not_inflate_the_noise_level():
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(3)
+    clean = np.full((512, 512), 120.0)
+    clean[:, :256] += gaussian_filter(rng.normal(0, 60, (512, 256)), 0.7)  # fine texture, like grass
+    noisy = clean + rng.normal(0, 25.0, clean.shape)
+    assert noiselevel._whole(noisy) > 25.0 * 1.03  # read whole, the texture counts as noise
+    assert estimate_sigma(noisy) == pytest.approx(25.0, rel=0.015)  # the smooth tiles' reading
+
+
+def test_noise_that_grows_with_the_signal_is_given_its_overall_std():
+    rng = np.random.default_rng(4)
+    rate = np.where(np.arange(512) < 256, 2.0, 60.0)[None, :] * np.ones((512, 1))  # a dark and a bright half
+    counts = rng.poisson(rate) * 4.0
+    overall = float(np.std(counts - 4.0 * rate))
+    # the dark tiles alone read 5.7: a filter told that would leave the bright half's noise (31) in
+    assert estimate_sigma(counts) == pytest.approx(overall, rel=0.05)
 
 
 def test_sure_estimates_the_filters_error_without_the_clean_image():
