@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import hashlib
 import json
@@ -14,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from dlorch.core.malloc import keep_freed_memory
 from dlorch.core.settings import requested_precision
 
 
@@ -210,30 +210,6 @@ def apply_threads(runtime: Runtime) -> None:
     keep_freed_memory()
     if runtime.accelerator == "cpu":
         torch.set_num_threads(runtime.cpu_threads)
-
-
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_KEEP_BYTES = 2**30
-
-
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Have glibc keep freed blocks of up to 1 GiB for reuse instead of handing each back to the OS.
-
-    Prediction allocates the same large activations for every window. glibc serves blocks over its
-    mmap threshold (at most 32 MiB) with fresh mappings and unmaps them on free, so every window
-    faulted its memory in and zeroed it again: 30,000 page faults and 50 ms of kernel time per
-    1024x1024 slice, a fifth of its 0.27 s on one CPU thread. Kept in the heap, they are reused:
-    0.22 s, with the same peak memory (640 MB). Once per process; False where the C library is not glibc.
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
-    except (OSError, AttributeError):
-        return False
 
 
 def thread_candidates(runtime: Runtime) -> list[int]:

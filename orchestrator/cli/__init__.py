@@ -16,6 +16,7 @@ from typing import Any, Optional
 import typer
 
 from dlorch.core.errors import DlorchError, redact
+from dlorch.core.malloc import one_arena
 from dlorch.core.settings import requested_precision
 from dlorch.orchestrator.cli import export, fleet, gc, jobs, nodes, scale, training, wizard
 from dlorch.orchestrator.cli.common import global_options
@@ -59,6 +60,7 @@ def _hoist_global_options(argv: list[str]) -> list[str]:
 
 def main() -> None:
     """Entry point: one line on stderr and a non-zero exit for every error a user can cause."""
+    one_arena()  # before any thread starts: the agent trains on a worker thread (core/malloc.py)
     argv = _hoist_global_options(sys.argv[1:])
     if not os.environ.get("DLORCH_DEBUG"):
         sys.unraisablehook = _log_unraisable
