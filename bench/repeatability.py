@@ -5,7 +5,7 @@ orchestrator and agent), trained on the shared ~50,000 stroke pixels of slices 0
 slices 5-29 against the dense labels. The plan's epochs, steps per epoch and seed are printed per
 run, so a spread can be traced to the plan or to training. Target: spread (max - min) <= 0.01.
 
-    python bench/repeatability.py [--runs 2] [--time-budget S] [--json PATH]
+    python bench/repeatability.py [--runs 2] [--time-budget S] [--json PATH] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -71,10 +71,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--time-budget", type=float, default=None, help="passed to dlorch segment (default: its own)")
     ap.add_argument("--json", type=Path, default=None, help="write the runs and the spread here")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="keep each run's home (ledger, models, output) in DIR/runN instead of a temporary folder")
     args = ap.parse_args(argv)
     runs = []
     with tempfile.TemporaryDirectory(prefix="dlorch-repeat-") as tmp:
         tmp = Path(tmp)
+        if args.keep:
+            if args.keep.exists() and any(args.keep.iterdir()):
+                raise SystemExit(f"--keep {args.keep}: the folder is not empty; name a new or empty one")
+            args.keep.mkdir(parents=True, exist_ok=True)
+            tmp = args.keep
         image, labels = tmp / "image.npy", tmp / "labels.npy"
         np.save(image, np.load(DATA / "isbi2012_train.npz")["image"])
         np.save(labels, np.load(DATA / "isbi2012_sparse_strokes.npz")["labels"])
