@@ -29,7 +29,7 @@ The way of a job (shared parts in ``core/engine/``):
       sure.py          n2v, whole images (predict_denoising): blend with collaborative filtering per
                        slice by Stein's unbiased risk estimate
         collab.py      BM3D's two passes (block matching, 3D transform, hard threshold, Wiener)
-        noiselevel.py  noise std from the patch covariance's smallest eigenvalues
+        noiselevel.py  noise std from the patch covariance's smallest eigenvalues, read on 128x128 tiles
 """
 
 from dlorch.core.engine.denoise.plan import DenoisingPlan, plan_denoising
