@@ -37,7 +37,8 @@ def keep_freed_memory() -> bool:
     """
     libc = _libc()
     try:
-        return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
+        return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
     except AttributeError:
         return False
 

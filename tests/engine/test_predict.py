@@ -210,7 +210,8 @@ if "keep" in settings:
     keep_freed_memory()
 def work():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(4, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 4, 3, padding=1))
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 32, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(32, 4, 3, padding=1))
     x = torch.randn(8, 4, 256, 256)  # 64 MiB activations, as a training batch has
     def step():
         net(x).square().mean().backward()

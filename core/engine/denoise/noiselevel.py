@@ -46,8 +46,8 @@ def estimate_sigma(image: np.ndarray) -> float:
     whole = _whole(image)
     if (h // TILE) * (w // TILE) < MIN_TILES:
         return whole
-    tiles = [image[y : y + TILE, x : x + TILE] for y in range(0, h - TILE + 1, TILE) for x in range(0, w - TILE + 1, TILE)]
-    quartile = float(np.quantile([_whole(t) for t in tiles], TILE_QUANTILE))
+    corners = [(y, x) for y in range(0, h - TILE + 1, TILE) for x in range(0, w - TILE + 1, TILE)]
+    quartile = float(np.quantile([_whole(image[y : y + TILE, x : x + TILE]) for y, x in corners], TILE_QUANTILE))
     return quartile if quartile * SIGNAL_DEPENDENT >= whole else whole
 
 
