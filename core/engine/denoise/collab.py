@@ -4,14 +4,15 @@ Dabov et al. 2007, "Image denoising by sparse 3D transform-domain collaborative 
 analysed by Lebrun 2012 (IPOL, "An analysis and implementation of the BM3D image denoising
 method"). Two passes over reference patches on a stride-3 grid:
 
-1. Block matching on the noisy image (8x8 patches, the reference implementation's 39x39 search window:
-   33x33 lost 0.02-0.06 dB, up to 16 matches within a distance threshold; a group keeps the largest
-   power of two of them); the group goes through a 2D biorthogonal 1.5 wavelet transform per patch
-   (Dabov et al.'s choice; the DCT lost 0.08 dB on the photographs) and a Haar transform across
-   patches, coefficients below 2.7 sigma (times the wavelet's row norms) are zeroed, and the patches
-   come back weighted by 1 / (kept coefficients) and a Kaiser window into a basic estimate.
-2. Block matching again on the basic estimate (up to 32 matches); in the 2D DCT the noisy group is shrunk by
-   the empirical Wiener coefficients |B|^2 / (|B|^2 + sigma^2) of the basic estimate's group.
+1. Block matching on the noisy image (8x8 patches, a 39x39 search window as in the reference
+   implementation, where 33x33 lost 0.02-0.06 dB; up to 16 matches within a distance threshold, of
+   which a group keeps the largest power of two); the group goes through a 2D biorthogonal 1.5
+   wavelet transform per patch (Dabov et al.'s choice; the DCT lost 0.08 dB on the photographs) and
+   a Haar transform across patches, coefficients below 2.7 sigma (times the wavelet's row norms) are
+   zeroed, and the patches come back weighted by 1 / (kept coefficients) and a Kaiser window into a
+   basic estimate.
+2. Block matching again on the basic estimate (up to 32 matches); in the 2D DCT the noisy group is
+   shrunk by the empirical Wiener coefficients |B|^2 / (|B|^2 + sigma^2) of the basic estimate's group.
 
 Written here in torch (vectorised over all reference patches) because no dependency of dlorch
 provides it: the reference ``bm3d`` package is closed and under a non-commercial licence.
