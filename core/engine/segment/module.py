@@ -22,6 +22,15 @@ def build_segmenter(plan: SegmentationPlan) -> torch.nn.Module:
     return build_unet(plan.spatial_dims, 1, plan.num_classes, plan.filters, plan.norm, plan.input_scale)
 
 
+def average_into(mean: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], count: int) -> None:
+    """Make ``mean`` (of ``count - 1`` weight sets) the mean of ``count`` with ``weights``; counters take the newest."""
+    for k, v in weights.items():
+        if v.is_floating_point():
+            mean[k].add_(v.to(mean[k].dtype) - mean[k], alpha=1.0 / count)
+        else:
+            mean[k].copy_(v)
+
+
 class SegmentationModule(TrainingModule):
     """Trains a DynUNet on painted pixels and remembers the weights that scored best on held-out strokes."""
 
@@ -52,6 +61,9 @@ class SegmentationModule(TrainingModule):
         self.val_tiles = None
         self._validated_epoch = -1
         self.start_prior: list[float] | None = None  # the class shares the starting weights were trained under
+        # How many epochs' weights ``best_state`` is the mean of, and the lowest score among them (keep_if_best).
+        self.kept_epochs = 0
+        self.kept_floor = math.inf
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer is None or not self.trainer.training:
@@ -120,6 +132,7 @@ class SegmentationModule(TrainingModule):
             return
         self.best_score = m["val_iou"] - 1e-3 * m["val_loss"]
         self.best_state = self.weights_to_keep()
+        self.kept_epochs, self.kept_floor = 1, self.best_score
         self.best_epoch = -1  # epoch 0 in the metrics: the weights training started from
         self.best_val_iou = self.start_val_iou = m["val_iou"]
 
@@ -190,19 +203,29 @@ class SegmentationModule(TrainingModule):
                 "val_acc": float(tp.sum() / conf.sum().clamp(min=1))}
 
     def keep_if_best(self, m: dict[str, float]) -> None:
-        """Keep the current (averaged) weights if they score about as well as the best so far.
+        """Average the current (averaged) weights into the kept ones if they score about as well as the best so far.
 
-        The score is the held-out stroke IoU (ties: lower val loss). A later epoch wins unless
-        it is worse by more than ``plan.select_tolerance``: on a few dozen held-out strokes such
-        differences are noise, while later averaged weights at a lower lr were consistently
-        better on the dense ISBI labels than the "best" early epoch. Without a validation split
-        the latest weights are kept.
+        The score is the held-out stroke IoU (ties: lower val loss). An epoch within
+        ``plan.select_tolerance`` of the best joins the kept weights, which are the mean of every
+        such epoch's weights (stochastic weight averaging over the plateau, Izmailov et al. 2018):
+        on a few dozen held-out strokes such differences are noise, the dense score drifts from
+        epoch to epoch along the plateau, and the mean of its epochs stands above most of them
+        (ISBI, one run: epochs 12-26 each 0.734-0.749 dense mean IoU, the last of them 0.734,
+        their mean 0.746). A new best that leaves an earlier member more than the tolerance
+        behind starts the mean afresh. Without a validation split the latest weights are kept.
         """
         score = m["val_iou"] - 1e-3 * m["val_loss"] if "val_iou" in m else math.inf
         if self.best_state is None or score >= self.best_score - self.plan.select_tolerance:
             self.best_score = max(score, self.best_score)
             self.best_epoch = self.current_epoch
-            self.best_state = self.weights_to_keep()
+            weights = self.weights_to_keep()
+            if (self.best_state is None or math.isinf(score) or self.kept_epochs < 1
+                    or self.kept_floor < self.best_score - self.plan.select_tolerance):
+                self.best_state, self.kept_epochs, self.kept_floor = weights, 1, score
+            else:
+                self.kept_epochs += 1
+                average_into(self.best_state, weights, self.kept_epochs)
+                self.kept_floor = min(self.kept_floor, score)
             self.best_val_iou = m.get("val_iou", -1.0)
         if "val_iou" in m:
             m["best_val_iou"] = self.best_val_iou
@@ -219,6 +242,8 @@ class SegmentationModule(TrainingModule):
             "peak_val_iou": self.peak_val_iou,
             "peak_epochs": self.peak_epochs,
             "start_val_iou": self.start_val_iou,
+            "kept_epochs": self.kept_epochs,
+            "kept_floor": self.kept_floor,
             "ema": self.ema,
             "label_counts": self.label_counts.cpu(),
             # Kept starting weights are corrected for the shares they learnt under, not this run's.
@@ -233,6 +258,9 @@ class SegmentationModule(TrainingModule):
         self.peak_val_iou = own.get("peak_val_iou", -1.0)
         self.peak_epochs = own.get("peak_epochs", 0)
         self.start_val_iou = own.get("start_val_iou")
+        # A checkpoint written before the kept weights were averaged holds one epoch's.
+        self.kept_epochs = own.get("kept_epochs", 1 if own.get("best_state") is not None else 0)
+        self.kept_floor = own.get("kept_floor", self.best_score)
         self.start_prior = own.get("start_prior")
         self.ema = own.get("ema")
         if own.get("label_counts") is not None:

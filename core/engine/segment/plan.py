@@ -44,7 +44,7 @@ BUDGET_FILL = 0.92
 TTA_SHARE = 0.5
 # Early stop at a plateau: on sparse strokes the held-out IoU peaks after a few hundred steps and
 # then drifts down as the strokes are learnt by heart (ISBI, 600 s: 0.788 at epoch 9 of 66, 0.69 at
-# the end), and the weights kept are the last within the select tolerance of the best
+# the end), and the weights kept are the mean of those within the select tolerance of the best
 # (SegmentationModule.keep_if_best): after epoch 22 of those 66 none was. Training ends once that
 # rule has kept nothing for half as many epochs as the peak took (at least PLATEAU_MIN_EPOCHS),
 # after at least PLATEAU_MIN_SHARE of the planned epochs. A peak is a rise of at least PLATEAU_MIN_GAIN.
@@ -120,7 +120,7 @@ class SegmentationPlan(BaseModel):
     final_lr_fraction: float = 0.02  # cosine decay ends at lr * this
     dice_weight: float = 1.0
     ema_decay: float = 0.99  # > 0: validate, keep and predict with an exponential moving average of the weights
-    select_tolerance: float = 0.02  # a later epoch replaces the best if its held-out IoU is at most this much lower
+    select_tolerance: float = 0.02  # epochs whose held-out IoU is at most this much below the best are averaged and kept
     val_fraction: float
     intensity: IntensityStats  # of the training image (reference; prediction normalises per image)
     augment: AugmentConfig
@@ -153,7 +153,7 @@ PLATEAU_REASON = ("training ends early once no epoch's weights have been kept fo
                   f"held-out peak took (after at least {PLATEAU_MIN_SHARE:.0%} of the epochs)")
 TRAINING_REASON = (
     f"AdamW lr {PEAK_LR:g}, 3% warm-up then cosine to 2%; loss = CE + soft Dice on painted pixels only; "
-    "weights averaged (EMA 0.99); best checkpoint by held-out stroke IoU, a later one within 0.02 preferred"
+    "weights averaged (EMA 0.99); kept: the mean of the epochs within 0.02 of the best held-out stroke IoU"
 )
 
 
