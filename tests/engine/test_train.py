@@ -168,3 +168,40 @@ def test_automatic_training_ends_at_a_plateau_of_the_held_out_strokes(tiny_data,
     assert not fixed.stop_at_plateau
     assert train_segmentation(image, labels, fixed, workdir=tmp_path / "c", resume_from=None,
                               hooks=NoHooks()).epochs_done == 12
+
+
+def test_kept_weights_are_the_mean_of_the_epochs_within_the_tolerance_of_the_best(tiny_data):
+    from dlorch.core.engine.segment.module import SegmentationModule
+
+    image, labels = tiny_data
+    module = SegmentationModule(fast_plan(image, labels, epochs=10, select_tolerance=0.02))
+    kept = []
+    # (held-out IoU, the epoch's averaged weight): each epoch's EMA weights stand in for one tensor and a counter
+    for i, (iou, w) in enumerate([(0.50, 0.0), (0.60, 10.0), (0.59, 20.0), (0.61, 30.0), (0.50, 40.0), (0.60, 50.0),
+                                  (0.70, 60.0), (0.69, 70.0)]):
+        module.ema = {"w": torch.tensor([w]), "n": torch.tensor(i)}
+        module.keep_if_best({"val_iou": iou, "val_loss": 0.0})
+        kept.append((float(module.best_state["w"]), int(module.best_state["n"]), module.kept_epochs))
+    assert kept == [
+        (0.0, 0, 1),
+        (10.0, 1, 1),  # a new best 0.1 above the first: the mean starts afresh
+        (15.0, 2, 2),  # within 0.02 of the best: averaged in (the counter is the newest's)
+        (20.0, 3, 3),  # a new best that leaves no member more than 0.02 behind: averaged in
+        (20.0, 3, 3),  # 0.11 below: not kept
+        (27.5, 5, 4),
+        (60.0, 6, 1),
+        (65.0, 7, 2),
+    ]
+    # A resumed run goes on averaging from the checkpoint's state.
+    again = SegmentationModule(module.plan)
+    again.best_state, again.best_epoch = {k: v.clone() for k, v in module.best_state.items()}, module.best_epoch
+    again.restore_state(module.saved_state())
+    again.ema = {"w": torch.tensor([80.0]), "n": torch.tensor(8)}
+    again.keep_if_best({"val_iou": 0.695, "val_loss": 0.0})
+    assert (float(again.best_state["w"]), again.kept_epochs) == (70.0, 3)
+    # Without held-out strokes the latest weights are kept, not averaged.
+    blind = SegmentationModule(module.plan)
+    for w in (1.0, 3.0):
+        blind.ema = {"w": torch.tensor([w])}
+        blind.keep_if_best({})
+    assert float(blind.best_state["w"]) == 3.0
