@@ -12,6 +12,14 @@ import torch
 # Probe batches per candidate; they are real training batches, only their thread count differs,
 # so probing costs nothing but the slower variant's extra time (~3 % of a 60-step epoch).
 PROBE_STEPS = 2
+# The first batches of an epoch are not timed: the first of a run carries the warm-up (allocations,
+# kernel selection), and every epoch's first ones share the cores with the previous epoch's checkpoint
+# being written in the background. Timed, they made two threads look slower than one (ISBI, 2-core
+# Xeon VM: one thread chosen for the first 8 epochs of a run, at 1.5x their time).
+SKIP_STEPS = 3
+# Another count replaces the chosen one only when its probe steps take at most this share of the
+# chosen count's: two probe steps each are noisy, and a wrong choice lasts PROBE_EVERY epochs.
+SWITCH_SHARE = 0.9
 # The candidates are all probed in the first epoch and then every PROBE_EVERY epochs; in between
 # only the chosen count's first steps are timed ...
 PROBE_EVERY = 8
@@ -21,7 +29,7 @@ REPROBE_SLOWDOWN = 1.25
 
 
 class ThreadTuner(pl.Callback):
-    """Times the first batches of an epoch with every candidate thread count, then uses the fastest.
+    """Times early batches of an epoch (after ``SKIP_STEPS``) with every candidate thread count, then uses the fastest.
 
     Contention on a shared machine comes and goes: the choice is made again every ``PROBE_EVERY``
     epochs, and at once when the chosen count's steps slow down by ``REPROBE_SLOWDOWN``. Only used
@@ -39,6 +47,7 @@ class ThreadTuner(pl.Callback):
         self._reference: float | None = None  # the choice's step time at the last full probe
         self._since_probe = PROBE_EVERY
         self._current = self.choice
+        self._timing = False  # the batch running is timed
         self._t0 = 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -51,13 +60,14 @@ class ThreadTuner(pl.Callback):
         return [c for _ in range(PROBE_STEPS) for c in self.candidates]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        self._current = self._queue[0] if self._queue else self.choice
+        self._timing = bool(self._queue) and batch_idx >= SKIP_STEPS
+        self._current = self._queue[0] if self._timing else self.choice
         if torch.get_num_threads() != self._current:
             torch.set_num_threads(self._current)
         self._t0 = self.clock()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if not self._queue:
+        if not self._timing:
             return
         self._times[self._current].append(self.clock() - self._t0)
         self._queue.pop(0)
@@ -73,8 +83,11 @@ class ThreadTuner(pl.Callback):
             self._queue = [c for c in self._probe_queue() if c != self.choice]
             if self._queue:
                 return
-        self.choice = min(self.candidates, key=lambda c: statistics.median(self._times[c]))
-        self._reference = statistics.median(self._times[self.choice])
+        median = {c: statistics.median(t) for c, t in self._times.items() if t}
+        fastest = min(median, key=median.__getitem__)
+        if self.choice not in median or median[fastest] <= SWITCH_SHARE * median[self.choice]:
+            self.choice = fastest
+        self._reference = median[self.choice]
         self._since_probe = 1  # this epoch, the probe's own, counts
         self.probes += 1
         self._report(pl_module)
