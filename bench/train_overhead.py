@@ -148,11 +148,10 @@ def main() -> None:
                     bare = bare_run(tmp / "image.npy", tmp / "labels.npy", args.epochs, tmp)
                     b_epochs += (b := np.diff(bare["ends"]).tolist())
             rounds.append({"order": order, "dlorch_epoch_s": d, "bare_epoch_s": b, "dlorch_job_wall_s": d_wall,
-                           "attempt_timings_s": job["attempts"][0]["timings"]})
+                           "attempt_timings_s": job["attempts"][0]["timings"],
+                           "ratio": statistics.median(d) / statistics.median(b)})
 
     d_med, b_med = statistics.median(d_epochs), statistics.median(b_epochs)
-    for one in rounds:
-        one["ratio"] = statistics.median(one["dlorch_epoch_s"]) / statistics.median(one["bare_epoch_s"])
     ratio = float(np.exp(np.mean([np.log(one["ratio"]) for one in rounds])))
     result = {
         "epochs": args.epochs, "slices": args.slices, "steps_per_epoch": bare["steps_per_epoch"],

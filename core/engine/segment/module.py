@@ -22,13 +22,16 @@ def build_segmenter(plan: SegmentationPlan) -> torch.nn.Module:
     return build_unet(plan.spatial_dims, 1, plan.num_classes, plan.filters, plan.norm, plan.input_scale)
 
 
-def average_into(mean: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], count: int) -> None:
-    """Make ``mean`` (of ``count - 1`` weight sets) the mean of ``count`` with ``weights``; counters take the newest."""
+def blend_into(target: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], share: float) -> None:
+    """Move ``target``'s floating tensors ``share`` of the way to ``weights``' (in place); counters take the newest.
+
+    The weight averages' one update: the EMA's (share 1 - decay) and the kept mean's (share 1 / members).
+    """
     for k, v in weights.items():
         if v.is_floating_point():
-            mean[k].add_(v.to(mean[k].dtype) - mean[k], alpha=1.0 / count)
+            target[k].lerp_(v.detach(), share)
         else:
-            mean[k].copy_(v)
+            target[k].copy_(v)
 
 
 class SegmentationModule(TrainingModule):
@@ -147,11 +150,7 @@ class SegmentationModule(TrainingModule):
             return
         # Shorter memory early on, so the average does not drag in the random initialisation.
         d = min(decay, (1 + self.global_step) / (10 + self.global_step))
-        for k, v in state.items():
-            if v.is_floating_point():
-                self.ema[k].lerp_(v.detach(), 1 - d)
-            else:
-                self.ema[k].copy_(v)
+        blend_into(self.ema, state, 1 - d)
 
     def weights_to_keep(self) -> dict[str, torch.Tensor]:
         """The weights that are validated and kept: the moving average if enabled, else the live ones."""
@@ -224,7 +223,7 @@ class SegmentationModule(TrainingModule):
                 self.best_state, self.kept_epochs, self.kept_floor = weights, 1, score
             else:
                 self.kept_epochs += 1
-                average_into(self.best_state, weights, self.kept_epochs)
+                blend_into(self.best_state, weights, 1.0 / self.kept_epochs)
                 self.kept_floor = min(self.kept_floor, score)
             self.best_val_iou = m.get("val_iou", -1.0)
         if "val_iou" in m:
